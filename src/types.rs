@@ -1,0 +1,224 @@
+//! Domain types shared by the scheduler, the coordinator and the worker.
+//!
+//! No protobuf here: `convert.rs` maps these to and from the wire.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        pub struct $name(pub String);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self(s.to_owned())
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                Self(s)
+            }
+        }
+    };
+}
+
+string_id!(
+    /// A job, named by the coordinator when it is accepted.
+    JobId
+);
+string_id!(
+    /// A worker, named by the worker itself and stable across its restarts.
+    WorkerId
+);
+string_id!(
+    /// A catalogue entry.
+    ModelId
+);
+
+/// Milliseconds on the scheduler's clock (see `clock.rs`).
+pub type Millis = u64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum ModelKind {
+    #[default]
+    Checkpoint,
+    Lora,
+    Vae,
+    Upscaler,
+}
+
+/// One file of a bundle. `path` is relative and has been checked to stay
+/// inside the bundle (see `convert.rs` and `worker::cache`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelFile {
+    pub path: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+}
+
+/// A catalogue entry: the files of one pipeline and where they come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelManifest {
+    pub id: ModelId,
+    pub kind: ModelKind,
+    pub source: String,
+    pub files: Vec<ModelFile>,
+}
+
+impl ModelManifest {
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size_bytes).sum()
+    }
+}
+
+/// What a client asked for, validated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub model_id: ModelId,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance_scale: f32,
+    pub seed: u64,
+    pub num_images: u32,
+    /// Empty: the model's own scheduler.
+    pub scheduler: String,
+    pub priority: i32,
+    pub idempotency_key: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum JobState {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Where a job found its model when it started, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum CacheTier {
+    Vram,
+    Preloaded,
+    Disk,
+    Download,
+}
+
+impl CacheTier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vram => "vram",
+            Self::Preloaded => "preloaded",
+            Self::Disk => "disk",
+            Self::Download => "download",
+        }
+    }
+}
+
+/// Where the time of one job went, as the worker measured it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    pub queue_s: f64,
+    pub download_s: f64,
+    pub load_s: f64,
+    pub inference_s: f64,
+    pub tier: Option<CacheTier>,
+}
+
+/// A model on a worker's disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskModel {
+    pub model_id: ModelId,
+    pub bytes: u64,
+    pub preloaded: bool,
+}
+
+/// A download in progress on a worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadState {
+    pub model_id: ModelId,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// One attempt of a job, as a worker reports it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RunningJob {
+    pub job_id: JobId,
+    pub attempt: u32,
+}
+
+/// Everything a worker holds, sent in full with every heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheReport {
+    pub vram_models: Vec<ModelId>,
+    pub disk_models: Vec<DiskModel>,
+    pub downloads: Vec<DownloadState>,
+    pub free_disk_bytes: u64,
+    pub running_jobs: Vec<RunningJob>,
+    /// Measured download throughput, bytes per second; 0 when unknown.
+    pub download_bps: u64,
+}
+
+/// What a worker says about itself when it connects.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerHello {
+    pub worker_id: WorkerId,
+    pub version: String,
+    pub gpu_name: String,
+    pub vram_bytes: u64,
+    pub cache_max_bytes: u64,
+    pub max_concurrent_jobs: u32,
+    pub state: CacheReport,
+}
+
+/// The phase a running job is in, for progress events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobPhase {
+    Downloading { bytes_done: u64, bytes_total: u64 },
+    Loading,
+    Denoising { step: u32, total_steps: u32 },
+}
+
+/// A finished job's output.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobOutput {
+    pub images: Vec<Vec<u8>>,
+    pub timings: Timings,
+    pub worker_id: WorkerId,
+}
