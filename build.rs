@@ -15,7 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/corral/v1/jobs.proto",
         "proto/corral/v1/admin.proto",
     ];
+    // `build_transport(false)`: the generated `connect` constructor would
+    // clash with the `Workers.Connect` rpc; clients use `new(channel)`.
     tonic_prost_build::configure()
+        .build_transport(false)
         .file_descriptor_set_path(out.join("corral_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;
     for p in protos {
