@@ -1,0 +1,832 @@
+//! Scheduler state and operations.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use super::{Effect, SchedulerConfig};
+use crate::error::{Error, Result};
+use crate::types::{
+    CacheReport, CacheTier, JobId, JobSpec, Millis, ModelId, RunningJob, WorkerHello, WorkerId,
+};
+
+/// Order within a model's queue: higher priority first, then oldest.
+type QueueKey = (Reverse<i32>, u64);
+
+/// A job that has not reached a terminal state.
+#[derive(Clone, Debug)]
+pub struct JobEntry {
+    pub id: JobId,
+    pub spec: Arc<JobSpec>,
+    pub submitted_ms: Millis,
+    /// Assignments so far; the running attempt's number when running.
+    pub attempt: u32,
+    /// Attempts that ended in a retryable failure or a lost worker.
+    pub failures: u32,
+    /// The worker running the current attempt, if any.
+    pub worker: Option<WorkerId>,
+    pub started_ms: Option<Millis>,
+    seq: u64,
+}
+
+impl JobEntry {
+    fn key(&self) -> QueueKey {
+        (Reverse(self.spec.priority), self.seq)
+    }
+}
+
+/// A connected worker, as it last described itself.
+#[derive(Clone, Debug)]
+pub struct WorkerEntry {
+    pub hello: WorkerHello,
+    pub report: CacheReport,
+    pub last_seen_ms: Millis,
+    pub draining: bool,
+    /// Attempts this worker runs, by job.
+    pub running: BTreeMap<JobId, u32>,
+    /// Cancelled attempts the worker has not yet confirmed stopping; they
+    /// still occupy a slot.
+    pub stopping: BTreeSet<JobId>,
+    vram: BTreeSet<ModelId>,
+    disk: BTreeMap<ModelId, bool>,
+    downloading: BTreeMap<ModelId, (u64, u64)>,
+}
+
+impl WorkerEntry {
+    fn new(hello: WorkerHello, now: Millis) -> Self {
+        let mut w = Self {
+            report: CacheReport::default(),
+            hello,
+            last_seen_ms: now,
+            draining: false,
+            running: BTreeMap::new(),
+            stopping: BTreeSet::new(),
+            vram: BTreeSet::new(),
+            disk: BTreeMap::new(),
+            downloading: BTreeMap::new(),
+        };
+        let state = w.hello.state.clone();
+        w.set_report(state);
+        w
+    }
+
+    fn set_report(&mut self, report: CacheReport) {
+        self.vram = report.vram_models.iter().cloned().collect();
+        self.disk = report
+            .disk_models
+            .iter()
+            .map(|d| (d.model_id.clone(), d.preloaded))
+            .collect();
+        self.downloading = report
+            .downloads
+            .iter()
+            .map(|d| (d.model_id.clone(), (d.bytes_done, d.bytes_total)))
+            .collect();
+        self.report = report;
+    }
+
+    pub fn free_slots(&self) -> u32 {
+        let used = (self.running.len() + self.stopping.len()) as u32;
+        self.hello.max_concurrent_jobs.saturating_sub(used)
+    }
+
+    /// The best tier at which this worker holds `model`, if it holds it.
+    pub fn tier_of(&self, model: &ModelId) -> Option<CacheTier> {
+        if self.vram.contains(model) {
+            Some(CacheTier::Vram)
+        } else {
+            match self.disk.get(model) {
+                Some(true) => Some(CacheTier::Preloaded),
+                Some(false) => Some(CacheTier::Disk),
+                None => None,
+            }
+        }
+    }
+
+    pub fn is_downloading(&self, model: &ModelId) -> bool {
+        self.downloading.contains_key(model)
+    }
+
+    fn can_hold(&self, bytes: u64) -> bool {
+        self.hello.cache_max_bytes >= bytes
+    }
+}
+
+/// Per model: what the cluster holds and how much work waits for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelStatus {
+    pub model: ModelId,
+    pub queued: u32,
+    pub running: u32,
+    pub workers_vram: u32,
+    pub workers_disk: u32,
+    pub workers_downloading: u32,
+}
+
+#[derive(Clone, Debug)]
+struct ModelEntry {
+    bytes: u64,
+    /// Mean generation time observed, exponentially weighted.
+    service_ms: Option<f64>,
+}
+
+/// The scheduler. See the module docs.
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    models: BTreeMap<ModelId, ModelEntry>,
+    jobs: HashMap<JobId, JobEntry>,
+    /// Queued jobs per model.
+    queues: BTreeMap<ModelId, BTreeSet<(QueueKey, JobId)>>,
+    /// All queued jobs, oldest first.
+    by_age: BTreeSet<(u64, JobId)>,
+    workers: BTreeMap<WorkerId, WorkerEntry>,
+    next_seq: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        Self {
+            cfg,
+            models: BTreeMap::new(),
+            jobs: HashMap::new(),
+            queues: BTreeMap::new(),
+            by_age: BTreeSet::new(),
+            workers: BTreeMap::new(),
+            next_seq: 0,
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    // ---- catalogue -------------------------------------------------------
+
+    pub fn register_model(&mut self, model: ModelId, bytes: u64) {
+        let entry = self.models.entry(model).or_insert(ModelEntry {
+            bytes,
+            service_ms: None,
+        });
+        entry.bytes = bytes;
+    }
+
+    /// Removes a model from the catalogue; refused while jobs need it.
+    pub fn remove_model(&mut self, model: &ModelId) -> Result<()> {
+        if self.queues.get(model).is_some_and(|q| !q.is_empty())
+            || self.jobs.values().any(|j| &j.spec.model_id == model)
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "model {model} has unfinished jobs; cancel them first"
+            )));
+        }
+        self.models
+            .remove(model)
+            .map(|_| ())
+            .ok_or_else(|| Error::UnknownModel(model.clone()))
+    }
+
+    pub fn has_model(&self, model: &ModelId) -> bool {
+        self.models.contains_key(model)
+    }
+
+    // ---- jobs ------------------------------------------------------------
+
+    /// Accepts a job into the queue and runs matching.
+    pub fn submit(&mut self, id: JobId, spec: Arc<JobSpec>, now: Millis) -> Result<Vec<Effect>> {
+        let model = self
+            .models
+            .get(&spec.model_id)
+            .ok_or_else(|| Error::UnknownModel(spec.model_id.clone()))?;
+        if self.jobs.contains_key(&id) {
+            return Err(Error::Internal(format!("job {id} submitted twice")));
+        }
+        // Fail fast when no live worker could ever hold the model.
+        if !self.workers.is_empty()
+            && !self
+                .workers
+                .values()
+                .any(|w| w.tier_of(&spec.model_id).is_some() || w.can_hold(model.bytes))
+        {
+            let largest = self
+                .workers
+                .values()
+                .map(|w| w.hello.cache_max_bytes)
+                .max()
+                .unwrap_or(0);
+            return Err(Error::FailedPrecondition(format!(
+                "model {} needs {} bytes of disk cache but the largest cache of any live worker is {} bytes",
+                spec.model_id, model.bytes, largest
+            )));
+        }
+        self.restore_job(id, spec, now, 0, 0);
+        Ok(self.schedule(now))
+    }
+
+    /// Puts a job back into the queue as it was (used by `submit` and by a
+    /// coordinator recovering its journal).
+    pub fn restore_job(
+        &mut self,
+        id: JobId,
+        spec: Arc<JobSpec>,
+        submitted_ms: Millis,
+        attempt: u32,
+        failures: u32,
+    ) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let entry = JobEntry {
+            id: id.clone(),
+            spec,
+            submitted_ms,
+            attempt,
+            failures,
+            worker: None,
+            started_ms: None,
+            seq,
+        };
+        self.enqueue(&entry);
+        self.jobs.insert(id, entry);
+    }
+
+    fn enqueue(&mut self, job: &JobEntry) {
+        self.queues
+            .entry(job.spec.model_id.clone())
+            .or_default()
+            .insert((job.key(), job.id.clone()));
+        self.by_age.insert((job.seq, job.id.clone()));
+    }
+
+    fn dequeue(&mut self, job: &JobEntry) {
+        if let Some(q) = self.queues.get_mut(&job.spec.model_id) {
+            q.remove(&(job.key(), job.id.clone()));
+            if q.is_empty() {
+                self.queues.remove(&job.spec.model_id);
+            }
+        }
+        self.by_age.remove(&(job.seq, job.id.clone()));
+    }
+
+    pub fn job(&self, id: &JobId) -> Option<&JobEntry> {
+        self.jobs.get(id)
+    }
+
+    pub fn queued_len(&self) -> usize {
+        self.by_age.len()
+    }
+
+    /// Cancels a job that has not finished. A queued job leaves the queue;
+    /// a running one is told to stop. The job is forgotten either way.
+    pub fn cancel(&mut self, id: &JobId, now: Millis) -> Result<Vec<Effect>> {
+        let job = self
+            .jobs
+            .remove(id)
+            .ok_or_else(|| Error::UnknownJob(id.clone()))?;
+        let mut effects = Vec::new();
+        match &job.worker {
+            None => self.dequeue(&job),
+            Some(w) => {
+                if let Some(worker) = self.workers.get_mut(w) {
+                    worker.running.remove(id);
+                    worker.stopping.insert(id.clone());
+                }
+                effects.push(Effect::Cancel {
+                    worker: w.clone(),
+                    job: id.clone(),
+                    attempt: job.attempt,
+                });
+            }
+        }
+        effects.extend(self.schedule(now));
+        Ok(effects)
+    }
+
+    /// Checks that `worker` runs `attempt` of `job` now.
+    pub fn check_current(&self, worker: &WorkerId, job: &JobId, attempt: u32) -> Result<()> {
+        match self.jobs.get(job) {
+            Some(j) if j.worker.as_ref() == Some(worker) && j.attempt == attempt => Ok(()),
+            Some(_) => Err(Error::FailedPrecondition(format!(
+                "attempt {attempt} of job {job} is not current on worker {worker}"
+            ))),
+            None => Err(Error::UnknownJob(job.clone())),
+        }
+    }
+
+    /// A worker finished an attempt. Results of superseded attempts are
+    /// refused; the caller ignores them.
+    pub fn complete(
+        &mut self,
+        worker: &WorkerId,
+        job: &JobId,
+        attempt: u32,
+        now: Millis,
+    ) -> Result<Vec<Effect>> {
+        self.release_stopping(worker, job);
+        self.check_current(worker, job, attempt)?;
+        let entry = self.jobs.remove(job).expect("checked above");
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.running.remove(job);
+        }
+        if let (Some(started), Some(model)) =
+            (entry.started_ms, self.models.get_mut(&entry.spec.model_id))
+        {
+            let took = now.saturating_sub(started) as f64;
+            model.service_ms = Some(match model.service_ms {
+                Some(s) => 0.8 * s + 0.2 * took,
+                None => took,
+            });
+        }
+        Ok(self.schedule(now))
+    }
+
+    /// A worker reports that an attempt failed.
+    pub fn fail(
+        &mut self,
+        worker: &WorkerId,
+        job: &JobId,
+        attempt: u32,
+        reason: &str,
+        retryable: bool,
+        now: Millis,
+    ) -> Result<Vec<Effect>> {
+        self.release_stopping(worker, job);
+        self.check_current(worker, job, attempt)?;
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.running.remove(job);
+        }
+        let mut effects = self.requeue_or_fail(job, reason, retryable, true);
+        effects.extend(self.schedule(now));
+        Ok(effects)
+    }
+
+    fn release_stopping(&mut self, worker: &WorkerId, job: &JobId) {
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.stopping.remove(job);
+        }
+    }
+
+    /// Puts a job whose attempt ended back in the queue, or ends it failed.
+    fn requeue_or_fail(
+        &mut self,
+        id: &JobId,
+        reason: &str,
+        retryable: bool,
+        count_failure: bool,
+    ) -> Vec<Effect> {
+        let Some(mut job) = self.jobs.remove(id) else {
+            return Vec::new();
+        };
+        if count_failure {
+            job.failures += 1;
+        }
+        if !retryable || job.failures >= self.cfg.max_attempts {
+            let reason = if retryable {
+                format!("failed {} times; last: {reason}", job.failures)
+            } else {
+                reason.to_owned()
+            };
+            return vec![Effect::Failed {
+                job: id.clone(),
+                reason,
+            }];
+        }
+        job.worker = None;
+        job.started_ms = None;
+        self.enqueue(&job);
+        let next_attempt = job.attempt + 1;
+        self.jobs.insert(id.clone(), job);
+        vec![Effect::Requeued {
+            job: id.clone(),
+            next_attempt,
+            reason: reason.to_owned(),
+        }]
+    }
+
+    // ---- workers ---------------------------------------------------------
+
+    /// A worker connected (or reconnected) and said hello. Attempts it
+    /// reports running are kept if they were not reassigned meanwhile;
+    /// others are cancelled on the worker.
+    pub fn connect(&mut self, hello: WorkerHello, now: Millis) -> Vec<Effect> {
+        let id = hello.worker_id.clone();
+        let mut effects = Vec::new();
+        if self.workers.contains_key(&id) {
+            // A second stream for the same id replaces the first.
+            effects.extend(self.disconnect(&id, "replaced by a new connection", false, now));
+        }
+        let reported = hello.state.running_jobs.clone();
+        let mut worker = WorkerEntry::new(hello, now);
+        for RunningJob { job_id, attempt } in reported {
+            let keep = match self.jobs.get(&job_id) {
+                Some(j) if j.worker.is_none() && j.attempt == attempt => true,
+                Some(j) => j.worker.as_ref() == Some(&id) && j.attempt == attempt,
+                None => false,
+            };
+            if keep {
+                let mut job = self.jobs.remove(&job_id).expect("checked");
+                if job.worker.is_none() {
+                    self.dequeue(&job);
+                    // The lost attempt was not lost after all.
+                    job.failures = job.failures.saturating_sub(1);
+                }
+                job.worker = Some(id.clone());
+                job.started_ms.get_or_insert(now);
+                worker.running.insert(job_id.clone(), attempt);
+                self.jobs.insert(job_id, job);
+            } else {
+                effects.push(Effect::Cancel {
+                    worker: id.clone(),
+                    job: job_id,
+                    attempt,
+                });
+            }
+        }
+        self.workers.insert(id, worker);
+        effects.extend(self.schedule(now));
+        effects
+    }
+
+    /// A heartbeat: the worker's full cache state.
+    pub fn heartbeat(
+        &mut self,
+        worker: &WorkerId,
+        report: CacheReport,
+        now: Millis,
+    ) -> Result<Vec<Effect>> {
+        let w = self
+            .workers
+            .get_mut(worker)
+            .ok_or_else(|| Error::UnknownWorker(worker.clone()))?;
+        w.last_seen_ms = now;
+        // Cancelled attempts the worker no longer runs free their slot.
+        let still: BTreeSet<&JobId> = report.running_jobs.iter().map(|r| &r.job_id).collect();
+        w.stopping.retain(|j| still.contains(j));
+        w.set_report(report);
+        Ok(self.schedule(now))
+    }
+
+    /// Marks a worker as seen (any message counts).
+    pub fn touch(&mut self, worker: &WorkerId, now: Millis) {
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.last_seen_ms = now;
+        }
+    }
+
+    /// Stops assigning to a worker; its running jobs finish.
+    pub fn drain(&mut self, worker: &WorkerId) -> Result<()> {
+        let w = self
+            .workers
+            .get_mut(worker)
+            .ok_or_else(|| Error::UnknownWorker(worker.clone()))?;
+        w.draining = true;
+        Ok(())
+    }
+
+    /// A worker is gone. `graceful`: it said GoingAway, so its unfinished
+    /// attempts do not count as failures.
+    pub fn disconnect(
+        &mut self,
+        worker: &WorkerId,
+        reason: &str,
+        graceful: bool,
+        now: Millis,
+    ) -> Vec<Effect> {
+        let Some(w) = self.workers.remove(worker) else {
+            return Vec::new();
+        };
+        let mut effects = Vec::new();
+        for (job, attempt) in w.running {
+            if self.check_current(worker, &job, attempt).is_ok() {
+                let why = format!("worker {worker} {reason}");
+                effects.extend(self.requeue_or_fail(&job, &why, true, !graceful));
+            }
+        }
+        effects.extend(self.schedule(now));
+        effects
+    }
+
+    /// Removes workers silent for longer than the heartbeat timeout.
+    pub fn expire_workers(&mut self, now: Millis) -> Vec<Effect> {
+        let dead: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| now.saturating_sub(w.last_seen_ms) > self.cfg.heartbeat_timeout_ms)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut effects = Vec::new();
+        for id in dead {
+            effects.extend(self.disconnect(&id, "missed its heartbeats", false, now));
+        }
+        effects
+    }
+
+    pub fn worker(&self, id: &WorkerId) -> Option<&WorkerEntry> {
+        self.workers.get(id)
+    }
+
+    pub fn workers(&self) -> impl Iterator<Item = &WorkerEntry> {
+        self.workers.values()
+    }
+
+    /// Tells up to `replicas` workers in total to hold `model` on disk:
+    /// those that already hold it count; the rest are chosen among those
+    /// with the most free disk. Returns the prefetches and current holders.
+    pub fn warm(&mut self, model: &ModelId, replicas: u32) -> Result<(Vec<Effect>, Vec<WorkerId>)> {
+        let bytes = self
+            .models
+            .get(model)
+            .ok_or_else(|| Error::UnknownModel(model.clone()))?
+            .bytes;
+        let holders: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.tier_of(model).is_some() || w.is_downloading(model))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut candidates: Vec<(&WorkerId, &WorkerEntry)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| {
+                !w.draining
+                    && w.tier_of(model).is_none()
+                    && !w.is_downloading(model)
+                    && w.can_hold(bytes)
+            })
+            .collect();
+        candidates.sort_by_key(|(id, w)| (Reverse(w.report.free_disk_bytes), (*id).clone()));
+        let wanted = (replicas as usize).saturating_sub(holders.len());
+        let effects = candidates
+            .into_iter()
+            .take(wanted)
+            .map(|(id, _)| Effect::Prefetch {
+                worker: id.clone(),
+                model: model.clone(),
+            })
+            .collect();
+        Ok((effects, holders))
+    }
+
+    // ---- matching --------------------------------------------------------
+
+    /// Assigns queued jobs to workers with free slots until no worker can
+    /// start a job sooner than it would start elsewhere.
+    pub fn schedule(&mut self, now: Millis) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if self.by_age.is_empty() {
+            return effects;
+        }
+        let free: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| !w.draining && w.free_slots() > 0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for worker in free {
+            while self.workers[&worker].free_slots() > 0 {
+                let Some((job, tier)) = self.best_job_for(&worker, now) else {
+                    break;
+                };
+                effects.push(self.assign(&worker, &job, tier, now));
+                if self.by_age.is_empty() {
+                    return effects;
+                }
+            }
+        }
+        effects
+    }
+
+    fn assign(&mut self, worker: &WorkerId, job: &JobId, tier: CacheTier, now: Millis) -> Effect {
+        let mut entry = self.jobs.remove(job).expect("queued job exists");
+        self.dequeue(&entry);
+        entry.attempt += 1;
+        entry.worker = Some(worker.clone());
+        entry.started_ms = Some(now);
+        let attempt = entry.attempt;
+        let queued_ms = now.saturating_sub(entry.submitted_ms);
+        self.jobs.insert(job.clone(), entry);
+        let w = self.workers.get_mut(worker).expect("worker exists");
+        w.running.insert(job.clone(), attempt);
+        Effect::Assign {
+            worker: worker.clone(),
+            job: job.clone(),
+            attempt,
+            tier,
+            queued_ms,
+        }
+    }
+
+    /// The job `worker` should start now, if any: the one it can start
+    /// soonest, unless another worker would start it sooner still.
+    fn best_job_for(&self, worker: &WorkerId, now: Millis) -> Option<(JobId, CacheTier)> {
+        let w = &self.workers[worker];
+        // A starving job goes to the first capable worker.
+        if let Some((_, oldest)) = self.by_age.first() {
+            let job = &self.jobs[oldest];
+            if now.saturating_sub(job.submitted_ms) > self.cfg.starvation_ms
+                && self.can_run(w, &job.spec.model_id)
+            {
+                let tier = w.tier_of(&job.spec.model_id).unwrap_or(CacheTier::Download);
+                return Some((oldest.clone(), tier));
+            }
+        }
+        // (start estimate, priority, age) for the head of each queue.
+        let mut best: Option<((Millis, Reverse<i32>, u64), JobId, CacheTier)> = None;
+        let mut consider = |est: Millis, job: &JobEntry, tier: CacheTier| {
+            let key = (est, Reverse(job.spec.priority), job.seq);
+            if best.as_ref().is_none_or(|(k, _, _)| key < *k) {
+                best = Some((key, job.id.clone(), tier));
+            }
+        };
+        // A worker takes a model's next job only if no other worker would
+        // start the model's backlog sooner (ties go to this free worker).
+        // Models this worker holds:
+        for (model, queue) in self.held_queues(w) {
+            let here = self.start_here_ms(w, model, now);
+            if here <= self.start_elsewhere_ms(worker, model, 0, now) {
+                let head = &self.jobs[&queue.first().expect("queues are never empty").1];
+                consider(here, head, w.tier_of(model).expect("held"));
+            }
+        }
+        // Models it would have to fetch, oldest demand first.
+        let mut seen = BTreeSet::new();
+        for (_, id) in &self.by_age {
+            if seen.len() >= self.cfg.cold_scan_models {
+                break;
+            }
+            let model = &self.jobs[id].spec.model_id;
+            if w.tier_of(model).is_some() || !seen.insert(model) || !self.can_run(w, model) {
+                continue;
+            }
+            let here = self.start_here_ms(w, model, now);
+            if here < self.start_elsewhere_ms(worker, model, 0, now) {
+                let head = &self.jobs[&self.queues[model].first().expect("non-empty").1];
+                consider(here, head, CacheTier::Download);
+            }
+        }
+        best.map(|(_, job, tier)| (job, tier))
+    }
+
+    fn held_queues<'a>(
+        &'a self,
+        w: &'a WorkerEntry,
+    ) -> impl Iterator<Item = (&'a ModelId, &'a BTreeSet<(QueueKey, JobId)>)> + 'a {
+        w.vram
+            .iter()
+            .chain(w.disk.keys())
+            .filter_map(|m| self.queues.get(m).map(|q| (m, q)))
+    }
+
+    fn can_run(&self, w: &WorkerEntry, model: &ModelId) -> bool {
+        w.tier_of(model).is_some() || self.models.get(model).is_some_and(|m| w.can_hold(m.bytes))
+    }
+
+    fn model_bytes(&self, model: &ModelId) -> u64 {
+        self.models.get(model).map_or(0, |m| m.bytes)
+    }
+
+    fn service_ms(&self, model: &ModelId) -> Millis {
+        self.models
+            .get(model)
+            .and_then(|m| m.service_ms)
+            .map_or(self.cfg.cost.default_service_ms, |s| s as Millis)
+    }
+
+    /// Milliseconds until `w` could start a job for `model` if it had it
+    /// next: time until a slot frees, plus fetching, plus loading.
+    fn start_here_ms(&self, w: &WorkerEntry, model: &ModelId, now: Millis) -> Millis {
+        let cost = &self.cfg.cost;
+        let bytes = self.model_bytes(model);
+        let wait = if w.free_slots() > 0 {
+            0
+        } else {
+            w.running
+                .iter()
+                .map(|(job, _)| {
+                    let j = &self.jobs[job];
+                    let elapsed = now.saturating_sub(j.started_ms.unwrap_or(now));
+                    let service = self.service_ms(&j.spec.model_id);
+                    // An overdue job is expected to need half as long again,
+                    // so a slow worker never looks free.
+                    if elapsed < service {
+                        service - elapsed
+                    } else {
+                        service / 2
+                    }
+                })
+                .min()
+                .unwrap_or(0)
+        };
+        let fetch = match w.tier_of(model) {
+            Some(_) => 0,
+            None => {
+                let done = w.downloading.get(model).map_or(0, |d| d.0);
+                cost.download_ms(bytes.saturating_sub(done), w.report.download_bps)
+            }
+        };
+        let load = if w.vram.contains(model) {
+            0
+        } else {
+            cost.load_ms(bytes)
+        };
+        wait + fetch + load
+    }
+
+    /// The soonest any other worker holding `model` could start the job
+    /// `ahead` places into its queue (`Millis::MAX` when none holds it).
+    fn start_elsewhere_ms(
+        &self,
+        except: &WorkerId,
+        model: &ModelId,
+        ahead: usize,
+        now: Millis,
+    ) -> Millis {
+        let holders: Vec<&WorkerEntry> = self
+            .workers
+            .iter()
+            .filter(|(id, w)| {
+                *id != except
+                    && !w.draining
+                    && (w.tier_of(model).is_some() || w.is_downloading(model))
+            })
+            .map(|(_, w)| w)
+            .collect();
+        if holders.is_empty() {
+            return Millis::MAX;
+        }
+        let queued = self.queues.get(model).map_or(0, |q| q.len()).max(ahead + 1);
+        let rounds = ((queued - 1) / holders.len()) as Millis;
+        let soonest = holders
+            .iter()
+            .map(|w| self.start_here_ms(w, model, now))
+            .min()
+            .unwrap_or(0);
+        soonest + rounds * self.service_ms(model)
+    }
+
+    /// Estimated milliseconds from `now` until a queued job starts: the
+    /// soonest any worker could start it, counting the jobs ahead of it.
+    pub fn estimate_start_ms(&self, job: &JobId, now: Millis) -> Option<Millis> {
+        let j = self.jobs.get(job)?;
+        if j.worker.is_some() {
+            return Some(0);
+        }
+        let model = &j.spec.model_id;
+        let ahead = self
+            .queues
+            .get(model)
+            .map_or(0, |q| q.range(..(j.key(), j.id.clone())).count());
+        let none = WorkerId::from("");
+        let warm = self.start_elsewhere_ms(&none, model, ahead, now);
+        let cold = self
+            .workers
+            .values()
+            .filter(|w| !w.draining && w.tier_of(model).is_none() && self.can_run(w, model))
+            .map(|w| self.start_here_ms(w, model, now))
+            .min()
+            .unwrap_or(Millis::MAX);
+        let est = warm.min(cold);
+        (est != Millis::MAX).then_some(est)
+    }
+
+    /// Per model: queued and running jobs, and which workers hold it.
+    pub fn model_status(&self) -> Vec<ModelStatus> {
+        let mut out: BTreeMap<&ModelId, ModelStatus> = BTreeMap::new();
+        for m in self.models.keys() {
+            out.insert(
+                m,
+                ModelStatus {
+                    model: m.clone(),
+                    ..Default::default()
+                },
+            );
+        }
+        for (m, q) in &self.queues {
+            if let Some(s) = out.get_mut(m) {
+                s.queued = q.len() as u32;
+            }
+        }
+        for j in self.jobs.values().filter(|j| j.worker.is_some()) {
+            if let Some(s) = out.get_mut(&j.spec.model_id) {
+                s.running += 1;
+            }
+        }
+        for w in self.workers.values() {
+            for m in &w.vram {
+                if let Some(s) = out.get_mut(m) {
+                    s.workers_vram += 1;
+                }
+            }
+            for m in w.disk.keys() {
+                if let Some(s) = out.get_mut(m) {
+                    s.workers_disk += 1;
+                }
+            }
+            for m in w.downloading.keys() {
+                if let Some(s) = out.get_mut(m) {
+                    s.workers_downloading += 1;
+                }
+            }
+        }
+        out.into_values().collect()
+    }
+}
