@@ -17,3 +17,7 @@ pub mod scheduler;
 pub mod types;
 
 pub use error::{Error, Result};
+pub mod config;
+pub mod convert;
+pub mod coordinator;
+pub mod manifest;

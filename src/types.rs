@@ -193,6 +193,8 @@ pub struct CacheReport {
     pub running_jobs: Vec<RunningJob>,
     /// Measured download throughput, bytes per second; 0 when unknown.
     pub download_bps: u64,
+    /// The worker is shutting down and takes no new jobs.
+    pub draining: bool,
 }
 
 /// What a worker says about itself when it connects.
@@ -221,4 +223,57 @@ pub struct JobOutput {
     pub images: Vec<Vec<u8>>,
     pub timings: Timings,
     pub worker_id: WorkerId,
+}
+
+/// Something that happened to a job, for `WatchJob`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobEventKind {
+    Queued {
+        estimated_start_s: f64,
+    },
+    Assigned {
+        worker: WorkerId,
+        tier: CacheTier,
+        attempt: u32,
+    },
+    Downloading {
+        bytes_done: u64,
+        bytes_total: u64,
+    },
+    Loading,
+    Progress {
+        step: u32,
+        total_steps: u32,
+    },
+    Completed(std::sync::Arc<JobOutput>),
+    Failed {
+        reason: String,
+    },
+    Cancelled,
+    Requeued {
+        reason: String,
+        next_attempt: u32,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobEvent {
+    pub job_id: JobId,
+    pub at_ms: Millis,
+    pub kind: JobEventKind,
+}
+
+/// The coordinator's record of a job, kept after it ends.
+#[derive(Clone, Debug)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub spec: std::sync::Arc<JobSpec>,
+    pub state: JobState,
+    pub attempt: u32,
+    pub worker: Option<WorkerId>,
+    pub tier: Option<CacheTier>,
+    pub created_ms: Millis,
+    pub updated_ms: Millis,
+    pub error: String,
+    pub output: Option<std::sync::Arc<JobOutput>>,
 }

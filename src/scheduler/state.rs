@@ -271,6 +271,11 @@ impl Scheduler {
         self.jobs.get(id)
     }
 
+    /// Jobs queued or running.
+    pub fn job_count(&self) -> usize {
+        self.jobs.len()
+    }
+
     pub fn queued_len(&self) -> usize {
         self.by_age.len()
     }
@@ -461,6 +466,7 @@ impl Scheduler {
         // Cancelled attempts the worker no longer runs free their slot.
         let still: BTreeSet<&JobId> = report.running_jobs.iter().map(|r| &r.job_id).collect();
         w.stopping.retain(|j| still.contains(j));
+        w.draining |= report.draining;
         w.set_report(report);
         Ok(self.schedule(now))
     }

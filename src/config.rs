@@ -1,0 +1,266 @@
+//! Configuration: a TOML file (`--config`), overridden by flags and
+//! `CORRAL_*` environment variables (clap reads both). Unknown keys in the
+//! file are an error.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::scheduler::SchedulerConfig;
+
+/// The whole file: one table per role.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub coordinator: CoordinatorConfig,
+    #[serde(default)]
+    pub worker: WorkerConfig,
+}
+
+impl FileConfig {
+    /// Reads a TOML file; `None` gives the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+}
+
+/// Limits on what clients may ask for.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobLimits {
+    /// Smallest width and height in pixels. Default: 64.
+    pub min_side_px: u32,
+    /// Largest width and height in pixels. Default: 2048.
+    pub max_side_px: u32,
+    /// Most denoising steps. Default: 150.
+    pub max_steps: u32,
+    /// Largest classifier-free guidance scale. Default: 30.
+    pub max_guidance: f32,
+    /// Most images per job. Default: 8.
+    pub max_images: u32,
+    /// Longest prompt or negative prompt, in bytes. Default: 4096.
+    pub max_prompt_bytes: usize,
+    /// Most jobs queued or running at once. Default: 100000.
+    pub max_unfinished_jobs: usize,
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        Self {
+            min_side_px: 64,
+            max_side_px: 2048,
+            max_steps: 150,
+            max_guidance: 30.0,
+            max_images: 8,
+            max_prompt_bytes: 4096,
+            max_unfinished_jobs: 100_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// gRPC address. Default: 127.0.0.1:7700.
+    pub listen: SocketAddr,
+    /// Where the coordinator keeps its state. Default: ./corral-data.
+    pub data_dir: PathBuf,
+    /// How often workers heartbeat. Default: 5.
+    pub heartbeat_interval_s: f64,
+    /// Missed heartbeat intervals before a worker is dead. Default: 3.
+    pub heartbeat_missed: u32,
+    /// Failed attempts before a job ends failed. Default: 3.
+    pub max_attempts: u32,
+    /// Seconds a job may wait before any capable worker takes it. Default: 60.
+    pub starvation_s: f64,
+    /// Largest gRPC message, either way (images are large). Default: 64 MiB.
+    pub max_message_bytes: usize,
+    /// Completed jobs' images are kept this long. Default: 86400.
+    pub result_retention_s: u64,
+    pub limits: JobLimits,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7700".parse().expect("valid address"),
+            data_dir: PathBuf::from("corral-data"),
+            heartbeat_interval_s: 5.0,
+            heartbeat_missed: 3,
+            max_attempts: 3,
+            starvation_s: 60.0,
+            max_message_bytes: 64 << 20,
+            result_retention_s: 86_400,
+            limits: JobLimits::default(),
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.heartbeat_interval_s > 0.0 && self.heartbeat_interval_s <= 3600.0) {
+            return Err(Error::Config(
+                "heartbeat_interval_s must be in (0, 3600]".into(),
+            ));
+        }
+        if self.heartbeat_missed == 0 || self.max_attempts == 0 {
+            return Err(Error::Config(
+                "heartbeat_missed and max_attempts must be at least 1".into(),
+            ));
+        }
+        if self.limits.min_side_px == 0 || self.limits.min_side_px > self.limits.max_side_px {
+            return Err(Error::Config(
+                "limits: min_side_px must be in 1..=max_side_px".into(),
+            ));
+        }
+        if self.max_message_bytes < 1 << 20 {
+            return Err(Error::Config(
+                "max_message_bytes must be at least 1 MiB".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat_interval_ms(&self) -> u64 {
+        (self.heartbeat_interval_s * 1000.0) as u64
+    }
+
+    pub fn scheduler(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            heartbeat_timeout_ms: self.heartbeat_interval_ms() * u64::from(self.heartbeat_missed),
+            max_attempts: self.max_attempts,
+            starvation_ms: (self.starvation_s * 1000.0) as u64,
+            ..SchedulerConfig::default()
+        }
+    }
+}
+
+/// Which engine a worker runs jobs with.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// Stable Diffusion on ONNX Runtime.
+    #[default]
+    Onnx,
+    /// A test engine that draws a deterministic pattern; never for production.
+    Synthetic,
+}
+
+/// Where the ONNX engine runs.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Coordinator URL. Default: http://127.0.0.1:7700.
+    pub coordinator: String,
+    /// Stable id; keep it across restarts. Default: the host name.
+    pub worker_id: Option<String>,
+    /// Disk cache directory. Default: ./corral-cache.
+    pub cache_dir: PathBuf,
+    /// Disk cache budget in bytes. Default: 50 GB.
+    pub cache_max_bytes: u64,
+    /// Read-only directory of models baked into the image. Default: none.
+    pub preloaded_dir: Option<PathBuf>,
+    /// Concurrent downloads. Default: 2.
+    pub max_concurrent_downloads: usize,
+    /// Jobs run at once. Default: 1.
+    pub max_concurrent_jobs: u32,
+    /// Default: onnx.
+    pub engine: EngineKind,
+    /// Default: cpu.
+    pub device: DeviceKind,
+    /// CUDA device ordinal. Default: 0.
+    pub device_id: i32,
+    /// Run on CPU when CUDA cannot load. Default: false.
+    pub allow_cpu_fallback: bool,
+    /// VRAM budget for loaded models in bytes; 0: 8 GB. Default: 0.
+    pub vram_budget_bytes: u64,
+    /// Most models loaded at once. Default: 2.
+    pub max_loaded_models: usize,
+    /// Seconds to let running jobs finish on SIGTERM before handing them back. Default: 30.
+    pub shutdown_grace_s: u64,
+    /// Milliseconds per step of the synthetic engine. Default: 20.
+    pub synthetic_step_ms: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: "http://127.0.0.1:7700".into(),
+            worker_id: None,
+            cache_dir: PathBuf::from("corral-cache"),
+            cache_max_bytes: 50_000_000_000,
+            preloaded_dir: None,
+            max_concurrent_downloads: 2,
+            max_concurrent_jobs: 1,
+            engine: EngineKind::Onnx,
+            device: DeviceKind::Cpu,
+            device_id: 0,
+            allow_cpu_fallback: false,
+            vram_budget_bytes: 0,
+            max_loaded_models: 2,
+            shutdown_grace_s: 30,
+            synthetic_step_ms: 20,
+        }
+    }
+}
+
+impl WorkerConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.max_concurrent_jobs == 0 || self.max_concurrent_jobs > 64 {
+            return Err(Error::Config(
+                "max_concurrent_jobs must be in 1..=64".into(),
+            ));
+        }
+        if self.max_loaded_models == 0 || self.max_concurrent_downloads == 0 {
+            return Err(Error::Config(
+                "max_loaded_models and max_concurrent_downloads must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn vram_budget(&self) -> u64 {
+        if self.vram_budget_bytes == 0 {
+            8_000_000_000
+        } else {
+            self.vram_budget_bytes
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_an_error() {
+        let err = toml::from_str::<FileConfig>("[coordinator]\nlisten_addr = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn file_overrides_defaults() {
+        let c: FileConfig =
+            toml::from_str("[coordinator]\nmax_attempts = 5\n[worker]\nengine = \"synthetic\"\n")
+                .unwrap();
+        assert_eq!(c.coordinator.max_attempts, 5);
+        assert_eq!(c.coordinator.heartbeat_missed, 3);
+        assert_eq!(c.worker.engine, EngineKind::Synthetic);
+        assert_eq!(c.coordinator.scheduler().heartbeat_timeout_ms, 15_000);
+    }
+}

@@ -1,0 +1,255 @@
+//! The `Jobs` service: thin methods over inner functions returning the
+//! crate `Error`, which maps to a gRPC status in one place.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+
+use super::Coordinator;
+use crate::config::JobLimits;
+use crate::convert;
+use crate::error::{Error, Result};
+use crate::pb;
+use crate::types::*;
+
+pub struct JobsService(pub Arc<Coordinator>);
+
+/// Checks a job against the configured limits; errors name the field.
+pub fn validate(spec: &JobSpec, l: &JobLimits) -> Result<()> {
+    for (field, v) in [("width", spec.width), ("height", spec.height)] {
+        if v % 8 != 0 {
+            return Err(Error::invalid(field, format!("{v} is not a multiple of 8")));
+        }
+        if v < l.min_side_px || v > l.max_side_px {
+            return Err(Error::invalid(
+                field,
+                format!("{v} is outside {}..={}", l.min_side_px, l.max_side_px),
+            ));
+        }
+    }
+    if spec.steps == 0 || spec.steps > l.max_steps {
+        return Err(Error::invalid(
+            "steps",
+            format!("{} is outside 1..={}", spec.steps, l.max_steps),
+        ));
+    }
+    if !(0.0..=l.max_guidance).contains(&spec.guidance_scale) {
+        return Err(Error::invalid(
+            "guidance_scale",
+            format!("{} is outside 0..={}", spec.guidance_scale, l.max_guidance),
+        ));
+    }
+    if spec.num_images == 0 || spec.num_images > l.max_images {
+        return Err(Error::invalid(
+            "num_images",
+            format!("{} is outside 1..={}", spec.num_images, l.max_images),
+        ));
+    }
+    for (field, p) in [
+        ("prompt", &spec.prompt),
+        ("negative_prompt", &spec.negative_prompt),
+    ] {
+        if p.len() > l.max_prompt_bytes {
+            return Err(Error::invalid(
+                field,
+                format!("{} bytes is more than {}", p.len(), l.max_prompt_bytes),
+            ));
+        }
+    }
+    if spec.idempotency_key.len() > 256 {
+        return Err(Error::invalid(
+            "idempotency_key",
+            "is longer than 256 bytes",
+        ));
+    }
+    const SCHEDULERS: [&str; 6] = [
+        "",
+        "euler",
+        "euler_a",
+        "ddim",
+        "dpmpp_2m",
+        "dpmpp_2m_karras",
+    ];
+    if !SCHEDULERS.contains(&spec.scheduler.as_str()) {
+        return Err(Error::invalid(
+            "scheduler",
+            format!(
+                "{:?} is not one of euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras",
+                spec.scheduler
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl JobsService {
+    pub fn submit_inner(&self, req: pb::SubmitJobRequest) -> Result<pb::SubmitJobResponse> {
+        let spec = convert::required_spec(req.spec)?;
+        validate(&spec, &self.0.config().limits)?;
+        if !self.0.has_model(&spec.model_id) {
+            return Err(Error::UnknownModel(spec.model_id));
+        }
+        let (record, deduplicated) = self.0.submit(spec)?;
+        let est = self.0.estimated_start_s(&record.id);
+        Ok(pb::SubmitJobResponse {
+            job: Some(convert::job_to_pb(&record, false, est)),
+            deduplicated,
+        })
+    }
+
+    pub fn get_inner(&self, req: pb::GetJobRequest) -> Result<pb::Job> {
+        let id = convert::job_id(req.job_id)?;
+        let record = self.0.get(&id)?;
+        let est = self.0.estimated_start_s(&id);
+        Ok(convert::job_to_pb(&record, req.include_images, est))
+    }
+
+    pub fn list_inner(&self, req: pb::ListJobsRequest) -> Result<pb::ListJobsResponse> {
+        let state = convert::job_state_filter(req.state)?;
+        let model = (!req.model_id.is_empty())
+            .then(|| convert::model_id(req.model_id, "model_id"))
+            .transpose()?;
+        let after = (!req.page_token.is_empty())
+            .then(|| convert::job_id(req.page_token))
+            .transpose()?;
+        let limit = match req.page_size {
+            0 => 100,
+            n => n.min(1000) as usize,
+        };
+        let (jobs, next) = self.0.list(state, model.as_ref(), after.as_ref(), limit);
+        Ok(pb::ListJobsResponse {
+            jobs: jobs
+                .iter()
+                .map(|r| convert::job_to_pb(r, false, 0.0))
+                .collect(),
+            next_page_token: next.map(|j| j.0).unwrap_or_default(),
+        })
+    }
+}
+
+/// The event that describes a record as it is now, for a new watcher.
+fn snapshot_event(r: &JobRecord, est: f64, now: Millis) -> Option<JobEvent> {
+    let kind = match r.state {
+        JobState::Queued => JobEventKind::Queued {
+            estimated_start_s: est,
+        },
+        JobState::Running => JobEventKind::Assigned {
+            worker: r.worker.clone()?,
+            tier: r.tier?,
+            attempt: r.attempt,
+        },
+        JobState::Completed => JobEventKind::Completed(r.output.clone()?),
+        JobState::Failed => JobEventKind::Failed {
+            reason: r.error.clone(),
+        },
+        JobState::Cancelled => JobEventKind::Cancelled,
+    };
+    Some(JobEvent {
+        job_id: r.id.clone(),
+        at_ms: now,
+        kind,
+    })
+}
+
+fn is_terminal(e: &JobEvent) -> bool {
+    matches!(
+        e.kind,
+        JobEventKind::Completed(_) | JobEventKind::Failed { .. } | JobEventKind::Cancelled
+    )
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::jobs_server::Jobs for JobsService {
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        Ok(Response::new(self.submit_inner(req.into_inner())?))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(self.get_inner(req.into_inner())?))
+    }
+
+    type WatchJobStream = EventStream;
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = convert::job_id(req.into_inner().job_id)?;
+        let (record, rx) = self.0.watch(&id)?;
+        let est = self.0.estimated_start_s(&id);
+        let first = snapshot_event(&record, est, self.0.now_ms());
+        Ok(Response::new(watch_stream(self.0.clone(), id, first, rx)))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let id = convert::job_id(req.into_inner().job_id)?;
+        let record = self.0.cancel(&id)?;
+        Ok(Response::new(convert::job_to_pb(&record, false, 0.0)))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        Ok(Response::new(self.list_inner(req.into_inner())?))
+    }
+}
+
+/// The snapshot first, then each event as it happens, ending after the
+/// first terminal event.
+fn watch_stream(
+    coord: Arc<Coordinator>,
+    id: JobId,
+    first: Option<JobEvent>,
+    rx: tokio::sync::broadcast::Receiver<JobEvent>,
+) -> EventStream {
+    struct State {
+        coord: Arc<Coordinator>,
+        id: JobId,
+        pending: Option<JobEvent>,
+        rx: tokio::sync::broadcast::Receiver<JobEvent>,
+        done: bool,
+    }
+    let state = State {
+        coord,
+        id,
+        pending: first,
+        rx,
+        done: false,
+    };
+    Box::pin(futures::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let event = match st.pending.take() {
+            Some(e) => e,
+            None => loop {
+                match st.rx.recv().await {
+                    Ok(e) => break e,
+                    Err(RecvError::Lagged(_)) => {
+                        // Too slow to follow every step: resume from the
+                        // record as it is now.
+                        let r = st.coord.get(&st.id).ok()?;
+                        if let Some(e) = snapshot_event(&r, 0.0, st.coord.now_ms()) {
+                            break e;
+                        }
+                    }
+                    Err(RecvError::Closed) => return None,
+                }
+            },
+        };
+        st.done = is_terminal(&event);
+        Some((Ok(convert::event_to_pb(&event)), st))
+    }))
+}

@@ -1,0 +1,120 @@
+//! Serving: the three Corral services, health and reflection (v1 and
+//! v1alpha, for grpcurl 1.8), on a listener the caller bound.
+
+use std::future::Future;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, info_span, Instrument};
+
+use super::admin::AdminService;
+use super::jobs::JobsService;
+use super::workers::WorkersService;
+use super::Coordinator;
+use crate::clock::{Clock, SystemClock};
+use crate::config::CoordinatorConfig;
+use crate::error::{Error, Result};
+use crate::pb;
+
+/// The services, for tests that call inner functions.
+pub struct Services {
+    pub coordinator: Arc<Coordinator>,
+    pub jobs: JobsService,
+    pub admin: AdminService,
+}
+
+impl Services {
+    pub fn new(cfg: CoordinatorConfig, clock: Arc<dyn Clock>) -> Self {
+        let coordinator = Coordinator::new(cfg, clock);
+        Self {
+            jobs: JobsService(coordinator.clone()),
+            admin: AdminService(coordinator.clone()),
+            coordinator,
+        }
+    }
+}
+
+/// Ticks the scheduler (liveness, time-dependent matching) until the
+/// coordinator is dropped.
+fn spawn_ticker(coord: Weak<Coordinator>, every: Duration) {
+    tokio::spawn(
+        async move {
+            let mut interval = tokio::time::interval(every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                let Some(c) = coord.upgrade() else { return };
+                c.tick();
+            }
+        }
+        .instrument(info_span!("ticker")),
+    );
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    cfg: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::io(&cfg.data_dir, e))?;
+    let max = cfg.max_message_bytes;
+    let tick = Duration::from_millis((cfg.heartbeat_interval_ms() / 5).clamp(50, 1000));
+    let services = Services::new(cfg, Arc::new(SystemClock));
+    let coord = services.coordinator.clone();
+    spawn_ticker(Arc::downgrade(&coord), tick);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::jobs_server::JobsServer<JobsService>>()
+        .await;
+    health
+        .set_serving::<pb::workers_server::WorkersServer<WorkersService>>()
+        .await;
+    health
+        .set_serving::<pb::admin_server::AdminServer<AdminService>>()
+        .await;
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::io("listener", e))?;
+    info!(%addr, "coordinator listening");
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            pb::workers_server::WorkersServer::new(WorkersService(coord.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            pb::jobs_server::JobsServer::new(services.jobs)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            pb::admin_server::AdminServer::new(services.admin)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| Error::Internal(format!("server: {e}")))?;
+    info!("coordinator stopped");
+    Ok(())
+}
