@@ -44,6 +44,9 @@ pub enum Error {
     Config(String),
     #[error("pipeline: {0}")]
     Pipeline(String),
+    /// A call to a Corral server failed (client side).
+    #[error("{code:?}: {message}")]
+    Remote { code: tonic::Code, message: String },
     /// A bug: an invariant did not hold.
     #[error("internal: {0}")]
     Internal(String),
@@ -73,6 +76,15 @@ impl Error {
     }
 }
 
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        Self::Remote {
+            code: s.code(),
+            message: s.message().to_owned(),
+        }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         use tonic::Code;
@@ -87,6 +99,7 @@ impl From<Error> for tonic::Status {
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Unavailable(_) | Error::Io { .. } => Code::Unavailable,
             Error::Pipeline(_) | Error::Internal(_) => Code::Internal,
+            Error::Remote { code, .. } => *code,
         };
         tonic::Status::new(code, e.to_string())
     }

@@ -17,7 +17,9 @@ pub mod scheduler;
 pub mod types;
 
 pub use error::{Error, Result};
+pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod coordinator;
 pub mod manifest;
+pub mod worker;

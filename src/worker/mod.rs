@@ -1,0 +1,10 @@
+//! The worker: one stream to the coordinator (`session`), the disk cache
+//! (`cache`, `fetch`), loaded models (`residency`), and the engines that
+//! run jobs (`engine`).
+
+pub mod cache;
+pub mod engine;
+pub mod residency;
+pub mod session;
+
+pub use session::{run, Worker};

@@ -1,0 +1,494 @@
+//! The worker's session with the coordinator.
+//!
+//! Connects with exponential backoff and jitter, says Hello with its full
+//! cache state (including attempts still running from before a drop),
+//! heartbeats on the interval the coordinator sets, runs assigned jobs,
+//! streams their progress, and returns results. Messages produced by jobs go
+//! to an outbox that outlives any one stream, so a result finished while
+//! the stream was down is delivered after the reconnect.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{info, info_span, warn, Instrument};
+
+use super::cache::{BundleGuard, CacheConfig, DiskCache};
+use super::engine::{Engine, LoadedModel};
+use super::residency::Residency;
+use crate::config::WorkerConfig;
+use crate::convert;
+use crate::error::{Error, Result};
+use crate::pb;
+use crate::pb::worker_message::Msg as Up;
+use crate::types::*;
+
+type Loaded = Arc<dyn LoadedModel>;
+
+struct Running {
+    attempt: u32,
+    cancel: Arc<AtomicBool>,
+}
+
+/// A worker process's state, shared by its session and its job tasks.
+pub struct Worker {
+    cfg: WorkerConfig,
+    id: WorkerId,
+    cache: DiskCache,
+    engine: Arc<dyn Engine>,
+    resident: Residency<Loaded>,
+    running: Mutex<BTreeMap<JobId, Running>>,
+    draining: AtomicBool,
+    outbox: mpsc::UnboundedSender<Up>,
+}
+
+impl Worker {
+    /// Opens the cache (sweeping and re-verifying what is on disk).
+    pub async fn new(
+        cfg: WorkerConfig,
+        id: WorkerId,
+        engine: Arc<dyn Engine>,
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Up>)> {
+        cfg.validate()?;
+        let cache = DiskCache::open(CacheConfig {
+            dir: cfg.cache_dir.clone(),
+            max_bytes: cfg.cache_max_bytes,
+            preloaded_dir: cfg.preloaded_dir.clone(),
+            max_concurrent_downloads: cfg.max_concurrent_downloads,
+        })
+        .await?;
+        let (outbox, rx) = mpsc::unbounded_channel();
+        let resident = Residency::new(cfg.vram_budget(), cfg.max_loaded_models);
+        Ok((
+            Arc::new(Self {
+                cfg,
+                id,
+                cache,
+                engine,
+                resident,
+                running: Mutex::new(BTreeMap::new()),
+                draining: AtomicBool::new(false),
+                outbox,
+            }),
+            rx,
+        ))
+    }
+
+    pub fn id(&self) -> &WorkerId {
+        &self.id
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<JobId, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The full cache state, as sent in Hello and every heartbeat.
+    pub fn report(&self) -> CacheReport {
+        let snap = self.cache.report();
+        CacheReport {
+            vram_models: self.resident.resident(),
+            disk_models: snap.disk_models,
+            downloads: snap.downloads,
+            free_disk_bytes: snap.free_bytes,
+            running_jobs: self
+                .running()
+                .iter()
+                .map(|(j, r)| RunningJob {
+                    job_id: j.clone(),
+                    attempt: r.attempt,
+                })
+                .collect(),
+            download_bps: snap.download_bps,
+            draining: self.draining.load(Ordering::SeqCst),
+        }
+    }
+
+    fn hello(&self) -> WorkerHello {
+        WorkerHello {
+            worker_id: self.id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            gpu_name: match self.cfg.device {
+                crate::config::DeviceKind::Cpu => "cpu".into(),
+                crate::config::DeviceKind::Cuda => format!("cuda:{}", self.cfg.device_id),
+            },
+            vram_bytes: self.cfg.vram_budget(),
+            cache_max_bytes: self.cfg.cache_max_bytes,
+            max_concurrent_jobs: self.cfg.max_concurrent_jobs,
+            state: self.report(),
+        }
+    }
+
+    fn send(&self, msg: Up) {
+        // The receiver lives as long as the session; after it, nobody listens.
+        let _ = self.outbox.send(msg);
+    }
+
+    fn on_message(self: &Arc<Self>, msg: pb::coordinator_message::Msg) -> Result<()> {
+        use pb::coordinator_message::Msg;
+        match msg {
+            Msg::Welcome(_) => Err(Error::invalid("msg", "Welcome sent twice")),
+            Msg::Assign(a) => {
+                let job = convert::job_id(a.job_id)?;
+                let spec = convert::required_spec(a.spec)?;
+                let model = convert::required_model(a.model)?;
+                if self.draining.load(Ordering::SeqCst) {
+                    warn!(job_id = %job, "assigned while draining; running it anyway");
+                }
+                let cancel = Arc::new(AtomicBool::new(false));
+                self.running().insert(
+                    job.clone(),
+                    Running {
+                        attempt: a.attempt,
+                        cancel: cancel.clone(),
+                    },
+                );
+                let span = info_span!("job", job_id = %job, attempt = a.attempt);
+                let me = self.clone();
+                let queued_s = a.queued_s;
+                tokio::spawn(
+                    async move {
+                        me.run_job(job, a.attempt, spec, model, queued_s, cancel)
+                            .await
+                    }
+                    .instrument(span),
+                );
+                Ok(())
+            }
+            Msg::Cancel(c) => {
+                let job = convert::job_id(c.job_id)?;
+                if let Some(r) = self.running().get(&job) {
+                    if r.attempt == c.attempt {
+                        info!(job_id = %job, "cancel requested");
+                        r.cancel.store(true, Ordering::SeqCst);
+                    }
+                }
+                Ok(())
+            }
+            Msg::Prefetch(p) => {
+                for m in p.models {
+                    let m = ModelManifest::try_from(m)?;
+                    let me = self.clone();
+                    tokio::spawn(
+                        async move {
+                            let id = m.id.clone();
+                            let res = me.cache.prefetch(m).await;
+                            let err = match res {
+                                Ok(Ok(())) => return info!("prefetched"),
+                                Ok(Err(e)) => e.to_string(),
+                                Err(e) => format!("prefetch task failed: {e}"),
+                            };
+                            warn!(error = %err, "prefetch dropped");
+                            me.send(Up::PrefetchFailed(pb::PrefetchFailed {
+                                model_id: id.0,
+                                reason: err,
+                            }));
+                        }
+                        .instrument(info_span!("prefetch")),
+                    );
+                }
+                Ok(())
+            }
+            Msg::Drain(_) => {
+                info!("drain requested: finishing running jobs, taking no more");
+                self.draining.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+    }
+
+    async fn run_job(
+        self: Arc<Self>,
+        job: JobId,
+        attempt: u32,
+        spec: JobSpec,
+        model: ModelManifest,
+        queued_s: f64,
+        cancel: Arc<AtomicBool>,
+    ) {
+        let outcome = self
+            .execute(&job, attempt, &spec, &model, queued_s, &cancel)
+            .await;
+        self.running().remove(&job);
+        match outcome {
+            Ok((images, timings)) => {
+                info!(
+                    tier = timings.tier.map_or("?", |t| t.as_str()),
+                    inference_s = timings.inference_s,
+                    "done"
+                );
+                self.send(Up::Result(pb::JobResult {
+                    job_id: job.0,
+                    attempt,
+                    images,
+                    timings: Some(timings.into()),
+                }));
+            }
+            Err(e) => {
+                let cancelled = cancel.load(Ordering::SeqCst);
+                let retryable = !cancelled && e.is_retryable();
+                warn!(error = %e, retryable, cancelled, "job failed");
+                self.send(Up::Failed(pb::JobFailed {
+                    job_id: job.0,
+                    attempt,
+                    reason: if cancelled {
+                        "cancelled".into()
+                    } else {
+                        e.to_string()
+                    },
+                    retryable,
+                }));
+            }
+        }
+    }
+
+    async fn execute(
+        self: &Arc<Self>,
+        job: &JobId,
+        attempt: u32,
+        spec: &JobSpec,
+        model: &ModelManifest,
+        queued_s: f64,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<(Vec<Vec<u8>>, Timings)> {
+        let mut t = Timings {
+            queue_s: queued_s,
+            ..Default::default()
+        };
+        // 1. The files, from the cache or downloaded now.
+        let started = Instant::now();
+        let last_pct = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        let progress = {
+            let me = self.clone();
+            let job = job.clone();
+            move |done: u64, total: u64| {
+                let pct = if total == 0 { 100 } else { done * 100 / total };
+                if last_pct.swap(pct, Ordering::Relaxed) != pct {
+                    me.send(Up::Progress(convert::job_progress(
+                        &job,
+                        attempt,
+                        JobPhase::Downloading {
+                            bytes_done: done,
+                            bytes_total: total,
+                        },
+                    )));
+                }
+            }
+        };
+        let (guard, tier) = self.cache.ensure(model, &progress).await?;
+        if tier == CacheTier::Download {
+            t.download_s = started.elapsed().as_secs_f64();
+        }
+        if cancel.load(Ordering::SeqCst) {
+            return Err(super::engine::cancelled());
+        }
+        // 2. The model in memory, loaded once and kept.
+        let loading = Instant::now();
+        let me = self.clone();
+        let job2 = job.clone();
+        let manifest = model.clone();
+        let (loaded, was_resident) = tokio::task::spawn_blocking(move || {
+            me.resident.get_or_load(guard, |g: &BundleGuard| {
+                me.send(Up::Progress(convert::job_progress(
+                    &job2,
+                    attempt,
+                    JobPhase::Loading,
+                )));
+                let m = me.engine.load(&manifest, g.path())?;
+                let bytes = m.resident_bytes();
+                Ok((m, bytes))
+            })
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("load task: {e}")))??;
+        t.load_s = if was_resident {
+            0.0
+        } else {
+            loading.elapsed().as_secs_f64()
+        };
+        t.tier = Some(if was_resident { CacheTier::Vram } else { tier });
+        // 3. Generation, off the async runtime.
+        let inference = Instant::now();
+        let me = self.clone();
+        let job2 = job.clone();
+        let cancel2 = cancel.clone();
+        let spec2 = spec.clone();
+        let images = tokio::task::spawn_blocking(move || {
+            loaded.generate(&spec2, &mut |step, total| {
+                me.send(Up::Progress(convert::job_progress(
+                    &job2,
+                    attempt,
+                    JobPhase::Denoising {
+                        step,
+                        total_steps: total,
+                    },
+                )));
+                !cancel2.load(Ordering::SeqCst)
+            })
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("generate task: {e}")))??;
+        t.inference_s = inference.elapsed().as_secs_f64();
+        Ok((images, t))
+    }
+}
+
+/// Backoff between connection attempts: exponential with full jitter.
+fn backoff(attempt: u32) -> Duration {
+    let cap_ms = (100u64 << attempt.min(7)).min(10_000);
+    Duration::from_millis(rand::thread_rng().gen_range(cap_ms / 2..=cap_ms))
+}
+
+/// Runs the worker until `shutdown` resolves; then finishes running jobs
+/// (up to `shutdown_grace_s`), hands back the rest and says GoingAway.
+pub async fn run(
+    worker: Arc<Worker>,
+    mut outbox: mpsc::UnboundedReceiver<Up>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let mut shutdown = Box::pin(shutdown);
+    let mut failures = 0u32;
+    let mut stop_deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let session = connect_once(&worker, &mut outbox, &mut shutdown, &mut stop_deadline);
+        match session.await {
+            Ok(SessionEnd::Finished) => return Ok(()),
+            Ok(SessionEnd::Dropped(why)) => {
+                warn!(reason = %why, "stream to coordinator dropped; reconnecting");
+                failures = 1;
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(error = %e, failures, "cannot reach the coordinator");
+            }
+        }
+        if stop_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            warn!("shutting down without a coordinator to hand jobs back to");
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff(failures)) => {}
+            _ = &mut shutdown, if stop_deadline.is_none() => {
+                start_draining(&worker, &mut stop_deadline);
+            }
+        }
+    }
+}
+
+enum SessionEnd {
+    Finished,
+    Dropped(String),
+}
+
+fn start_draining(worker: &Worker, deadline: &mut Option<tokio::time::Instant>) {
+    info!(
+        running = worker.running().len(),
+        grace_s = worker.cfg.shutdown_grace_s,
+        "shutting down: finishing running jobs"
+    );
+    worker.draining.store(true, Ordering::SeqCst);
+    *deadline =
+        Some(tokio::time::Instant::now() + Duration::from_secs(worker.cfg.shutdown_grace_s));
+}
+
+async fn connect_once(
+    worker: &Arc<Worker>,
+    outbox: &mut mpsc::UnboundedReceiver<Up>,
+    shutdown: &mut std::pin::Pin<Box<impl Future<Output = ()>>>,
+    stop_deadline: &mut Option<tokio::time::Instant>,
+) -> Result<SessionEnd> {
+    let url = worker.cfg.coordinator.clone();
+    let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+        .map_err(|e| Error::Config(format!("coordinator URL {url:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Error::Unavailable(format!("connect to {url}: {e}")))?;
+    let mut client = pb::workers_client::WorkersClient::new(channel)
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
+    let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(1024);
+    let up = |m: Up| pb::WorkerMessage { msg: Some(m) };
+    tx.send(up(Up::Hello((&worker.hello()).into())))
+        .await
+        .map_err(|_| Error::Internal("fresh channel closed".into()))?;
+    let mut inbound = client
+        .connect(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| Error::Unavailable(format!("Connect: {}", s.message())))?
+        .into_inner();
+    let welcome = match inbound.message().await {
+        Ok(Some(pb::CoordinatorMessage {
+            msg: Some(pb::coordinator_message::Msg::Welcome(w)),
+        })) => w,
+        Ok(other) => {
+            return Err(Error::Unavailable(format!(
+                "expected Welcome, got {other:?}"
+            )))
+        }
+        Err(s) => return Err(Error::Unavailable(format!("Connect: {}", s.message()))),
+    };
+    info!(coordinator = %url, heartbeat_ms = welcome.heartbeat_interval_ms, "connected");
+    let mut heartbeat =
+        tokio::time::interval(Duration::from_millis(welcome.heartbeat_interval_ms.max(50)));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = &mut *shutdown, if stop_deadline.is_none() => {
+                start_draining(worker, stop_deadline);
+                // Tell the coordinator at once to assign nothing more.
+                let _ = tx.send(up(Up::Heartbeat((&worker.report()).into()))).await;
+            }
+            _ = heartbeat.tick() => {
+                if tx.send(up(Up::Heartbeat((&worker.report()).into()))).await.is_err() {
+                    return Ok(SessionEnd::Dropped("outbound stream closed".into()));
+                }
+            }
+            Some(m) = outbox.recv() => {
+                if tx.send(up(m)).await.is_err() {
+                    return Ok(SessionEnd::Dropped("outbound stream closed".into()));
+                }
+            }
+            m = inbound.message() => match m {
+                Ok(Some(pb::CoordinatorMessage { msg: Some(msg) })) => {
+                    if let Err(e) = worker.on_message(msg) {
+                        warn!(error = %e, "coordinator message ignored");
+                    }
+                }
+                Ok(Some(_)) => warn!("empty message from coordinator ignored"),
+                Ok(None) => return Ok(SessionEnd::Dropped("coordinator closed the stream".into())),
+                Err(s) => return Ok(SessionEnd::Dropped(s.message().to_string())),
+            },
+            _ = check.tick(), if stop_deadline.is_some() => {
+                let idle = worker.running().is_empty();
+                let late = stop_deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+                if idle || late {
+                    // Flush what jobs produced, then hand back the rest.
+                    while let Ok(m) = outbox.try_recv() {
+                        let _ = tx.send(up(m)).await;
+                    }
+                    for r in worker.running().values() {
+                        r.cancel.store(true, Ordering::SeqCst);
+                    }
+                    let reason = if idle { "shutdown" } else { "shutdown grace period over" };
+                    let _ = tx.send(up(Up::GoingAway(pb::GoingAway { reason: reason.into() }))).await;
+                    drop(tx);
+                    // Wait for the coordinator to close its side, briefly.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        while let Ok(Some(_)) = inbound.message().await {}
+                    })
+                    .await;
+                    info!(reason, "said GoingAway");
+                    return Ok(SessionEnd::Finished);
+                }
+            }
+        }
+    }
+}
