@@ -400,12 +400,35 @@ impl Coordinator {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let id = hello.worker_id.clone();
         info!(worker_id = %id, conn, slots = hello.max_concurrent_jobs, "worker connected");
+        let reported: Vec<RunningJob> = hello.state.running_jobs.clone();
         let _ = self.with_sched(|s, now| {
             // Replace any older stream first, so its effects go nowhere.
             self.links.insert(id.clone(), WorkerLink { conn, tx });
-            Ok(((), s.connect(hello, now)))
+            let effects = s.connect(hello, now);
+            // Attempts the worker kept across a dropped stream run on.
+            for r in &reported {
+                let kept = s
+                    .job(&r.job_id)
+                    .is_some_and(|j| j.worker.as_ref() == Some(&id) && j.attempt == r.attempt);
+                if kept {
+                    info!(job_id = %r.job_id, worker_id = %id, "attempt kept across reconnect");
+                    self.update(&r.job_id, now, |rec| {
+                        rec.state = JobState::Running;
+                        rec.worker = Some(id.clone());
+                        rec.attempt = r.attempt;
+                        rec.error.clear();
+                    });
+                }
+            }
+            Ok(((), effects))
         });
         conn
+    }
+
+    /// Ends every worker's response stream (at shutdown); workers reconnect.
+    pub fn close_worker_streams(&self) {
+        info!(workers = self.links.len(), "closing worker streams");
+        self.links.clear();
     }
 
     fn is_current(&self, worker: &WorkerId, conn: u64) -> bool {

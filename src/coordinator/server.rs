@@ -88,6 +88,7 @@ pub async fn run(
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
+    let stopping = coord.clone();
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener", e))?;
@@ -112,7 +113,12 @@ pub async fn run(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            // Worker streams never end on their own: close them, so that
+            // the server's graceful shutdown can finish.
+            stopping.close_worker_streams();
+        })
         .await
         .map_err(|e| Error::Internal(format!("server: {e}")))?;
     info!("coordinator stopped");
