@@ -13,6 +13,7 @@
 pub mod clock;
 pub mod error;
 pub mod pb;
+pub mod pipeline;
 pub mod types;
 
 pub use error::{Error, Result};

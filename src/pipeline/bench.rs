@@ -1,0 +1,1 @@
+//! Per-stage timings of the pipeline (`corral bench-pipeline`).
