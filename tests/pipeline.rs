@@ -446,3 +446,23 @@ fn guidance_off_runs_the_conditional_pass_only() {
     );
     assert!(p.resident_bytes() > 0);
 }
+
+#[test]
+fn bench_reports_every_stage() {
+    let r = corral::pipeline::bench::bench(&root().join("tiny-sd"), &cfg(), 3, 32, 32, 2).unwrap();
+    assert_eq!(r.unet_step.samples, 6, "3 steps x 2 runs");
+    assert_eq!(r.text_encoder.samples, 2);
+    assert_eq!(r.total.samples, 2);
+    assert!(r.model_bytes > 0);
+    let table = r.to_string();
+    for row in [
+        "unet step",
+        "vae decode",
+        "cached optimized graphs",
+        "read onnx files",
+    ] {
+        assert!(table.contains(row), "{table}");
+    }
+    let json = serde_json::to_value(&r).unwrap();
+    assert!(json["unet_step"]["mean_ms"].as_f64().is_some());
+}

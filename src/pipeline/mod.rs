@@ -151,6 +151,12 @@ struct Vae {
     output: Port,
 }
 
+/// Prompt hidden states `[prompts, seq, dim]`.
+pub(crate) struct Encoded {
+    data: Vec<f32>,
+    dims: [usize; 2],
+}
+
 /// Seconds spent loading, for the benchmark.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadTimings {
@@ -570,17 +576,38 @@ impl Pipeline {
                 n * per
             )));
         }
-        let (lh, lw) = (
-            req.height as usize / self.vae_scale,
-            req.width as usize / self.vae_scale,
-        );
-        // diffusers skips the unconditional pass when guidance is off (scale <= 1).
-        let guided = req.guidance_scale > 1.0;
-        let (emb, [seq, dim]) = if guided {
+        let emb = self.encode_request(req)?;
+        self.denoise_encoded(req, kind, &emb, noise, on_step)
+    }
+
+    /// The hidden states a request's UNet passes attend to: `[negative, prompt]` with guidance,
+    /// `[prompt]` without (diffusers skips the unconditional pass when the scale is <= 1).
+    pub(crate) fn encode_request(&self, req: &GenerateRequest) -> Result<Encoded, PipelineError> {
+        let (data, dims) = if req.guidance_scale > 1.0 {
             self.encode_prompts(&[&req.negative_prompt, &req.prompt])?
         } else {
             self.encode_prompts(&[&req.prompt])?
         };
+        Ok(Encoded { data, dims })
+    }
+
+    /// The denoising loop proper, from encoded prompts and checked initial noise.
+    pub(crate) fn denoise_encoded(
+        &self,
+        req: &GenerateRequest,
+        kind: SchedulerKind,
+        emb: &Encoded,
+        noise: &[f32],
+        on_step: &mut dyn FnMut(u32, u32) -> bool,
+    ) -> Result<Vec<f32>, PipelineError> {
+        let n = req.num_images as usize;
+        let per = self.latent_len(req.width, req.height);
+        let (lh, lw) = (
+            req.height as usize / self.vae_scale,
+            req.width as usize / self.vae_scale,
+        );
+        let guided = req.guidance_scale > 1.0;
+        let (emb, [seq, dim]) = (&emb.data, emb.dims);
         let emb_len = seq * dim;
         // UNet batch: [uncond x n, cond x n] with guidance, else [cond x n].
         let copies = if guided { 2 } else { 1 };
@@ -593,9 +620,11 @@ impl Pipeline {
         }
         let chunk = match self.unet.sample.fixed_dim(0) {
             Some(b) if total % b == 0 => b,
-            Some(b) => return Err(PipelineError::InvalidRequest(format!(
+            Some(b) => {
+                return Err(PipelineError::InvalidRequest(format!(
                 "the UNet has a fixed batch of {b}; {total} (images x guidance) is not a multiple"
-            ))),
+            )))
+            }
             None => total,
         };
         let hidden_tensors = hidden
