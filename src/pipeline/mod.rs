@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
+use ort::value::DynTensor;
 use serde_json::Value;
 
 use self::schedulers::{Sampler, SchedulerConfig, SchedulerKind};
@@ -638,6 +640,32 @@ impl Pipeline {
         let mut x: Vec<f32> = noise.iter().map(|v| v * init).collect();
         let steps = sampler.timesteps().len();
         let mut session = lock(&self.unet.session);
+        // IO binding: the hidden states are bound once per request (moved to the GPU once on
+        // CUDA), the output is bound to CPU memory; only the latents cross per step.
+        let rt = |e: ort::Error| PipelineError::Runtime(format!("unet binding: {e}"));
+        let cpu = MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(rt)?;
+        let mut bindings = Vec::with_capacity(hidden_tensors.len());
+        for h in hidden_tensors {
+            let h = self.to_device(h);
+            let mut b = session.create_binding().map_err(rt)?;
+            b.bind_input(self.unet.hidden.name.as_str(), &h)
+                .map_err(rt)?;
+            b.bind_output_to_device(self.unet.output.name.as_str(), &cpu)
+                .map_err(rt)?;
+            bindings.push(b);
+        }
+        let t_shape: Vec<usize> = match self.unet.timestep.shape.as_slice() {
+            [] => vec![],
+            [1] => vec![1],
+            _ => vec![chunk],
+        };
+        let t_len = t_shape.first().copied().unwrap_or(1);
         let mut model_in = vec![0f32; total * per];
         let mut model_out = Vec::with_capacity(total * per);
         let mut guided_out = vec![0f32; n * per];
@@ -650,25 +678,21 @@ impl Pipeline {
             }
             let t = sampler.timesteps()[i];
             model_out.clear();
-            for (k, hidden_t) in hidden_tensors.iter().enumerate() {
+            for (k, binding) in bindings.iter_mut().enumerate() {
                 let sample = float_tensor(
                     self.unet.sample.ty,
                     &[chunk, self.latent_channels, lh, lw],
                     &model_in[k * chunk * per..(k + 1) * chunk * per],
                 )?;
-                let t_shape: Vec<usize> = match self.unet.timestep.shape.as_slice() {
-                    [] => vec![],
-                    [1] => vec![1],
-                    _ => vec![chunk],
-                };
-                let t_len = t_shape.first().copied().unwrap_or(1);
                 let timestep = number_tensor(self.unet.timestep.ty, &t_shape, &vec![t; t_len])?;
+                binding
+                    .bind_input(self.unet.sample.name.as_str(), &sample)
+                    .map_err(rt)?;
+                binding
+                    .bind_input(self.unet.timestep.name.as_str(), &timestep)
+                    .map_err(rt)?;
                 let mut outputs = session
-                    .run(ort::inputs![
-                        self.unet.sample.name.as_str() => sample,
-                        self.unet.timestep.name.as_str() => timestep,
-                        self.unet.hidden.name.as_str() => hidden_t,
-                    ])
+                    .run_binding(binding)
                     .map_err(|e| PipelineError::Runtime(format!("unet step {i}: {e}")))?;
                 let value = outputs
                     .remove(&self.unet.output.name)
@@ -698,6 +722,18 @@ impl Pipeline {
             }
         }
         Ok(x)
+    }
+
+    /// On CUDA, a copy of `t` in GPU memory (bound once, read by every step); else `t`.
+    fn to_device(&self, t: DynTensor) -> DynTensor {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda { device_id } = self.device {
+            match t.to(AllocationDevice::CUDA, device_id) {
+                Ok(d) => return d,
+                Err(e) => tracing::warn!(error = %e, "hidden states stay in host memory"),
+            }
+        }
+        t
     }
 
     /// Decodes one image's latents to `[3, height, width]` pixels in [-1, 1].
