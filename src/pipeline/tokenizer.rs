@@ -150,3 +150,54 @@ fn build_bpe(dir: &Path) -> Result<Tokenizer, PipelineError> {
     ])));
     Ok(tk)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-sd/tokenizer")
+    }
+
+    #[test]
+    fn pads_truncates_and_wraps() {
+        let t = ClipTokenizer::load(&fixture()).unwrap();
+        let ids = t.encode("A   Cat").unwrap();
+        assert_eq!(ids.len(), 77);
+        assert_eq!(ids[0], t.bos);
+        let lower = t.encode("a cat").unwrap();
+        assert_eq!(ids, lower, "lower-cased, whitespace collapsed");
+        let eos_at = ids.iter().position(|&i| i == t.eos).unwrap();
+        assert!(
+            ids[eos_at..].iter().all(|&i| i == t.eos),
+            "SD 1.x pads with EOS"
+        );
+        let long = t.encode(&"horse ".repeat(100)).unwrap();
+        assert_eq!((long.len(), long[76]), (77, t.eos));
+    }
+
+    #[test]
+    fn tokenizer_json_gives_the_same_ids() {
+        let from_bpe = ClipTokenizer::load(&fixture()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+            std::fs::copy(fixture().join(f), tmp.path().join(f)).unwrap();
+        }
+        from_bpe
+            .inner
+            .save(tmp.path().join("tokenizer.json"), false)
+            .unwrap();
+        let from_json = ClipTokenizer::load(tmp.path()).unwrap();
+        for text in [
+            "a photo of an astronaut riding a horse on mars",
+            "Ugly, blurry!! 42 zebras",
+            "",
+        ] {
+            assert_eq!(
+                from_json.encode(text).unwrap(),
+                from_bpe.encode(text).unwrap(),
+                "{text}"
+            );
+        }
+    }
+}
