@@ -466,3 +466,22 @@ fn bench_reports_every_stage() {
     let json = serde_json::to_value(&r).unwrap();
     assert!(json["unet_step"]["mean_ms"].as_f64().is_some());
 }
+
+#[test]
+fn pipeline_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Pipeline>();
+    let p = std::sync::Arc::new(load("tiny-sd"));
+    let handles: Vec<_> = (0..2)
+        .map(|i| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                p.generate(&small_request(i), &mut |_, _| true)
+                    .map(|v| v.len())
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap().unwrap(), 2);
+    }
+}
