@@ -215,3 +215,28 @@ fn with_cuda(_b: SessionBuilder, _device_id: i32) -> Result<SessionBuilder, Pipe
         "CUDA was requested but corral was built without the `cuda` feature (cargo build --features cuda)".into(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_versioned_library_not_a_provider() {
+        let tmp = tempfile::tempdir().unwrap();
+        for f in [
+            "libonnxruntime.so",
+            "libonnxruntime.so.1.32.0",
+            "libonnxruntime_providers_cuda.so",
+            "other.so",
+        ] {
+            std::fs::write(tmp.path().join(f), b"").unwrap();
+        }
+        assert_eq!(
+            library_in(tmp.path()),
+            Some(tmp.path().join("libonnxruntime.so.1.32.0"))
+        );
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(library_in(empty.path()), None);
+        assert_eq!(library_in(&empty.path().join("missing")), None);
+    }
+}
