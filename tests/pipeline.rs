@@ -377,6 +377,7 @@ fn cuda_request_without_support_is_clear_or_falls_back() {
         Ok(p) => assert_eq!(p.device(), Device::Cuda { device_id: 0 }),
         Err(e) => {
             let m = e.to_string();
+            println!("CUDA unavailable: {m}");
             assert!(m.contains("CUDA"), "{m}");
             if cfg!(not(feature = "cuda")) {
                 assert!(m.contains("`cuda` feature"), "{m}");

@@ -204,7 +204,9 @@ fn with_cuda(b: SessionBuilder, device_id: i32) -> Result<SessionBuilder, Pipeli
         .error_on_failure();
     b.with_execution_providers([ep]).map_err(|e| {
         PipelineError::Runtime(format!(
-            "registering the CUDA execution provider on device {device_id}: {e}"
+            "registering the CUDA execution provider on device {device_id}: {e} (needs ONNX Runtime \
+             with the CUDA provider, e.g. ONNXRUNTIME_PACKAGE=onnxruntime-gpu \
+             scripts/install-onnxruntime.sh, and the CUDA and cuDNN libraries on LD_LIBRARY_PATH)"
         ))
     })
 }
