@@ -486,3 +486,29 @@ fn pipeline_can_be_shared_across_threads() {
         assert_eq!(h.join().unwrap().unwrap(), 2);
     }
 }
+
+fn pixels(png: &[u8]) -> Vec<u8> {
+    let mut r = png::Decoder::new(std::io::Cursor::new(png.to_vec()))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; r.output_buffer_size()];
+    r.next_frame(&mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn large_requests_are_split_into_bounded_unet_batches() {
+    // 5 images with guidance: a batch of 10 latents, run as two UNet batches of 5.
+    let p = load("tiny-sd");
+    let mut r = small_request(100);
+    r.num_images = 5;
+    let many = p.generate(&r, &mut |_, _| true).unwrap();
+    assert_eq!(many.len(), 5);
+    for (i, img) in many.iter().enumerate() {
+        let mut one = small_request(100 + i as u64);
+        one.num_images = 1;
+        let single = p.generate(&one, &mut |_, _| true).unwrap().remove(0);
+        assert_eq!(img.seed, single.seed);
+        assert_eq!(pixels(&img.png), pixels(&single.png), "image {i}");
+    }
+}

@@ -8,6 +8,9 @@ use super::schedulers::{Sampler, SchedulerKind};
 use super::tensors::{float_tensor, number_tensor, read_floats};
 use super::{lock, noise, png, Encoded, GenerateRequest, Image, Pipeline, PipelineError};
 
+/// Most latents one UNet run takes when the model's batch is dynamic.
+pub const MAX_UNET_BATCH: usize = 8;
+
 impl Pipeline {
     /// Generates `num_images` PNGs. `on_step(done, total)` is called after every denoising step;
     /// returning false cancels before the next one ([`PipelineError::Cancelled`]).
@@ -154,7 +157,12 @@ impl Pipeline {
                 "the UNet has a fixed batch of {b}; {total} (images x guidance) is not a multiple"
             )))
             }
-            None => total,
+            // Bound the UNet batch (activation memory grows with it): the largest divisor of
+            // the batch up to MAX_UNET_BATCH, so every run has the same shape.
+            None => (1..=MAX_UNET_BATCH.min(total))
+                .rev()
+                .find(|c| total % c == 0)
+                .unwrap_or(1),
         };
         let hidden_tensors = hidden
             .chunks(chunk * emb_len)
