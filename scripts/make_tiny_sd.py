@@ -333,7 +333,43 @@ def write_variant(root, fp16):
     print("wrote", out)
 
 
+def write_io_variants(root):
+    """Single graphs with other IO conventions real exports use, dropped into a copy of
+    tiny-sd by the tests (same weights, so the same results as tiny-sd where t is integral):
+
+    - unet-scalar-float-timestep.onnx: timestep float32 with shape [] (a scalar)
+    - text_encoder-int64-ids.onnx:     input_ids int64
+    - text_encoder-static-batch1.onnx: input_ids int32 [1, 77] (fixed batch of one)
+    """
+    src = os.path.join(root, "tiny-sd")
+    out = os.path.join(root, "variants")
+    os.makedirs(out, exist_ok=True)
+
+    def set_input(model, name, elem_type, dims):
+        for i in model.graph.input:
+            if i.name == name:
+                i.CopyFrom(helper.make_tensor_value_info(name, elem_type, dims))
+
+    un = onnx.load(os.path.join(src, "unet", "model.onnx"))
+    set_input(un, "timestep", TensorProto.FLOAT, [])
+    onnx.checker.check_model(un)
+    onnx.save(un, os.path.join(out, "unet-scalar-float-timestep.onnx"))
+    te = onnx.load(os.path.join(src, "text_encoder", "model.onnx"))
+    set_input(te, "input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+    onnx.checker.check_model(te)
+    onnx.save(te, os.path.join(out, "text_encoder-int64-ids.onnx"))
+    te = onnx.load(os.path.join(src, "text_encoder", "model.onnx"))
+    set_input(te, "input_ids", TensorProto.INT32, [1, SEQ])
+    for o in te.graph.output:
+        dims = [1, SEQ, D] if o.name == "last_hidden_state" else [1, D]
+        o.CopyFrom(helper.make_tensor_value_info(o.name, TensorProto.FLOAT, dims))
+    onnx.checker.check_model(te)
+    onnx.save(te, os.path.join(out, "text_encoder-static-batch1.onnx"))
+    print("wrote", out)
+
+
 if __name__ == "__main__":
     root = sys.argv[1] if len(sys.argv) > 1 else "fixtures"
     write_variant(root, fp16=False)
     write_variant(root, fp16=True)
+    write_io_variants(root)

@@ -512,3 +512,28 @@ fn large_requests_are_split_into_bounded_unet_batches() {
         assert_eq!(pixels(&img.png), pixels(&single.png), "image {i}");
     }
 }
+
+#[test]
+fn other_io_conventions_give_the_same_latents() {
+    // Scalar float timestep, int64 ids, a text encoder with a fixed batch of one: the same
+    // weights as tiny-sd, so the integral-timestep samplers must reproduce its goldens.
+    let g = Golden::new("tiny-sd");
+    let noise = read_f32(&g.dir.join("noise.f32"));
+    for (variant, target) in [
+        ("unet-scalar-float-timestep.onnx", "unet/model.onnx"),
+        ("text_encoder-int64-ids.onnx", "text_encoder/model.onnx"),
+        ("text_encoder-static-batch1.onnx", "text_encoder/model.onnx"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("model");
+        copy_dir(&root().join("tiny-sd"), &dir);
+        std::fs::copy(root().join("variants").join(variant), dir.join(target)).unwrap();
+        let p = Pipeline::load(&dir, &cfg()).unwrap_or_else(|e| panic!("{variant}: {e}"));
+        for s in ["ddim", "dpmpp_2m"] {
+            let want = read_f32(&g.dir.join(format!("{s}.latents.f32")));
+            let got = p.denoise(&g.request(s), &noise, &mut |_, _| true).unwrap();
+            let err = max_rel_err(&got, &want);
+            assert!(err <= tolerance("tiny-sd"), "{variant} {s}: {err}");
+        }
+    }
+}
