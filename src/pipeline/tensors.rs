@@ -101,7 +101,12 @@ pub fn float_tensor(
             )
             .map_err(PipelineError::runtime)?;
             let n: usize = shape.iter().product();
-            debug_assert_eq!(n, data.len());
+            if n != data.len() {
+                return Err(PipelineError::Runtime(format!(
+                    "tensor of shape {shape:?} given {} values",
+                    data.len()
+                )));
+            }
             if n > 0 {
                 // SAFETY: the tensor was just allocated on the CPU with `n` float16 elements, and
                 // `half::f16` has the layout of the u16 bits ONNX Runtime stores.
