@@ -10,16 +10,17 @@
 //! - `worker`: the stream to the coordinator, the disk cache, downloads, engines.
 //! - `pipeline`: the Stable Diffusion pipeline on ONNX Runtime (`ort`).
 
-pub mod clock;
-pub mod error;
-pub mod pb;
-pub mod scheduler;
-pub mod types;
-
-pub use error::{Error, Result};
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod coordinator;
+pub mod error;
 pub mod manifest;
+pub mod pb;
+pub mod pipeline;
+pub mod scheduler;
+pub mod types;
 pub mod worker;
+
+pub use error::{Error, Result};

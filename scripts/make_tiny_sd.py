@@ -1,0 +1,375 @@
+#!/usr/bin/env python3
+"""Writes a tiny, seeded Stable-Diffusion-shaped pipeline in the Hugging Face optimum ONNX layout.
+
+Uses only onnx (onnx.helper) and numpy, so it runs anywhere the tests do. Two variants:
+
+- fixtures/tiny-sd/       fp32, SD 1.x style: int64 timestep [batch], PNDMScheduler config,
+                          pad token <|endoftext|>.
+- fixtures/tiny-sd-fp16/  fp16 weights and fp16 IO (as optimum's --fp16 export), float16 timestep
+                          [batch], EulerDiscreteScheduler config with v_prediction and trailing spacing,
+                          SD 2.x style pad token "!". The graph casts to fp32 inside so that ONNX
+                          Runtime's CPU provider (which lacks most fp16 kernels on x86) can run it.
+
+The networks are random but shaped like the real ones (text_encoder: input_ids int32 [batch, 77]
+-> last_hidden_state [batch, 77, D] and pooler_output; unet: sample, timestep, encoder_hidden_states
+-> out_sample with dynamic height/width and a cross-attention so that the prompt matters;
+vae_decoder: latent_sample [b, 4, h, w] -> sample [b, 3, 8h, 8w]).
+
+Usage: python3 scripts/make_tiny_sd.py [OUT_ROOT]   (default: fixtures)
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+D = 32  # text hidden size
+C = 16  # unet channels
+SEQ = 77
+OPSET = 17
+
+WORDS = (
+    "a photo of an astronaut riding a horse on mars cat dog red blue green painting portrait "
+    "landscape mountain river sunset city night ugly blurry low quality bad anatomy high detailed "
+    "beautiful oil watercolor castle forest tree sky cloud ocean beach flower garden robot dragon "
+    "the and with in by at"
+).split()
+
+
+def bytes_to_unicode():
+    """CLIP/GPT-2's reversible byte -> printable unicode character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def make_tokenizer(out_dir, pad_token):
+    os.makedirs(out_dir, exist_ok=True)
+    b2u = bytes_to_unicode()
+    vocab = list(b2u.values())
+    vocab += [v + "</w>" for v in vocab]
+    merges = []
+    seen = set()
+    for w in WORDS:
+        # Merge left to right: c a -> ca, ca t</w> -> cat</w>.
+        syms = [b2u[b] for b in w.encode("utf-8")]
+        syms[-1] = syms[-1] + "</w>"
+        cur = syms[0]
+        for s in syms[1:]:
+            pair = (cur, s)
+            cur = cur + s
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+                vocab.append(cur)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    ids = {}
+    for v in vocab:
+        if v not in ids:
+            ids[v] = len(ids)
+    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(ids, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        for a, b in merges:
+            f.write(f"{a} {b}\n")
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+    }
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=2)
+    cfg = dict(special)
+    cfg.update({"model_max_length": SEQ, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"})
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return len(ids)
+
+
+def init(rng, name, shape, scale):
+    return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def text_encoder(rng, vocab_size):
+    inits = [
+        init(rng, "tok_emb", [vocab_size, D], 1.0),
+        init(rng, "pos_emb", [SEQ, D], 0.3),
+        init(rng, "w1", [D, D], 1.0 / np.sqrt(D)),
+        init(rng, "b1", [D], 0.1),
+        numpy_helper.from_array(np.ones(D, np.float32), "ln_g"),
+        numpy_helper.from_array(np.zeros(D, np.float32), "ln_b"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["tok_emb", "input_ids"], ["x0"], axis=0),
+        helper.make_node("Add", ["x0", "pos_emb"], ["x1"]),
+        helper.make_node("MatMul", ["x1", "w1"], ["x2"]),
+        helper.make_node("Add", ["x2", "b1"], ["x3"]),
+        helper.make_node("Tanh", ["x3"], ["x4"]),
+        helper.make_node("Add", ["x1", "x4"], ["x5"]),
+        helper.make_node("LayerNormalization", ["x5", "ln_g", "ln_b"], ["last_hidden_state"], axis=-1),
+        helper.make_node("ReduceMean", ["last_hidden_state"], ["pooler_output"], axes=[1], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "text_encoder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT32, ["batch_size", "sequence_length"])],
+        [
+            helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch_size", "sequence_length", D]),
+            helper.make_tensor_value_info("pooler_output", TensorProto.FLOAT, ["batch_size", D]),
+        ],
+        inits,
+    )
+    return graph
+
+
+def unet(rng, timestep_type):
+    freqs = np.exp(-np.log(10000.0) * np.arange(C // 2) / (C // 2)).astype(np.float32).reshape(1, C // 2)
+    inits = [
+        init(rng, "conv_in_w", [C, 4, 3, 3], 1.0 / np.sqrt(4 * 9)),
+        init(rng, "conv_in_b", [C], 0.1),
+        numpy_helper.from_array(freqs, "freqs"),
+        init(rng, "temb_w", [C, C], 0.5 / np.sqrt(C)),
+        init(rng, "wq", [C, C], 1.0 / np.sqrt(C)),
+        init(rng, "wk", [D, C], 1.0 / np.sqrt(D)),
+        init(rng, "wv", [D, C], 1.0 / np.sqrt(D)),
+        init(rng, "conv_out_w", [4, C, 3, 3], 1.0 / np.sqrt(C * 9)),
+        init(rng, "conv_out_b", [4], 0.05),
+        numpy_helper.from_array(np.array([-1, 1], np.int64), "shape_col"),
+        numpy_helper.from_array(np.array([0, 0, -1], np.int64), "shape_flat"),
+        numpy_helper.from_array(np.array([2, 3], np.int64), "axes_23"),
+        numpy_helper.from_array(np.array(1.0 / np.sqrt(C), np.float32), "attn_scale"),
+    ]
+    nodes = [
+        # Timestep embedding: sin/cos of t * freqs, broadcast over the batch ([1] or [batch] or scalar).
+        helper.make_node("Cast", ["timestep"], ["t_f"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["t_f", "shape_col"], ["t_col"]),
+        helper.make_node("Mul", ["t_col", "freqs"], ["t_arg"]),
+        helper.make_node("Sin", ["t_arg"], ["t_sin"]),
+        helper.make_node("Cos", ["t_arg"], ["t_cos"]),
+        helper.make_node("Concat", ["t_sin", "t_cos"], ["t_emb0"], axis=1),
+        helper.make_node("MatMul", ["t_emb0", "temb_w"], ["t_emb1"]),
+        helper.make_node("Unsqueeze", ["t_emb1", "axes_23"], ["t_emb"]),
+        helper.make_node("Conv", ["sample", "conv_in_w", "conv_in_b"], ["h0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["h0", "t_emb"], ["h1"]),
+        helper.make_node("Sigmoid", ["h1"], ["h1_sig"]),
+        helper.make_node("Mul", ["h1", "h1_sig"], ["h2"]),
+        # Cross-attention: queries from the image, keys and values from the text.
+        helper.make_node("Shape", ["h2"], ["h2_shape"]),
+        helper.make_node("Reshape", ["h2", "shape_flat"], ["h2_flat"]),
+        helper.make_node("Transpose", ["h2_flat"], ["h2_t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["h2_t", "wq"], ["q"]),
+        helper.make_node("MatMul", ["encoder_hidden_states", "wk"], ["k"]),
+        helper.make_node("MatMul", ["encoder_hidden_states", "wv"], ["v"]),
+        helper.make_node("Transpose", ["k"], ["k_t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "k_t"], ["scores0"]),
+        helper.make_node("Mul", ["scores0", "attn_scale"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "v"], ["attn"]),
+        helper.make_node("Transpose", ["attn"], ["attn_t"], perm=[0, 2, 1]),
+        helper.make_node("Reshape", ["attn_t", "h2_shape"], ["attn_img"]),
+        helper.make_node("Add", ["h2", "attn_img"], ["h3"]),
+        helper.make_node("Conv", ["h3", "conv_out_w", "conv_out_b"], ["out_sample"], pads=[1, 1, 1, 1]),
+    ]
+    t_shape = ["steps"] if timestep_type is not None else []
+    graph = helper.make_graph(
+        nodes,
+        "unet",
+        [
+            helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["batch_size", 4, "height", "width"]),
+            helper.make_tensor_value_info("timestep", timestep_type, t_shape),
+            helper.make_tensor_value_info("encoder_hidden_states", TensorProto.FLOAT, ["batch_size", "sequence_length", D]),
+        ],
+        [helper.make_tensor_value_info("out_sample", TensorProto.FLOAT, ["batch_size", 4, "height", "width"])],
+        inits,
+    )
+    return graph
+
+
+def vae_decoder(rng):
+    inits = [
+        init(rng, "post_w", [C, 4, 1, 1], 1.0),
+        init(rng, "post_b", [C], 0.1),
+        numpy_helper.from_array(np.array([1, 1, 8, 8], np.float32), "scales"),
+        init(rng, "rgb_w", [3, C, 3, 3], 1.0 / np.sqrt(C * 9)),
+        init(rng, "rgb_b", [3], 0.1),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["latent_sample", "post_w", "post_b"], ["z0"]),
+        helper.make_node("Tanh", ["z0"], ["z1"]),
+        helper.make_node("Resize", ["z1", "", "scales"], ["z2"], mode="nearest"),
+        helper.make_node("Conv", ["z2", "rgb_w", "rgb_b"], ["z3"], pads=[1, 1, 1, 1]),
+        helper.make_node("Tanh", ["z3"], ["sample"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "vae_decoder",
+        [helper.make_tensor_value_info("latent_sample", TensorProto.FLOAT, ["batch_size", 4, "latent_height", "latent_width"])],
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["batch_size", 3, "height", "width"])],
+        inits,
+    )
+    return graph
+
+
+def to_fp16_io(graph, keep_inputs=()):
+    """fp16 initializers and fp16 float inputs/outputs, computing in fp32 inside (Cast nodes)."""
+    nodes = []
+    inits = []
+    for t in graph.initializer:
+        arr = numpy_helper.to_array(t)
+        if arr.dtype == np.float32:
+            inits.append(numpy_helper.from_array(arr.astype(np.float16), t.name + "_fp16"))
+            nodes.append(helper.make_node("Cast", [t.name + "_fp16"], [t.name], to=TensorProto.FLOAT))
+        else:
+            inits.append(t)
+    inputs = []
+    for i in graph.input:
+        tt = i.type.tensor_type
+        if tt.elem_type == TensorProto.FLOAT and i.name not in keep_inputs:
+            dims = [d.dim_param if d.dim_param else d.dim_value for d in tt.shape.dim]
+            inputs.append(helper.make_tensor_value_info(i.name, TensorProto.FLOAT16, dims))
+            nodes.append(helper.make_node("Cast", [i.name], [i.name + "__f32"], to=TensorProto.FLOAT))
+        else:
+            inputs.append(i)
+    renamed = {i.name: i.name + "__f32" for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT and i.name not in keep_inputs}
+    out_names = {o.name for o in graph.output}
+    for n in graph.node:
+        n2 = onnx.NodeProto()
+        n2.CopyFrom(n)
+        for k, name in enumerate(n2.input):
+            if name in renamed:
+                n2.input[k] = renamed[name]
+        for k, name in enumerate(n2.output):
+            if name in out_names:
+                n2.output[k] = name + "__out32"
+        # Consumers of a graph output inside the graph read the fp32 copy.
+        for k, name in enumerate(n2.input):
+            if name in out_names:
+                n2.input[k] = name + "__out32"
+        nodes.append(n2)
+    outputs = []
+    for o in graph.output:
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in o.type.tensor_type.shape.dim]
+        nodes.append(helper.make_node("Cast", [o.name + "__out32"], [o.name], to=TensorProto.FLOAT16))
+        outputs.append(helper.make_tensor_value_info(o.name, TensorProto.FLOAT16, dims))
+    return helper.make_graph(nodes, graph.name, inputs, outputs, inits)
+
+
+def save(graph, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="corral-make-tiny-sd")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def write_variant(root, fp16):
+    rng = np.random.default_rng(20240601)  # same weights for both variants
+    name = "tiny-sd-fp16" if fp16 else "tiny-sd"
+    out = os.path.join(root, name)
+    pad = "!" if fp16 else "<|endoftext|>"
+    vocab_size = make_tokenizer(os.path.join(out, "tokenizer"), pad)
+    te = text_encoder(rng, vocab_size)
+    un = unet(rng, TensorProto.FLOAT16 if fp16 else TensorProto.INT64)
+    vae = vae_decoder(rng)
+    if fp16:
+        te = to_fp16_io(te)
+        un = to_fp16_io(un)
+        vae = to_fp16_io(vae)
+    save(te, os.path.join(out, "text_encoder", "model.onnx"))
+    save(un, os.path.join(out, "unet", "model.onnx"))
+    save(vae, os.path.join(out, "vae_decoder", "model.onnx"))
+    with open(os.path.join(out, "vae_decoder", "config.json"), "w") as f:
+        json.dump({"_class_name": "AutoencoderKL", "latent_channels": 4, "scaling_factor": 0.18215}, f, indent=2)
+    if fp16:
+        sched = {
+            "_class_name": "EulerDiscreteScheduler",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000,
+            "prediction_type": "v_prediction",
+            "timestep_spacing": "trailing",
+            "steps_offset": 1,
+            "set_alpha_to_one": False,
+        }
+    else:
+        sched = {
+            "_class_name": "PNDMScheduler",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000,
+            "set_alpha_to_one": False,
+            "skip_prk_steps": True,
+            "steps_offset": 1,
+            "clip_sample": False,
+            "trained_betas": None,
+        }
+    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+    with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(sched, f, indent=2)
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "requires_safety_checker": False,
+        "scheduler": ["diffusers", sched["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae_decoder": ["diffusers", "AutoencoderKL"],
+    }
+    with open(os.path.join(out, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    print("wrote", out)
+
+
+def write_io_variants(root):
+    """Single graphs with other IO conventions real exports use, dropped into a copy of
+    tiny-sd by the tests (same weights, so the same results as tiny-sd where t is integral):
+
+    - unet-scalar-float-timestep.onnx: timestep float32 with shape [] (a scalar)
+    - text_encoder-int64-ids.onnx:     input_ids int64
+    - text_encoder-static-batch1.onnx: input_ids int32 [1, 77] (fixed batch of one)
+    """
+    src = os.path.join(root, "tiny-sd")
+    out = os.path.join(root, "variants")
+    os.makedirs(out, exist_ok=True)
+
+    def set_input(model, name, elem_type, dims):
+        for i in model.graph.input:
+            if i.name == name:
+                i.CopyFrom(helper.make_tensor_value_info(name, elem_type, dims))
+
+    un = onnx.load(os.path.join(src, "unet", "model.onnx"))
+    set_input(un, "timestep", TensorProto.FLOAT, [])
+    onnx.checker.check_model(un)
+    onnx.save(un, os.path.join(out, "unet-scalar-float-timestep.onnx"))
+    te = onnx.load(os.path.join(src, "text_encoder", "model.onnx"))
+    set_input(te, "input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+    onnx.checker.check_model(te)
+    onnx.save(te, os.path.join(out, "text_encoder-int64-ids.onnx"))
+    te = onnx.load(os.path.join(src, "text_encoder", "model.onnx"))
+    set_input(te, "input_ids", TensorProto.INT32, [1, SEQ])
+    for o in te.graph.output:
+        dims = [1, SEQ, D] if o.name == "last_hidden_state" else [1, D]
+        o.CopyFrom(helper.make_tensor_value_info(o.name, TensorProto.FLOAT, dims))
+    onnx.checker.check_model(te)
+    onnx.save(te, os.path.join(out, "text_encoder-static-batch1.onnx"))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    root = sys.argv[1] if len(sys.argv) > 1 else "fixtures"
+    write_variant(root, fp16=False)
+    write_variant(root, fp16=True)
+    write_io_variants(root)

@@ -1,0 +1,282 @@
+//! Per-stage timings of the pipeline, for `corral bench-pipeline`.
+//!
+//! Measures, on one model directory and device: reading the ONNX files, session creation (first
+//! load, which optimizes the graphs and caches them; second load from that cache; and a plain
+//! load without cache), then `runs` generations after one warm-up, split into text encoder,
+//! UNet steps, VAE decode and PNG encoding. A benchmark, not a test: it asserts nothing.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::{noise, png, GenerateRequest, Pipeline, PipelineConfig, PipelineError};
+
+/// Mean and minimum of a set of timings, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Stat {
+    pub mean_ms: f64,
+    pub min_ms: f64,
+    pub samples: usize,
+}
+
+impl Stat {
+    fn of(ms: &[f64]) -> Stat {
+        if ms.is_empty() {
+            return Stat::default();
+        }
+        Stat {
+            mean_ms: ms.iter().sum::<f64>() / ms.len() as f64,
+            min_ms: ms.iter().copied().fold(f64::INFINITY, f64::min),
+            samples: ms.len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model_dir: String,
+    pub device: String,
+    pub ort_library: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub runs: u32,
+    pub model_bytes: u64,
+    /// Reading the ONNX files after asking the kernel to drop them from the page cache.
+    pub file_read_cold_s: f64,
+    /// Whether that eviction succeeded for every file (else the "cold" read may be warm).
+    pub page_cache_evicted: bool,
+    /// Reading them again, from the page cache.
+    pub file_read_warm_s: f64,
+    /// Session creation with graph optimization, writing the optimized graphs.
+    pub session_create_first_s: f64,
+    /// Session creation from the cached optimized graphs.
+    pub session_create_cached_s: f64,
+    /// Session creation with optimization and no cache.
+    pub session_create_plain_s: f64,
+    /// The first generation (warm-up: allocations, kernel selection).
+    pub warmup_total_ms: f64,
+    pub text_encoder: Stat,
+    /// One UNet evaluation (batch 2 with guidance) plus the scheduler update.
+    pub unet_step: Stat,
+    pub vae_decode: Stat,
+    pub png_encode: Stat,
+    pub total: Stat,
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// Benchmarks `dir` on `cfg.device` at `width` x `height` with `steps` steps, `runs` times.
+pub fn bench(
+    dir: &Path,
+    cfg: &PipelineConfig,
+    steps: u32,
+    width: u32,
+    height: u32,
+    runs: u32,
+) -> Result<BenchReport, PipelineError> {
+    let lib = super::runtime::init()?;
+    let files: Vec<PathBuf> = ["text_encoder", "unet", "vae_decoder"]
+        .iter()
+        .flat_map(|part| ["model.onnx", "model.onnx_data"].map(|f| dir.join(part).join(f)))
+        .filter(|p| p.is_file())
+        .collect();
+    let evicted = files.iter().all(|f| evict_from_page_cache(f));
+    let (model_bytes, file_read_cold_s) = read_all(&files)?;
+    let (_, file_read_warm_s) = read_all(&files)?;
+
+    let cache = CacheDir::new()?;
+    let first = Pipeline::load_with_cache(dir, cfg, Some(&cache.0))?;
+    let session_create_first_s = first.load_timings().sessions_s;
+    drop(first);
+    let plain = Pipeline::load(dir, cfg)?;
+    let session_create_plain_s = plain.load_timings().sessions_s;
+    drop(plain);
+    let p = Pipeline::load_with_cache(dir, cfg, Some(&cache.0))?;
+    let session_create_cached_s = p.load_timings().sessions_s;
+
+    let req = GenerateRequest {
+        model_id: p.model_id.clone(),
+        prompt: "a photo of an astronaut riding a horse on mars".into(),
+        negative_prompt: "blurry, low quality".into(),
+        width,
+        height,
+        steps,
+        guidance_scale: 7.5,
+        seed: 1,
+        num_images: 1,
+        scheduler: String::new(),
+    };
+    let kind = p.validate(&req)?;
+    let mut te = Vec::new();
+    let mut unet = Vec::new();
+    let mut vae = Vec::new();
+    let mut pngs = Vec::new();
+    let mut total = Vec::new();
+    let mut warmup_total_ms = 0.0;
+    for run in 0..=runs {
+        let t0 = Instant::now();
+        let t = Instant::now();
+        let emb = p.encode_request(&req)?;
+        let te_ms = ms(t);
+        let noise = noise::initial_noise(req.seed, 1, p.latent_len(width, height));
+        let mut last = Instant::now();
+        let mut step_ms = Vec::new();
+        let latents = p.denoise_encoded(&req, kind, &emb, &noise, &mut |_, _| {
+            step_ms.push(ms(last));
+            last = Instant::now();
+            true
+        })?;
+        let t = Instant::now();
+        let pixels = p.decode(&latents, width, height)?;
+        let vae_ms = ms(t);
+        let t = Instant::now();
+        let rgb = png::to_rgb8(&pixels, width as usize, height as usize);
+        png::encode_rgb(width, height, &rgb, "bench")?;
+        let png_ms = ms(t);
+        if run == 0 {
+            warmup_total_ms = ms(t0);
+            continue;
+        }
+        te.push(te_ms);
+        unet.extend(step_ms);
+        vae.push(vae_ms);
+        pngs.push(png_ms);
+        total.push(ms(t0));
+    }
+    Ok(BenchReport {
+        model_dir: dir.display().to_string(),
+        device: format!("{:?}", p.device()),
+        ort_library: lib.display().to_string(),
+        width,
+        height,
+        steps,
+        runs,
+        model_bytes,
+        file_read_cold_s,
+        page_cache_evicted: evicted,
+        file_read_warm_s,
+        session_create_first_s,
+        session_create_cached_s,
+        session_create_plain_s,
+        warmup_total_ms,
+        text_encoder: Stat::of(&te),
+        unet_step: Stat::of(&unet),
+        vae_decode: Stat::of(&vae),
+        png_encode: Stat::of(&pngs),
+        total: Stat::of(&total),
+    })
+}
+
+fn read_all(files: &[PathBuf]) -> Result<(u64, f64), PipelineError> {
+    let started = Instant::now();
+    let mut bytes = 0;
+    for f in files {
+        bytes += std::fs::read(f).map_err(|e| PipelineError::io(f, e))?.len() as u64;
+    }
+    Ok((bytes, started.elapsed().as_secs_f64()))
+}
+
+/// Asks the kernel to drop a file's clean pages from the page cache, so that the next read
+/// comes from the disk. Needs no privileges; returns false where unsupported.
+fn evict_from_page_cache(path: &Path) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let Ok(f) = std::fs::File::open(path) else {
+            return false;
+        };
+        // SAFETY: a valid open descriptor; offset 0 and length 0 mean the whole file.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        false
+    }
+}
+
+/// A temporary directory for the optimized graphs, removed on drop.
+struct CacheDir(PathBuf);
+
+impl CacheDir {
+    fn new() -> Result<Self, PipelineError> {
+        let unique = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let p = std::env::temp_dir().join(format!("corral-bench-{}-{unique}", std::process::id()));
+        std::fs::create_dir_all(&p).map_err(|e| PipelineError::io(&p, e))?;
+        Ok(Self(p))
+    }
+}
+
+impl Drop for CacheDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "model     {}", self.model_dir)?;
+        writeln!(
+            f,
+            "device    {}   runtime {}",
+            self.device, self.ort_library
+        )?;
+        writeln!(
+            f,
+            "request   {}x{}, {} steps, guidance 7.5 (UNet batch 2), {} runs after 1 warm-up",
+            self.width, self.height, self.steps, self.runs
+        )?;
+        writeln!(f)?;
+        writeln!(f, "{:<38} {:>12} {:>12}", "stage", "mean", "min")?;
+        let secs = |f: &mut fmt::Formatter<'_>, name: &str, s: f64| {
+            writeln!(f, "{name:<38} {:>11.4}s {:>12}", s, "")
+        };
+        let cold = if self.page_cache_evicted {
+            "cold"
+        } else {
+            "cold?"
+        };
+        secs(
+            f,
+            &format!(
+                "read onnx files, {cold} ({:.1} MB)",
+                self.model_bytes as f64 / 1e6
+            ),
+            self.file_read_cold_s,
+        )?;
+        secs(f, "read onnx files, page cache", self.file_read_warm_s)?;
+        secs(
+            f,
+            "sessions: first load (optimize+save)",
+            self.session_create_first_s,
+        )?;
+        secs(
+            f,
+            "sessions: cached optimized graphs",
+            self.session_create_cached_s,
+        )?;
+        secs(f, "sessions: plain (no cache)", self.session_create_plain_s)?;
+        writeln!(
+            f,
+            "{:<38} {:>10.2}ms {:>12}",
+            "warm-up generation", self.warmup_total_ms, ""
+        )?;
+        for (name, s) in [
+            ("text encoder", self.text_encoder),
+            ("unet step", self.unet_step),
+            ("vae decode", self.vae_decode),
+            ("png encode", self.png_encode),
+            ("total per image", self.total),
+        ] {
+            writeln!(f, "{name:<38} {:>10.2}ms {:>10.2}ms", s.mean_ms, s.min_ms)?;
+        }
+        Ok(())
+    }
+}
