@@ -50,6 +50,58 @@ pub enum Command {
     Workers(ClientArgs),
     /// Per model: queued jobs and the workers holding it.
     Status(ClientArgs),
+    /// The main job end to end: a coordinator, two workers, jobs, images.
+    Demo(crate::demo::DemoArgs),
+    /// Per-stage timings of a Stable Diffusion pipeline (session creation,
+    /// text encoder, UNet step, VAE).
+    BenchPipeline(BenchPipelineArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchPipelineArgs {
+    /// The model bundle (an optimum ONNX export).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tiny-sd"))]
+    pub model_dir: PathBuf,
+    #[arg(long, default_value_t = 20)]
+    pub steps: u32,
+    #[arg(long, default_value_t = 512)]
+    pub width: u32,
+    #[arg(long, default_value_t = 512)]
+    pub height: u32,
+    #[arg(long, default_value_t = 3)]
+    pub runs: u32,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceKind,
+    #[arg(long, default_value_t = 0)]
+    pub device_id: i32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn bench_pipeline(a: BenchPipelineArgs) -> Result<()> {
+    use crate::pipeline::{bench::bench, Device, PipelineConfig};
+    let cfg = PipelineConfig {
+        device: match a.device {
+            DeviceKind::Cpu => Device::Cpu,
+            DeviceKind::Cuda => Device::Cuda {
+                device_id: a.device_id,
+            },
+        },
+        allow_cpu_fallback: false,
+        intra_op_threads: None,
+    };
+    let r = bench(&a.model_dir, &cfg, a.steps, a.width, a.height, a.runs)
+        .map_err(crate::worker::onnx::to_error)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).map_err(|e| Error::Internal(e.to_string()))?
+        );
+    } else {
+        println!("{r}");
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug, Clone)]
@@ -696,9 +748,7 @@ pub fn engine(cfg: &crate::config::WorkerConfig) -> Result<Arc<dyn crate::worker
                 step_ms: cfg.synthetic_step_ms,
             }))
         }
-        EngineKind::Onnx => Err(Error::Config(
-            "the ONNX engine is not wired in yet; use --engine synthetic".into(),
-        )),
+        EngineKind::Onnx => Ok(Arc::new(crate::worker::onnx::OnnxEngine::new(cfg)?)),
     }
 }
 

@@ -15,6 +15,7 @@ pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod coordinator;
+pub mod demo;
 pub mod error;
 pub mod manifest;
 pub mod pb;

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod engine;
+pub mod onnx;
 pub mod residency;
 pub mod session;
 
