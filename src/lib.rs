@@ -12,7 +12,9 @@
 
 pub mod clock;
 pub mod error;
+pub mod manifest;
 pub mod pb;
 pub mod types;
+pub mod worker;
 
 pub use error::{Error, Result};
