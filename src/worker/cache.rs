@@ -332,6 +332,16 @@ fn remove_any(p: &Path) {
     }
 }
 
+fn touch(p: &Path) {
+    let r = std::fs::OpenOptions::new()
+        .append(true)
+        .open(p)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    if let Err(e) = r {
+        tracing::debug!(path = %p.display(), error = %e, "could not touch marker");
+    }
+}
+
 fn mb(b: u64) -> String {
     format!("{:.1} MB", b as f64 / 1e6)
 }
@@ -369,7 +379,7 @@ fn read_marker(dir: &Path) -> Result<BundleMarker> {
 }
 
 /// Start-up scan of the cache directory: sweeps leftovers and returns the valid bundles
-/// (with their directory mtimes, for the initial LRU order). Blocking.
+/// (with their markers' mtimes, touched on every hit, for the LRU order). Blocking.
 fn scan_cache_dir(dir: &Path) -> Result<Vec<(ModelId, Entry, std::time::SystemTime)>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let marker = dir.join(CACHE_MARKER);
@@ -407,8 +417,7 @@ fn scan_cache_dir(dir: &Path) -> Result<Vec<(ModelId, Entry, std::time::SystemTi
         });
         match valid {
             Ok(mk) => {
-                let mtime = ent
-                    .metadata()
+                let mtime = std::fs::metadata(path.join(BUNDLE_MARKER))
                     .and_then(|m| m.modified())
                     .unwrap_or(std::time::UNIX_EPOCH);
                 let m = mk.manifest;
@@ -565,6 +574,13 @@ impl DiskCache {
         let span = tracing::info_span!("prefetch", model = %manifest.id);
         tokio::spawn(
             async move {
+                // Queued prefetches hold no reservation: they reserve once it is their turn.
+                let _turn = this
+                    .0
+                    .prefetches
+                    .acquire()
+                    .await
+                    .map_err(|_| Error::Internal("prefetch semaphore closed".into()))?;
                 this.ensure_inner(&manifest, &|_, _| {}, true)
                     .await
                     .map(|_| ())
@@ -602,10 +618,11 @@ impl DiskCache {
         let mut waited = false;
         loop {
             let mut tombs = Vec::new();
-            let rx = {
+            let step = {
                 let mut st = self.lock();
                 st.tick += 1;
                 let tick = st.tick;
+                let mut hit = None;
                 if let Some(e) = st.entries.get_mut(id) {
                     if same_files(&e.manifest, manifest) {
                         let tier = if waited {
@@ -619,24 +636,40 @@ impl DiskCache {
                         if !prefetch {
                             e.last_used = tick;
                         }
-                        return Ok((e.guard(id), tier));
-                    }
-                    if e.pinned() {
+                        hit = Some((e.guard(id), tier));
+                    } else if e.pinned() {
                         return Err(Error::Unavailable(format!(
                             "model {id}: an older version of the bundle is in use; retry later"
                         )));
+                    } else {
+                        tombs.push(self.evict_locked(&mut st, id)?);
                     }
-                    tombs.push(self.evict_locked(&mut st, id)?);
                 }
-                match st.inflight.get(id) {
-                    Some(f) => f.rx.clone(),
+                match hit {
+                    Some(h) => Err(h),
                     None => {
                         if !prefetch && !waited {
                             bump(&c.misses, 1);
                         }
-                        tombs.extend(self.make_room_locked(&mut st, manifest)?);
-                        self.start_download_locked(&mut st, manifest, prefetch)
+                        Ok(match st.inflight.get(id) {
+                            Some(f) => f.rx.clone(),
+                            None => {
+                                tombs.extend(self.make_room_locked(&mut st, manifest)?);
+                                self.start_download_locked(&mut st, manifest, prefetch)
+                            }
+                        })
                     }
+                }
+            };
+            let rx = match step {
+                Ok(rx) => rx,
+                Err((g, tier)) => {
+                    if !prefetch {
+                        // The marker's mtime carries the LRU order across restarts.
+                        let marker = g.path().join(BUNDLE_MARKER);
+                        let _ = tokio::task::spawn_blocking(move || touch(&marker)).await;
+                    }
+                    return Ok((g, tier));
                 }
             };
             if !tombs.is_empty() {
@@ -748,23 +781,15 @@ impl DiskCache {
         let this = self.clone();
         let m = manifest.clone();
         let span = tracing::info_span!("download", model = %m.id, bytes = total, prefetch);
-        tokio::spawn(
-            async move { this.run_download(m, tx, done, prefetch).await }.instrument(span),
-        );
+        tokio::spawn(async move { this.run_download(m, tx, done).await }.instrument(span));
         rx
     }
 
-    async fn run_download(
-        self,
-        m: ModelManifest,
-        tx: watch::Sender<Dl>,
-        done: Arc<AtomicU64>,
-        prefetch: bool,
-    ) {
+    async fn run_download(self, m: ModelManifest, tx: watch::Sender<Dl>, done: Arc<AtomicU64>) {
         let total = m.total_bytes();
         let name = bundle_dir_name(&m.id);
         let tmp = self.0.cfg.dir.join(format!("{TMP_PREFIX}{name}"));
-        let result = self.download_bundle(&m, &tmp, &tx, &done, prefetch).await;
+        let result = self.download_bundle(&m, &tmp, &tx, &done).await;
         let (taken, outcome) = {
             let mut st = self.lock();
             st.reserved -= total;
@@ -827,20 +852,8 @@ impl DiskCache {
         tmp: &Path,
         tx: &watch::Sender<Dl>,
         done: &AtomicU64,
-        prefetch: bool,
     ) -> Result<()> {
         let source = Source::parse(&m.source)?;
-        let _prefetch_permit = if prefetch {
-            Some(
-                self.0
-                    .prefetches
-                    .acquire()
-                    .await
-                    .map_err(|_| Error::Internal("prefetch semaphore closed".into()))?,
-            )
-        } else {
-            None
-        };
         let _permit = self
             .0
             .downloads
@@ -886,6 +899,10 @@ impl DiskCache {
             let mp = t.join(BUNDLE_MARKER);
             let f = std::fs::File::create(&mp).map_err(|e| Error::io(&mp, e))?;
             std::io::Write::write_all(&mut &f, &json).map_err(|e| Error::io(&mp, e))?;
+            // An explicit, precise mtime: the kernel's own is coarse (jiffies), and the
+            // markers' mtimes order the LRU after a restart.
+            f.set_modified(std::time::SystemTime::now())
+                .map_err(|e| Error::io(&mp, e))?;
             f.sync_all().map_err(|e| Error::io(&mp, e))?;
             // Files were fsynced by the sink; now every directory that names them.
             let mut dirs: Vec<PathBuf> = files
