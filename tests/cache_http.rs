@@ -312,3 +312,29 @@ async fn report_shows_download_progress() {
     assert!(r.downloads.is_empty());
     assert_eq!(r.used_bytes, 2_000_000);
 }
+
+#[tokio::test]
+async fn a_new_version_of_a_model_replaces_the_old_bundle() {
+    let srv = TestServer::start().await;
+    let v1 = srv.publish("m", &[("w.bin", 10_000)]);
+    let d = tempfile::tempdir().unwrap();
+    let cache = open(d.path(), 1_000_000, None).await;
+    let g1 = cache.ensure(&v1, &|_, _| {}).await.unwrap().0;
+    // Republished with other bytes under the same id.
+    let mut v2 = v1.clone();
+    let bytes = content("m/w.bin v2", 12_000);
+    v2.files = vec![file_entry("w.bin", &bytes)];
+    srv.put("m/w.bin", bytes);
+    // While v1 is pinned the new version waits (retryable).
+    let e = cache.ensure(&v2, &|_, _| {}).await.unwrap_err();
+    assert!(
+        matches!(e, Error::Unavailable(_)) && e.is_retryable(),
+        "{e}"
+    );
+    drop(g1);
+    let (g2, tier) = cache.ensure(&v2, &|_, _| {}).await.unwrap();
+    assert_eq!(tier, CacheTier::Download);
+    assert_bundle(g2.path(), &v2);
+    assert_eq!(cache.report().used_bytes, 12_000);
+    assert_eq!(listing(d.path()), vec![".corral-cache", "m"]);
+}

@@ -655,7 +655,9 @@ impl DiskCache {
                             Some(f) => f.rx.clone(),
                             None => {
                                 tombs.extend(self.make_room_locked(&mut st, manifest)?);
-                                self.start_download_locked(&mut st, manifest, prefetch)
+                                // The download deletes the tombstones before it writes.
+                                let tombs = std::mem::take(&mut tombs);
+                                self.start_download_locked(&mut st, manifest, prefetch, tombs)
                             }
                         })
                     }
@@ -678,11 +680,14 @@ impl DiskCache {
                     .map_err(join_err)?;
             }
             waited = true;
-            if let Some(r) = wait_download(rx, progress).await? {
-                return Ok((r, CacheTier::Download));
+            match wait_download(rx, progress).await? {
+                Some(g) if same_files(g.manifest(), manifest) => {
+                    return Ok((g, CacheTier::Download));
+                }
+                // We joined a download of another version of this model, or the download
+                // finished without a guard to share: look again; the index has the answer.
+                _ => {}
             }
-            // The download finished but its guard was not there to share (the watch closed
-            // early): look again; the index has the answer.
         }
     }
 
@@ -765,6 +770,7 @@ impl DiskCache {
         st: &mut State,
         manifest: &ModelManifest,
         prefetch: bool,
+        tombs: Vec<PathBuf>,
     ) -> watch::Receiver<Dl> {
         let total = manifest.total_bytes();
         st.reserved += total;
@@ -781,15 +787,29 @@ impl DiskCache {
         let this = self.clone();
         let m = manifest.clone();
         let span = tracing::info_span!("download", model = %m.id, bytes = total, prefetch);
-        tokio::spawn(async move { this.run_download(m, tx, done).await }.instrument(span));
+        tokio::spawn(async move { this.run_download(m, tx, done, tombs).await }.instrument(span));
         rx
     }
 
-    async fn run_download(self, m: ModelManifest, tx: watch::Sender<Dl>, done: Arc<AtomicU64>) {
+    async fn run_download(
+        self,
+        m: ModelManifest,
+        tx: watch::Sender<Dl>,
+        done: Arc<AtomicU64>,
+        tombs: Vec<PathBuf>,
+    ) {
         let total = m.total_bytes();
         let name = bundle_dir_name(&m.id);
         let tmp = self.0.cfg.dir.join(format!("{TMP_PREFIX}{name}"));
-        let result = self.download_bundle(&m, &tmp, &tx, &done).await;
+        // Free the evicted bytes before writing new ones: the disk never holds more than
+        // the budget.
+        let deleted = tokio::task::spawn_blocking(move || tombs.iter().for_each(|t| remove_any(t)))
+            .await
+            .map_err(join_err);
+        let result = match deleted {
+            Ok(()) => self.download_bundle(&m, &tmp, &tx, &done).await,
+            Err(e) => Err(e),
+        };
         let (taken, outcome) = {
             let mut st = self.lock();
             st.reserved -= total;

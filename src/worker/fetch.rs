@@ -39,6 +39,8 @@ use crate::types::ModelFile;
 const SINK_QUEUE_CHUNKS: usize = 64;
 /// Write buffer of the sink and read size for local sources.
 const IO_CHUNK_BYTES: usize = 1 << 20;
+/// Smallest transfer that counts as a throughput sample.
+const MIN_SAMPLE_BYTES: u64 = 64 << 10;
 
 /// Where a model's files come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -360,7 +362,10 @@ impl Fetcher {
             }
             (Ok(()), Ok(v)) => v,
         };
-        self.meter.record(got - keep, started.elapsed());
+        if got - keep >= MIN_SAMPLE_BYTES {
+            // Small files measure latency, not throughput.
+            self.meter.record(got - keep, started.elapsed());
+        }
         if got != size || !digest.eq_ignore_ascii_case(&file.sha256) {
             let _ = tokio::fs::remove_file(dest).await;
             let (expected, actual) = if got != size {
@@ -438,7 +443,22 @@ impl Fetcher {
         let status = resp.status();
         // A server that ignores Range answers 200 with the whole body: skip what we have.
         let mut skip = match status.as_u16() {
-            206 => 0,
+            206 => {
+                let start = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("bytes "))
+                    .and_then(|v| v.split('-').next())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if start != Some(*offset) {
+                    return Err(Stop::Err(Error::Unavailable(format!(
+                        "GET {url}: asked for bytes from {}, got Content-Range from {start:?}",
+                        *offset
+                    ))));
+                }
+                0
+            }
             200 => *offset,
             416 if *offset == size => return Ok(()),
             _ => return Err(Stop::Err(status_error(url, status))),

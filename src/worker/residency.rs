@@ -106,8 +106,18 @@ impl<T> Residency<T> {
         }
         // Free the evicted models' memory before loading the new one, outside the lock.
         drop(evicted);
-        let loaded = load();
+        // A panicking loader must not leave waiters blocked on a load that never ends.
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load));
         let mut st = self.lock();
+        let loaded = match loaded {
+            Ok(r) => r,
+            Err(panic) => {
+                st.loading.remove(id);
+                drop(st);
+                self.loaded.notify_all();
+                std::panic::resume_unwind(panic);
+            }
+        };
         st.loading.remove(id);
         let out = match loaded {
             Ok(v) => {
@@ -316,6 +326,17 @@ mod tests {
         assert!(matches!(e, Error::Pipeline(_)));
         assert!(r.resident().is_empty());
         r.get_or_load(&id("z"), 10, None, || Ok(1)).unwrap();
+    }
+
+    #[test]
+    fn a_panicking_loader_leaves_no_stuck_load() {
+        let r: Residency<u32> = Residency::new(100, 4);
+        let p = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            r.get_or_load(&id("p"), 10, None, || panic!("loader bug"))
+        }));
+        assert!(p.is_err());
+        let (v, was) = r.get_or_load(&id("p"), 10, None, || Ok(9)).unwrap();
+        assert_eq!((*v, was), (9, false));
     }
 
     #[test]
