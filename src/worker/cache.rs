@@ -616,6 +616,7 @@ impl DiskCache {
             }
         }
         let mut waited = false;
+        let mut counted = false;
         loop {
             let mut tombs = Vec::new();
             let step = {
@@ -628,7 +629,9 @@ impl DiskCache {
                         let tier = if waited {
                             CacheTier::Download
                         } else {
-                            if !prefetch {
+                            // After waiting for room, someone else may have fetched it: that
+                            // was already counted as a miss.
+                            if !prefetch && !counted {
                                 bump(&c.hits_disk, 1);
                             }
                             CacheTier::Disk
@@ -648,23 +651,37 @@ impl DiskCache {
                 match hit {
                     Some(h) => Err(h),
                     None => {
-                        if !prefetch && !waited {
+                        if !prefetch && !counted {
+                            counted = true;
                             bump(&c.misses, 1);
                         }
                         Ok(match st.inflight.get(id) {
-                            Some(f) => f.rx.clone(),
+                            Some(f) => Next::Join(f.rx.clone()),
                             None => {
-                                tombs.extend(self.make_room_locked(&mut st, manifest)?);
-                                // The download deletes the tombstones before it writes.
-                                let tombs = std::mem::take(&mut tombs);
-                                self.start_download_locked(&mut st, manifest, prefetch, tombs)
+                                match self.make_room_locked(&mut st, manifest, !prefetch)? {
+                                    Room::Made(more) => {
+                                        // The download deletes the tombstones before it writes.
+                                        tombs.extend(more);
+                                        let tombs = std::mem::take(&mut tombs);
+                                        Next::Join(self.start_download_locked(
+                                            &mut st, manifest, prefetch, tombs,
+                                        ))
+                                    }
+                                    Room::WaitFor(rx) => Next::WaitFor(rx),
+                                }
                             }
                         })
                     }
                 }
             };
             let rx = match step {
-                Ok(rx) => rx,
+                Ok(Next::Join(rx)) => rx,
+                Ok(Next::WaitFor(rx)) => {
+                    // Another model's download holds the room we need; once it is done it
+                    // can be evicted. Drop our receiver right away: it pins that bundle.
+                    wait_done(rx).await;
+                    continue;
+                }
                 Err((g, tier)) => {
                     if !prefetch {
                         // The marker's mtime carries the LRU order across restarts.
@@ -713,8 +730,15 @@ impl DiskCache {
     }
 
     /// Evicts unpinned bundles, least recently used first, until `manifest` fits in the
-    /// budget with everything reserved; evicts nothing if that cannot be done. Lock held.
-    fn make_room_locked(&self, st: &mut State, manifest: &ModelManifest) -> Result<Vec<PathBuf>> {
+    /// budget with everything reserved; evicts nothing if that cannot be done. When only
+    /// downloads in flight stand in the way (they become evictable once done) and `may_wait`,
+    /// answers with one of them to wait for. Lock held.
+    fn make_room_locked(
+        &self,
+        st: &mut State,
+        manifest: &ModelManifest,
+        may_wait: bool,
+    ) -> Result<Room> {
         let need = manifest.total_bytes();
         let max = self.0.cfg.max_bytes;
         let evictable: u64 = st
@@ -723,8 +747,14 @@ impl DiskCache {
             .filter(|e| !e.pinned())
             .map(|e| e.bytes)
             .sum();
-        let committed = st.used + st.reserved;
-        if need > max || committed.saturating_sub(evictable) + need > max {
+        let pinned_bytes = st.used - evictable;
+        let blocked_by_pins = need > max || pinned_bytes + need > max;
+        if !blocked_by_pins && st.used + st.reserved - evictable + need > max && may_wait {
+            if let Some(f) = st.inflight.values().next() {
+                return Ok(Room::WaitFor(f.rx.clone()));
+            }
+        }
+        if blocked_by_pins || st.used + st.reserved - evictable + need > max {
             let mut pinned: Vec<_> = st
                 .entries
                 .iter()
@@ -761,7 +791,7 @@ impl DiskCache {
                 .ok_or_else(|| Error::Internal("eviction found no victim".into()))?;
             tombs.push(self.evict_locked(st, &victim)?);
         }
-        Ok(tombs)
+        Ok(Room::Made(tombs))
     }
 
     /// Reserves the bundle's bytes and spawns its download. Lock held.
@@ -1015,6 +1045,34 @@ fn preloaded_guard(id: &ModelId, p: &Preloaded) -> BundleGuard {
         path: p.dir.clone(),
         manifest: p.manifest.clone(),
         pins: None,
+    }
+}
+
+/// What `make_room_locked` found.
+enum Room {
+    /// Room made; these tombstones must be deleted before writing.
+    Made(Vec<PathBuf>),
+    /// Only downloads in flight are in the way: wait for this one, then look again.
+    WaitFor(watch::Receiver<Dl>),
+}
+
+/// What `ensure` does after looking at the index.
+enum Next {
+    /// Follow this download of the model.
+    Join(watch::Receiver<Dl>),
+    /// Wait for another model's download to finish, then look again.
+    WaitFor(watch::Receiver<Dl>),
+}
+
+/// Waits until a download is done (either way), without keeping its result.
+async fn wait_done(mut rx: watch::Receiver<Dl>) {
+    loop {
+        if matches!(*rx.borrow_and_update(), Dl::Done(_)) {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
     }
 }
 
