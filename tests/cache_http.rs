@@ -338,3 +338,23 @@ async fn a_new_version_of_a_model_replaces_the_old_bundle() {
     assert_eq!(cache.report().used_bytes, 12_000);
     assert_eq!(listing(d.path()), vec![".corral-cache", "m"]);
 }
+
+#[tokio::test]
+async fn resume_from_a_server_without_range_support_skips_the_prefix() {
+    let srv = TestServer::start().await;
+    let m = srv.publish("norange", &[("unet.onnx", 300_000)]);
+    srv.state
+        .ignore_range
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    srv.state
+        .cut_after
+        .lock()
+        .unwrap()
+        .insert("norange/unet.onnx".into(), 100_000);
+    let d = tempfile::tempdir().unwrap();
+    let cache = open(d.path(), 1_000_000, None).await;
+    let (g, _) = cache.ensure(&m, &|_, _| {}).await.unwrap();
+    assert_bundle(g.path(), &m);
+    let reqs = srv.requests_for("norange/unet.onnx");
+    assert_eq!(reqs, vec![None, Some("bytes=100000-".to_string())]);
+}

@@ -89,6 +89,8 @@ pub struct ServerState {
     pub cut_after: Mutex<HashMap<String, usize>>,
     /// Responses for these paths have one byte flipped.
     pub corrupt: Mutex<HashSet<String>>,
+    /// Answer every request with the whole body (200), as servers without Range support do.
+    pub ignore_range: std::sync::atomic::AtomicBool,
     /// Every request: (path, Range header if any).
     pub log: Mutex<Vec<(String, Option<String>)>>,
 }
@@ -206,8 +208,10 @@ async fn serve_conn(mut sock: tokio::net::TcpStream, st: Arc<ServerState>) {
         body[mid] ^= 0xff;
     }
     let total = body.len();
+    let honour = !st.ignore_range.load(std::sync::atomic::Ordering::Relaxed);
     let start = range
         .as_deref()
+        .filter(|_| honour)
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.strip_suffix('-'))
         .and_then(|n| n.parse::<usize>().ok());
