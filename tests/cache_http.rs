@@ -358,3 +358,25 @@ async fn resume_from_a_server_without_range_support_skips_the_prefix() {
     let reqs = srv.requests_for("norange/unet.onnx");
     assert_eq!(reqs, vec![None, Some("bytes=100000-".to_string())]);
 }
+
+#[tokio::test]
+async fn a_cache_dir_filled_at_build_time_serves_as_the_preloaded_dir() {
+    // What the Dockerfile does: fetch into /models/preloaded with a DiskCache, then point
+    // the worker's preloaded_dir at it.
+    let srv = TestServer::start().await;
+    let m = srv.publish("baked", &[("unet/model.onnx", 50_000), ("vae.onnx", 5_000)]);
+    let pre = tempfile::tempdir().unwrap();
+    {
+        let build = open(pre.path(), u64::MAX, None).await;
+        build.ensure(&m, &|_, _| {}).await.unwrap();
+    }
+    let n = srv.request_count();
+    let d = tempfile::tempdir().unwrap();
+    let cache = open(d.path(), 1_000, Some(pre.path().to_path_buf())).await;
+    let (g, tier) = cache.ensure(&m, &|_, _| {}).await.unwrap();
+    assert_eq!(tier, CacheTier::Preloaded);
+    assert!(g.is_preloaded());
+    assert_bundle(g.path(), &m);
+    assert_eq!(srv.request_count(), n);
+    assert!(cache.pin(&m.id).is_some());
+}
