@@ -87,6 +87,8 @@ pub struct ServerState {
     pub files: Mutex<HashMap<String, Vec<u8>>>,
     /// One-shot: the next response for this path stops after this many body bytes.
     pub cut_after: Mutex<HashMap<String, usize>>,
+    /// The response for this path stops after this many body bytes and hangs (never closes).
+    pub stall_after: Mutex<HashMap<String, usize>>,
     /// Responses for these paths have one byte flipped.
     pub corrupt: Mutex<HashSet<String>>,
     /// Answer every request with the whole body (200), as servers without Range support do.
@@ -240,6 +242,12 @@ async fn serve_conn(mut sock: tokio::net::TcpStream, st: Arc<ServerState>) {
         Some(n) => &part[..n.min(part.len())],
         None => part,
     };
+    let stall = st.stall_after.lock().unwrap().get(&path).copied();
+    if let Some(n) = stall {
+        let _ = sock.write_all(&send[..n.min(send.len())]).await;
+        let _ = sock.flush().await;
+        std::future::pending::<()>().await;
+    }
     let _ = sock.write_all(send).await;
     let _ = sock.shutdown().await;
 }
