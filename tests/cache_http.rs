@@ -380,3 +380,28 @@ async fn a_cache_dir_filled_at_build_time_serves_as_the_preloaded_dir() {
     assert_eq!(srv.request_count(), n);
     assert!(cache.pin(&m.id).is_some());
 }
+
+#[tokio::test]
+async fn a_model_resident_in_vram_keeps_its_files_on_disk() {
+    use corral::worker::residency::Residency;
+    let srv = TestServer::start().await;
+    let a = srv.publish("a", &[("model.bin", 100_000)]);
+    let b = srv.publish("b", &[("model.bin", 100_000)]);
+    let d = tempfile::tempdir().unwrap();
+    let cache = open(d.path(), 150_000, None).await;
+    let vram: Residency<String> = Residency::new(1 << 30, 4);
+    let (g, _) = cache.ensure(&a, &|_, _| {}).await.unwrap();
+    let path = g.path().to_path_buf();
+    // The session keeps the guard; the job's own handle is gone once it finishes.
+    let (session, was) = vram
+        .get_or_load(&a.id, 1000, Some(g), || Ok(path.display().to_string()))
+        .unwrap();
+    assert!(!was);
+    drop(session);
+    let e = cache.ensure(&b, &|_, _| {}).await.unwrap_err();
+    assert!(matches!(e, Error::ResourceExhausted(_)), "{e}");
+    assert_eq!(cache.pinned(), vec![ModelId::from("a")]);
+    assert!(vram.evict(&a.id));
+    cache.ensure(&b, &|_, _| {}).await.unwrap();
+    assert!(!path.exists());
+}

@@ -720,7 +720,14 @@ impl DiskCache {
             .cfg
             .dir
             .join(format!("{TOMB_PREFIX}{}-{n}", bundle_dir_name(id)));
-        std::fs::rename(&e.dir, &tomb).map_err(|err| Error::io(&e.dir, err))?;
+        match std::fs::rename(&e.dir, &tomb) {
+            Ok(()) => {}
+            // Deleted behind our back: the index follows the disk.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(model = %id, "bundle vanished from disk");
+            }
+            Err(err) => return Err(Error::io(&e.dir, err)),
+        }
         let bytes = e.bytes;
         st.entries.remove(id);
         st.used -= bytes;
