@@ -7,6 +7,7 @@
 //! - `pb` and `convert`: the wire contract and the only place that maps it.
 //! - `scheduler`: the pure, synchronous core (no I/O, no tokio, no protobuf).
 //! - `coordinator`: tonic services around the scheduler.
+//! - `manifest`: a model's files, sizes and digests, built from its source.
 //! - `worker`: the stream to the coordinator, the disk cache, downloads, engines.
 //! - `pipeline`: the Stable Diffusion pipeline on ONNX Runtime (`ort`).
 

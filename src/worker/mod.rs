@@ -1,9 +1,10 @@
 //! The worker: one stream to the coordinator (`session`), the disk cache
 //! (`cache`, `fetch`), loaded models (`residency`), and the engines that
-//! run jobs (`engine`).
+//! run jobs (`engine`, `onnx`).
 
 pub mod cache;
 pub mod engine;
+pub mod fetch;
 pub mod onnx;
 pub mod residency;
 pub mod session;

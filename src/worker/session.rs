@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, info_span, warn, Instrument};
 
-use super::cache::{BundleGuard, CacheConfig, DiskCache};
+use super::cache::{CacheConfig, DiskCache};
 use super::engine::{Engine, LoadedModel};
 use super::residency::Residency;
 use crate::config::WorkerConfig;
@@ -292,19 +292,21 @@ impl Worker {
         let job2 = job.clone();
         let manifest = model.clone();
         let (loaded, was_resident) = tokio::task::spawn_blocking(move || {
-            me.resident.get_or_load(guard, |g: &BundleGuard| {
-                me.send(Up::Progress(convert::job_progress(
-                    &job2,
-                    attempt,
-                    JobPhase::Loading,
-                )));
-                let m = me.engine.load(&manifest, g.path())?;
-                let bytes = m.resident_bytes();
-                Ok((m, bytes))
-            })
+            let dir = guard.path().to_path_buf();
+            let bytes = manifest.total_bytes();
+            me.resident
+                .get_or_load(&manifest.id, bytes, Some(guard), || {
+                    me.send(Up::Progress(convert::job_progress(
+                        &job2,
+                        attempt,
+                        JobPhase::Loading,
+                    )));
+                    me.engine.load(&manifest, &dir)
+                })
         })
         .await
         .map_err(|e| Error::Internal(format!("load task: {e}")))??;
+        let loaded: Loaded = loaded.as_ref().clone();
         t.load_s = if was_resident {
             0.0
         } else {
