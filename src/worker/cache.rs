@@ -619,7 +619,8 @@ impl DiskCache {
         let mut counted = false;
         loop {
             let mut tombs = Vec::new();
-            let step = {
+            // A closure so that `?` inside cannot skip deleting the tombstones made so far.
+            let step = (|| -> Result<std::result::Result<Next, (BundleGuard, CacheTier)>> {
                 let mut st = self.lock();
                 st.tick += 1;
                 let tick = st.tick;
@@ -649,13 +650,13 @@ impl DiskCache {
                     }
                 }
                 match hit {
-                    Some(h) => Err(h),
+                    Some(h) => Ok(Err(h)),
                     None => {
                         if !prefetch && !counted {
                             counted = true;
                             bump(&c.misses, 1);
                         }
-                        Ok(match st.inflight.get(id) {
+                        Ok(Ok(match st.inflight.get(id) {
                             Some(f) => Next::Join(f.rx.clone()),
                             None => {
                                 match self.make_room_locked(&mut st, manifest, !prefetch)? {
@@ -670,11 +671,16 @@ impl DiskCache {
                                     Room::WaitFor(rx) => Next::WaitFor(rx),
                                 }
                             }
-                        })
+                        }))
                     }
                 }
-            };
-            let rx = match step {
+            })();
+            if !tombs.is_empty() {
+                tokio::task::spawn_blocking(move || tombs.iter().for_each(|t| remove_any(t)))
+                    .await
+                    .map_err(join_err)?;
+            }
+            let rx = match step? {
                 Ok(Next::Join(rx)) => rx,
                 Ok(Next::WaitFor(rx)) => {
                     // Another model's download holds the room we need; once it is done it
@@ -691,11 +697,6 @@ impl DiskCache {
                     return Ok((g, tier));
                 }
             };
-            if !tombs.is_empty() {
-                tokio::task::spawn_blocking(move || tombs.iter().for_each(|t| remove_any(t)))
-                    .await
-                    .map_err(join_err)?;
-            }
             waited = true;
             match wait_download(rx, progress).await? {
                 Some(g) if same_files(g.manifest(), manifest) => {
