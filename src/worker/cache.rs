@@ -448,7 +448,15 @@ fn scan_cache_dir(dir: &Path) -> Result<Vec<(ModelId, Entry, std::time::SystemTi
 /// always checked; a bad bundle is skipped (and logged), never deleted. Blocking.
 fn scan_preloaded_dir(dir: &Path) -> Result<HashMap<ModelId, Preloaded>> {
     let mut out = HashMap::new();
-    for ent in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(path = %dir.display(), "no preloaded directory");
+            return Ok(out);
+        }
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for ent in rd {
         let ent = ent.map_err(|e| Error::io(dir, e))?;
         let path = ent.path();
         let name = ent.file_name().to_string_lossy().into_owned();
