@@ -406,3 +406,23 @@ async fn a_model_resident_in_vram_keeps_its_files_on_disk() {
     cache.ensure(&b, &|_, _| {}).await.unwrap();
     assert!(!path.exists());
 }
+
+#[tokio::test]
+async fn a_refused_new_version_leaves_no_tombstone_behind() {
+    let srv = TestServer::start().await;
+    let a1 = srv.publish("a", &[("w.bin", 50_000)]);
+    let b = srv.publish("b", &[("w.bin", 100_000)]);
+    let d = tempfile::tempdir().unwrap();
+    let cache = open(d.path(), 150_000, None).await;
+    cache.ensure(&a1, &|_, _| {}).await.unwrap();
+    let _pin_b = cache.ensure(&b, &|_, _| {}).await.unwrap();
+    let mut a2 = a1.clone();
+    let bytes = content("a v2", 120_000);
+    a2.files = vec![file_entry("w.bin", &bytes)];
+    srv.put("a/w.bin", bytes);
+    let e = cache.ensure(&a2, &|_, _| {}).await.unwrap_err();
+    assert!(matches!(e, Error::ResourceExhausted(_)), "{e}");
+    // The old version was replaced (dropped), and its tombstone deleted.
+    assert_eq!(listing(d.path()), vec![".corral-cache", "b"]);
+    assert_eq!(cache.report().used_bytes, 100_000);
+}

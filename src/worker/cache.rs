@@ -452,7 +452,15 @@ fn scan_cache_dir(dir: &Path) -> Result<Vec<(ModelId, Entry, std::time::SystemTi
 /// always checked; a bad bundle is skipped (and logged), never deleted. Blocking.
 fn scan_preloaded_dir(dir: &Path) -> Result<HashMap<ModelId, Preloaded>> {
     let mut out = HashMap::new();
-    for ent in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(path = %dir.display(), "no preloaded directory");
+            return Ok(out);
+        }
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for ent in rd {
         let ent = ent.map_err(|e| Error::io(dir, e))?;
         let path = ent.path();
         let name = ent.file_name().to_string_lossy().into_owned();
@@ -623,7 +631,8 @@ impl DiskCache {
         let mut counted = false;
         loop {
             let mut tombs = Vec::new();
-            let step = {
+            // A closure so that `?` inside cannot skip deleting the tombstones made so far.
+            let step = (|| -> Result<std::result::Result<Next, (BundleGuard, CacheTier)>> {
                 let mut st = self.lock();
                 st.tick += 1;
                 let tick = st.tick;
@@ -653,13 +662,13 @@ impl DiskCache {
                     }
                 }
                 match hit {
-                    Some(h) => Err(h),
+                    Some(h) => Ok(Err(h)),
                     None => {
                         if !prefetch && !counted {
                             counted = true;
                             bump(&c.misses, 1);
                         }
-                        Ok(match st.inflight.get(id) {
+                        Ok(Ok(match st.inflight.get(id) {
                             Some(f) => Next::Join(f.rx.clone()),
                             None => {
                                 match self.make_room_locked(&mut st, manifest, !prefetch)? {
@@ -674,11 +683,16 @@ impl DiskCache {
                                     Room::WaitFor(rx) => Next::WaitFor(rx),
                                 }
                             }
-                        })
+                        }))
                     }
                 }
-            };
-            let rx = match step {
+            })();
+            if !tombs.is_empty() {
+                tokio::task::spawn_blocking(move || tombs.iter().for_each(|t| remove_any(t)))
+                    .await
+                    .map_err(join_err)?;
+            }
+            let rx = match step? {
                 Ok(Next::Join(rx)) => rx,
                 Ok(Next::WaitFor(rx)) => {
                     // Another model's download holds the room we need; once it is done it
@@ -695,11 +709,6 @@ impl DiskCache {
                     return Ok((g, tier));
                 }
             };
-            if !tombs.is_empty() {
-                tokio::task::spawn_blocking(move || tombs.iter().for_each(|t| remove_any(t)))
-                    .await
-                    .map_err(join_err)?;
-            }
             waited = true;
             match wait_download(rx, progress).await? {
                 Some(g) if same_files(g.manifest(), manifest) => {
