@@ -43,9 +43,9 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/corral /usr/local/bin/corral
-# `corral models fetch --dir DIR ID=SOURCE...` is the CLI subcommand the lead adds on top of
-# `worker::cache::DiskCache::ensure`: it writes verified bundles (files + .corral-bundle.json
-# marker) into DIR, exactly the layout the worker reads from its preloaded directory.
+# `corral models fetch --dir DIR ID=SOURCE...` runs `worker::cache::DiskCache::ensure` for each
+# model: it writes verified bundles (files + .corral-bundle.json marker) into DIR, exactly the
+# layout the worker reads from its preloaded directory.
 RUN mkdir -p /models/preloaded \
  && if [ -n "${PRELOAD_MODELS}" ]; then \
       corral models fetch --dir /models/preloaded ${PRELOAD_MODELS}; \

@@ -250,6 +250,14 @@ pub enum ModelsCmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Download models into a directory as verified bundles (to bake a
+    /// preloaded directory into a worker image): `ID=SOURCE` pairs.
+    Fetch {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(required = true)]
+        models: Vec<String>,
+    },
     /// Have N workers hold the model on disk now.
     Warm {
         id: String,
@@ -410,6 +418,29 @@ pub async fn models(cmd: ModelsCmd) -> Result<()> {
                 .await
                 .map_err(rpc)?;
             println!("removed {id}");
+        }
+        ModelsCmd::Fetch { dir, models } => {
+            let cache = crate::worker::cache::DiskCache::open(crate::worker::cache::CacheConfig {
+                dir,
+                max_bytes: u64::MAX,
+                preloaded_dir: None,
+                max_concurrent_downloads: 2,
+            })
+            .await?;
+            for pair in models {
+                let (id, source) = pair.split_once('=').ok_or_else(|| {
+                    Error::invalid("models", format!("{pair:?} is not ID=SOURCE"))
+                })?;
+                let id = crate::convert::model_id(id.to_owned(), "models")?;
+                let manifest = crate::manifest::manifest_from_source(&id, source).await?;
+                let (guard, tier) = cache.ensure(&manifest, &|_, _| {}).await?;
+                println!(
+                    "{id}: {} bytes at {} ({})",
+                    manifest.total_bytes(),
+                    guard.path().display(),
+                    tier.as_str()
+                );
+            }
         }
         ModelsCmd::Warm {
             id,

@@ -460,11 +460,7 @@ async fn invalid_requests_get_the_right_code_and_message() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().contains("files.path"),
-        "{}",
-        err.message()
-    );
+    assert!(err.message().contains("files.path"), "{}", err.message());
     c.stop().await;
 }
 

@@ -178,7 +178,10 @@ impl Worker {
                             let id = m.id.clone();
                             let res = me.cache.prefetch(m).await;
                             let err = match res {
-                                Ok(Ok(())) => return info!("prefetched"),
+                                Ok(Ok(())) => {
+                                    info!("prefetched");
+                                    return me.send(Up::Heartbeat((&me.report()).into()));
+                                }
                                 Ok(Err(e)) => e.to_string(),
                                 Err(e) => format!("prefetch task failed: {e}"),
                             };
@@ -244,6 +247,9 @@ impl Worker {
                 }));
             }
         }
+        // The cache and VRAM may have changed: tell the scheduler now
+        // rather than at the next interval.
+        self.send(Up::Heartbeat((&self.report()).into()));
     }
 
     async fn execute(
