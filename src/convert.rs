@@ -427,65 +427,6 @@ pub fn required_model(m: Option<pb::Model>) -> Result<ModelManifest> {
     required(m, "model")?.try_into()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn model_paths_must_stay_inside_the_bundle() {
-        for bad in ["../x", "/etc/passwd", "a/../../b", "", "a\\b"] {
-            let m = pb::Model {
-                id: "m".into(),
-                kind: 0,
-                source: "file:///tmp".into(),
-                files: vec![pb::ModelFile {
-                    path: bad.into(),
-                    size_bytes: 1,
-                    sha256: "0".repeat(64),
-                }],
-            };
-            assert!(ModelManifest::try_from(m).is_err(), "{bad:?} accepted");
-        }
-    }
-
-    #[test]
-    fn errors_name_the_field() {
-        let err = JobSpec::try_from(pb::JobSpec::default()).unwrap_err();
-        assert!(err.to_string().contains("model_id"), "{err}");
-        let err = required_hello(Some(pb::worker_message::Msg::GoingAway(
-            pb::GoingAway::default(),
-        )))
-        .unwrap_err();
-        assert!(err.to_string().contains("Hello"), "{err}");
-    }
-
-    #[test]
-    fn heartbeat_round_trips() {
-        let r = CacheReport {
-            vram_models: vec!["a".into()],
-            disk_models: vec![DiskModel {
-                model_id: "b".into(),
-                bytes: 7,
-                preloaded: true,
-            }],
-            downloads: vec![DownloadState {
-                model_id: "c".into(),
-                bytes_done: 1,
-                bytes_total: 9,
-            }],
-            free_disk_bytes: 5,
-            running_jobs: vec![RunningJob {
-                job_id: "j".into(),
-                attempt: 2,
-            }],
-            download_bps: 3,
-            draining: true,
-        };
-        let back = CacheReport::try_from(pb::Heartbeat::from(&r)).unwrap();
-        assert_eq!(back, r);
-    }
-}
-
 // ---- coordinator records and events -------------------------------------------
 
 fn output_to_pb(o: &JobOutput, include_images: bool) -> pb::JobOutput {
@@ -586,5 +527,64 @@ pub fn worker_to_pb(w: &crate::scheduler::WorkerEntry, now_ms: Millis) -> pb::Wo
         state: Some(state),
         last_seen_s_ago: now_ms.saturating_sub(w.last_seen_ms) as f64 / 1000.0,
         draining: w.draining,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_paths_must_stay_inside_the_bundle() {
+        for bad in ["../x", "/etc/passwd", "a/../../b", "", "a\\b"] {
+            let m = pb::Model {
+                id: "m".into(),
+                kind: 0,
+                source: "file:///tmp".into(),
+                files: vec![pb::ModelFile {
+                    path: bad.into(),
+                    size_bytes: 1,
+                    sha256: "0".repeat(64),
+                }],
+            };
+            assert!(ModelManifest::try_from(m).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = JobSpec::try_from(pb::JobSpec::default()).unwrap_err();
+        assert!(err.to_string().contains("model_id"), "{err}");
+        let err = required_hello(Some(pb::worker_message::Msg::GoingAway(
+            pb::GoingAway::default(),
+        )))
+        .unwrap_err();
+        assert!(err.to_string().contains("Hello"), "{err}");
+    }
+
+    #[test]
+    fn heartbeat_round_trips() {
+        let r = CacheReport {
+            vram_models: vec!["a".into()],
+            disk_models: vec![DiskModel {
+                model_id: "b".into(),
+                bytes: 7,
+                preloaded: true,
+            }],
+            downloads: vec![DownloadState {
+                model_id: "c".into(),
+                bytes_done: 1,
+                bytes_total: 9,
+            }],
+            free_disk_bytes: 5,
+            running_jobs: vec![RunningJob {
+                job_id: "j".into(),
+                attempt: 2,
+            }],
+            download_bps: 3,
+            draining: true,
+        };
+        let back = CacheReport::try_from(pb::Heartbeat::from(&r)).unwrap();
+        assert_eq!(back, r);
     }
 }

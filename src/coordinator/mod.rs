@@ -437,10 +437,10 @@ impl Coordinator {
 
     /// The stream `conn` of `worker` ended (`graceful`: after GoingAway).
     fn worker_gone(&self, worker: &WorkerId, conn: u64, reason: &str, graceful: bool) {
-        if !self
+        if self
             .links
             .remove_if(worker, |_, l| l.conn == conn)
-            .is_some()
+            .is_none()
         {
             return; // a newer stream replaced this one, or it was dropped already
         }

@@ -636,7 +636,8 @@ impl Scheduler {
             }
         }
         // (start estimate, priority, age) for the head of each queue.
-        let mut best: Option<((Millis, Reverse<i32>, u64), JobId, CacheTier)> = None;
+        type Key = (Millis, Reverse<i32>, u64);
+        let mut best: Option<(Key, JobId, CacheTier)> = None;
         let mut consider = |est: Millis, job: &JobEntry, tier: CacheTier| {
             let key = (est, Reverse(job.spec.priority), job.seq);
             if best.as_ref().is_none_or(|(k, _, _)| key < *k) {
@@ -706,8 +707,8 @@ impl Scheduler {
             0
         } else {
             w.running
-                .iter()
-                .map(|(job, _)| {
+                .keys()
+                .map(|job| {
                     let j = &self.jobs[job];
                     let elapsed = now.saturating_sub(j.started_ms.unwrap_or(now));
                     let service = self.service_ms(&j.spec.model_id);

@@ -272,7 +272,7 @@ impl Worker {
             let me = self.clone();
             let job = job.clone();
             move |done: u64, total: u64| {
-                let pct = if total == 0 { 100 } else { done * 100 / total };
+                let pct = done.saturating_mul(100).checked_div(total).unwrap_or(100);
                 if last_pct.swap(pct, Ordering::Relaxed) != pct {
                     me.send(Up::Progress(convert::job_progress(
                         &job,

