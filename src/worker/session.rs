@@ -285,7 +285,18 @@ impl Worker {
                 }
             }
         };
-        let (guard, tier) = self.cache.ensure(model, &progress).await?;
+        let mut fetched = self.cache.ensure(model, &progress).await;
+        // Models idle in VRAM pin their files on disk: unload them, least
+        // recently used first, until the download fits.
+        let mut idle: Vec<ModelId> = self.resident.resident();
+        while matches!(fetched, Err(Error::ResourceExhausted(_))) {
+            let Some(victim) = idle.pop() else { break };
+            if self.resident.evict(&victim) {
+                info!(model_id = %victim, "unloaded an idle model to free disk for a download");
+                fetched = self.cache.ensure(model, &progress).await;
+            }
+        }
+        let (guard, tier) = fetched?;
         if tier == CacheTier::Download {
             t.download_s = started.elapsed().as_secs_f64();
         }
