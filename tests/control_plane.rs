@@ -540,3 +540,47 @@ async fn silent_worker_is_declared_dead() {
     drop(silent);
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_running_jobs_then_goes_away() {
+    let c = coordinator(fast_config()).await;
+    let models = tmp();
+    register(&c.url, &make_model(models.path(), "sd-a")).await;
+    let cache = tmp();
+    let mut cfg = worker_config(&c.url, cache.path());
+    cfg.synthetic_step_ms = 100;
+    let w = worker("w", cfg).await;
+    wait_workers(&c.url, 1).await;
+    let job = submit(&c.url, spec("sd-a", 1)).await;
+    wait_state(&c.url, &job.id, pb::JobState::Running, 10).await;
+    w.stop().await; // returns once GoingAway is said
+    let j = get(&c.url, &job.id).await;
+    assert_eq!(j.state, pb::JobState::Completed as i32, "{j:?}");
+    assert_eq!(worker_count(&c.url).await, 0);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_past_the_grace_period_hands_jobs_back() {
+    let c = coordinator(fast_config()).await;
+    let models = tmp();
+    register(&c.url, &make_model(models.path(), "sd-a")).await;
+    let (c1, c2) = (tmp(), tmp());
+    let mut cfg = worker_config(&c.url, c1.path());
+    cfg.synthetic_step_ms = 200;
+    cfg.shutdown_grace_s = 0;
+    let leaving = worker("leaving", cfg).await;
+    wait_workers(&c.url, 1).await;
+    let mut s = spec("sd-a", 1);
+    s.steps = 50;
+    let job = submit(&c.url, s).await;
+    wait_state(&c.url, &job.id, pb::JobState::Running, 10).await;
+    leaving.stop().await;
+    // Handed back without counting as a failure, and done elsewhere.
+    let staying = worker("staying", worker_config(&c.url, c2.path())).await;
+    let j = wait_state(&c.url, &job.id, pb::JobState::Completed, 30).await;
+    assert_eq!(j.worker_id, "staying");
+    assert_eq!(j.attempt, 2);
+    staying.stop().await;
+    c.stop().await;
+}
