@@ -251,66 +251,52 @@ impl Coordinator {
     /// job with the same idempotency key was returned instead.
     pub fn submit(&self, spec: JobSpec) -> Result<(JobRecord, bool)> {
         let key = spec.idempotency_key.clone();
-        if !key.is_empty() {
-            if let Some(id) = self.idempotency.get(&key).map(|e| e.clone()) {
-                return Ok((self.get(&id)?, true));
-            }
-        }
         let id = JobId(format!("j-{}", uuid::Uuid::new_v4().simple()));
         let spec = Arc::new(spec);
-        let now = self.now_ms();
-        let record = JobRecord {
-            id: id.clone(),
-            spec: spec.clone(),
-            state: JobState::Queued,
-            attempt: 0,
-            worker: None,
-            tier: None,
-            created_ms: now,
-            updated_ms: now,
-            error: String::new(),
-            output: None,
-        };
-        self.with_sched(|s, now| {
+        // Everything under the scheduler lock, so that two submissions with
+        // one idempotency key cannot both be accepted.
+        let earlier = self.with_sched(|s, now| {
+            if !key.is_empty() {
+                if let Some(id) = self.idempotency.get(&key).map(|e| e.clone()) {
+                    return Ok((Some(id), Vec::new()));
+                }
+            }
             if s.job_count() >= self.cfg.limits.max_unfinished_jobs {
                 return Err(Error::ResourceExhausted(format!(
                     "{} jobs are unfinished, the configured maximum (limits.max_unfinished_jobs)",
                     s.job_count()
                 )));
             }
-            if !key.is_empty() {
-                // Two racing submissions with one key: the first wins.
-                match self.idempotency.entry(key.clone()) {
-                    dashmap::Entry::Occupied(e) => {
-                        return Err(Error::Unavailable(format!(
-                            "job {} with this idempotency key is being submitted; retry",
-                            e.get()
-                        )))
-                    }
-                    dashmap::Entry::Vacant(e) => {
-                        e.insert(id.clone());
-                    }
-                }
-            }
+            let record = JobRecord {
+                id: id.clone(),
+                spec: spec.clone(),
+                state: JobState::Queued,
+                attempt: 0,
+                worker: None,
+                tier: None,
+                created_ms: now,
+                updated_ms: now,
+                error: String::new(),
+                output: None,
+            };
             let (events, _) = broadcast::channel(256);
-            self.jobs.insert(
-                id.clone(),
-                JobSlot {
-                    record: record.clone(),
-                    events,
-                },
-            );
+            self.jobs.insert(id.clone(), JobSlot { record, events });
             match s.submit(id.clone(), spec.clone(), now) {
-                Ok(e) => Ok(((), e)),
+                Ok(effects) => {
+                    if !key.is_empty() {
+                        self.idempotency.insert(key.clone(), id.clone());
+                    }
+                    Ok((None, effects))
+                }
                 Err(err) => {
                     self.jobs.remove(&id);
-                    if !key.is_empty() {
-                        self.idempotency.remove(&key);
-                    }
                     Err(err)
                 }
             }
         })?;
+        if let Some(earlier) = earlier {
+            return Ok((self.get(&earlier)?, true));
+        }
         info!(job_id = %id, model_id = %spec.model_id, "accepted");
         Ok((self.get(&id)?, false))
     }
