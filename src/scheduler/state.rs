@@ -27,6 +27,8 @@ pub struct JobEntry {
     pub worker: Option<WorkerId>,
     pub started_ms: Option<Millis>,
     seq: u64,
+    /// Where the current attempt found its model, as assigned.
+    tier: Option<CacheTier>,
 }
 
 impl JobEntry {
@@ -48,7 +50,7 @@ pub struct WorkerEntry {
     /// still occupy a slot.
     pub stopping: BTreeSet<JobId>,
     vram: BTreeSet<ModelId>,
-    disk: BTreeMap<ModelId, bool>,
+    pub(super) disk: BTreeMap<ModelId, bool>,
     downloading: BTreeMap<ModelId, (u64, u64)>,
 }
 
@@ -103,11 +105,21 @@ impl WorkerEntry {
         }
     }
 
+    /// Every model this worker holds or is fetching.
+    fn held(&self) -> BTreeSet<ModelId> {
+        self.vram
+            .iter()
+            .chain(self.disk.keys())
+            .chain(self.downloading.keys())
+            .cloned()
+            .collect()
+    }
+
     pub fn is_downloading(&self, model: &ModelId) -> bool {
         self.downloading.contains_key(model)
     }
 
-    fn can_hold(&self, bytes: u64) -> bool {
+    pub(super) fn can_hold(&self, bytes: u64) -> bool {
         self.hello.cache_max_bytes >= bytes
     }
 }
@@ -124,24 +136,34 @@ pub struct ModelStatus {
 }
 
 #[derive(Clone, Debug)]
-struct ModelEntry {
-    bytes: u64,
+pub(super) struct ModelEntry {
+    pub(super) bytes: u64,
     /// Mean generation time observed, exponentially weighted.
-    service_ms: Option<f64>,
+    pub(super) service_ms: Option<f64>,
+    /// Recent arrivals (see `replicate.rs`).
+    pub(super) demand: super::replicate::Demand,
 }
 
 /// The scheduler. See the module docs.
 #[derive(Debug)]
 pub struct Scheduler {
-    cfg: SchedulerConfig,
-    models: BTreeMap<ModelId, ModelEntry>,
+    pub(super) cfg: SchedulerConfig,
+    pub(super) models: BTreeMap<ModelId, ModelEntry>,
     jobs: HashMap<JobId, JobEntry>,
     /// Queued jobs per model.
     queues: BTreeMap<ModelId, BTreeSet<(QueueKey, JobId)>>,
     /// All queued jobs, oldest first.
     by_age: BTreeSet<(u64, JobId)>,
-    workers: BTreeMap<WorkerId, WorkerEntry>,
+    pub(super) workers: BTreeMap<WorkerId, WorkerEntry>,
     next_seq: u64,
+    /// Index: workers holding each model (VRAM, disk or downloading).
+    pub(super) holders: BTreeMap<ModelId, BTreeSet<WorkerId>>,
+    /// Index: workers that take jobs now (not draining, a free slot).
+    free: BTreeSet<WorkerId>,
+    /// Index: each non-empty model queue by the sequence number of its head.
+    heads: BTreeSet<(u64, ModelId)>,
+    /// Replication bookkeeping (see `replicate.rs`).
+    pub(super) repl: super::replicate::ReplicaState,
 }
 
 impl Scheduler {
@@ -154,6 +176,10 @@ impl Scheduler {
             by_age: BTreeSet::new(),
             workers: BTreeMap::new(),
             next_seq: 0,
+            holders: BTreeMap::new(),
+            free: BTreeSet::new(),
+            heads: BTreeSet::new(),
+            repl: Default::default(),
         }
     }
 
@@ -167,6 +193,7 @@ impl Scheduler {
         let entry = self.models.entry(model).or_insert(ModelEntry {
             bytes,
             service_ms: None,
+            demand: Default::default(),
         });
         entry.bytes = bytes;
     }
@@ -219,8 +246,40 @@ impl Scheduler {
                 spec.model_id, model.bytes, largest
             )));
         }
-        self.restore_job(id, spec, now, 0, 0);
-        Ok(self.schedule(now))
+        let model_id = spec.model_id.clone();
+        if let Some(m) = self.models.get_mut(&model_id) {
+            m.demand.record(now, &self.cfg);
+        }
+        self.restore_job(id.clone(), spec, now, 0, 0);
+        Ok(self.schedule_submitted(&id, &model_id, now))
+    }
+
+    /// Matching after a submit: the free workers holding the model first;
+    /// when none holds it, the free worker that could fetch it soonest.
+    fn schedule_submitted(&mut self, job: &JobId, model: &ModelId, now: Millis) -> Vec<Effect> {
+        let held: Vec<WorkerId> = self.holders.get(model).map_or_else(Vec::new, |h| {
+            h.iter()
+                .filter(|w| self.free.contains(*w))
+                .cloned()
+                .collect()
+        });
+        let mut effects = self.schedule_among(held, now);
+        let still_queued = self.jobs.get(job).is_some_and(|j| j.worker.is_none());
+        if still_queued && self.holders.get(model).is_none_or(|h| h.is_empty()) {
+            let best = self
+                .free
+                .iter()
+                .filter_map(|id| {
+                    let w = &self.workers[id];
+                    self.can_run(w, model)
+                        .then(|| (self.start_here_ms(w, model, now), id.clone()))
+                })
+                .min();
+            if let Some((_, worker)) = best {
+                effects.push(self.assign(&worker, job, CacheTier::Download, now));
+            }
+        }
+        effects
     }
 
     /// Puts a job back into the queue as it was (used by `submit` and by a
@@ -244,27 +303,105 @@ impl Scheduler {
             worker: None,
             started_ms: None,
             seq,
+            tier: None,
         };
         self.enqueue(&entry);
         self.jobs.insert(id, entry);
     }
 
     fn enqueue(&mut self, job: &JobEntry) {
-        self.queues
-            .entry(job.spec.model_id.clone())
-            .or_default()
-            .insert((job.key(), job.id.clone()));
+        let model = &job.spec.model_id;
+        let q = self.queues.entry(model.clone()).or_default();
+        let old = q.first().map(|(k, _)| k.1);
+        q.insert((job.key(), job.id.clone()));
+        let new = q.first().map(|(k, _)| k.1);
+        self.move_head(model, old, new);
         self.by_age.insert((job.seq, job.id.clone()));
     }
 
     fn dequeue(&mut self, job: &JobEntry) {
-        if let Some(q) = self.queues.get_mut(&job.spec.model_id) {
+        let model = &job.spec.model_id;
+        if let Some(q) = self.queues.get_mut(model) {
+            let old = q.first().map(|(k, _)| k.1);
             q.remove(&(job.key(), job.id.clone()));
+            let new = q.first().map(|(k, _)| k.1);
             if q.is_empty() {
-                self.queues.remove(&job.spec.model_id);
+                self.queues.remove(model);
             }
+            self.move_head(model, old, new);
         }
         self.by_age.remove(&(job.seq, job.id.clone()));
+    }
+
+    fn move_head(&mut self, model: &ModelId, old: Option<u64>, new: Option<u64>) {
+        if old == new {
+            return;
+        }
+        if let Some(o) = old {
+            self.heads.remove(&(o, model.clone()));
+        }
+        if let Some(n) = new {
+            self.heads.insert((n, model.clone()));
+        }
+    }
+
+    /// Keeps the free-worker index in step with one worker's state.
+    fn refresh_free(&mut self, id: &WorkerId) {
+        match self.workers.get(id) {
+            Some(w) if !w.draining && w.free_slots() > 0 => {
+                self.free.insert(id.clone());
+            }
+            _ => {
+                self.free.remove(id);
+            }
+        }
+    }
+
+    /// Replaces a worker's report and keeps the holder index in step.
+    fn set_report(&mut self, id: &WorkerId, report: CacheReport) {
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
+        let old = w.held();
+        w.set_report(report);
+        let new = w.held();
+        for m in old.difference(&new) {
+            if let Some(h) = self.holders.get_mut(m) {
+                h.remove(id);
+                if h.is_empty() {
+                    self.holders.remove(m);
+                }
+            }
+        }
+        for m in new.difference(&old) {
+            self.holders
+                .entry(m.clone())
+                .or_default()
+                .insert(id.clone());
+        }
+    }
+
+    fn add_worker(&mut self, worker: WorkerEntry) {
+        let id = worker.hello.worker_id.clone();
+        for m in worker.held() {
+            self.holders.entry(m).or_default().insert(id.clone());
+        }
+        self.workers.insert(id.clone(), worker);
+        self.refresh_free(&id);
+    }
+
+    fn remove_worker(&mut self, id: &WorkerId) -> Option<WorkerEntry> {
+        let w = self.workers.remove(id)?;
+        for m in w.held() {
+            if let Some(h) = self.holders.get_mut(&m) {
+                h.remove(id);
+                if h.is_empty() {
+                    self.holders.remove(&m);
+                }
+            }
+        }
+        self.free.remove(id);
+        Some(w)
     }
 
     pub fn job(&self, id: &JobId) -> Option<&JobEntry> {
@@ -332,16 +469,31 @@ impl Scheduler {
         if let Some(w) = self.workers.get_mut(worker) {
             w.running.remove(job);
         }
+        self.refresh_free(worker);
+        let load = self
+            .cfg
+            .cost
+            .load_ms(self.model_bytes(&entry.spec.model_id));
         if let (Some(started), Some(model)) =
             (entry.started_ms, self.models.get_mut(&entry.spec.model_id))
         {
-            let took = now.saturating_sub(started) as f64;
-            model.service_ms = Some(match model.service_ms {
-                Some(s) => 0.8 * s + 0.2 * took,
-                None => took,
-            });
+            // Generation time only: a download's length says nothing about
+            // the model, and a load's is known.
+            let took = now.saturating_sub(started);
+            let took = match entry.tier {
+                Some(CacheTier::Vram) => Some(took),
+                Some(CacheTier::Disk | CacheTier::Preloaded) => Some(took.saturating_sub(load)),
+                _ => None,
+            };
+            if let Some(took) = took {
+                let took = took.max(1) as f64;
+                model.service_ms = Some(match model.service_ms {
+                    Some(s) => 0.8 * s + 0.2 * took,
+                    None => took,
+                });
+            }
         }
-        Ok(self.schedule(now))
+        Ok(self.schedule_among(vec![worker.clone()], now))
     }
 
     /// A worker reports that an attempt failed.
@@ -359,6 +511,7 @@ impl Scheduler {
         if let Some(w) = self.workers.get_mut(worker) {
             w.running.remove(job);
         }
+        self.refresh_free(worker);
         let mut effects = self.requeue_or_fail(job, reason, retryable, true);
         effects.extend(self.schedule(now));
         Ok(effects)
@@ -368,6 +521,7 @@ impl Scheduler {
         if let Some(w) = self.workers.get_mut(worker) {
             w.stopping.remove(job);
         }
+        self.refresh_free(worker);
     }
 
     /// Puts a job whose attempt ended back in the queue, or ends it failed.
@@ -397,6 +551,7 @@ impl Scheduler {
         }
         job.worker = None;
         job.started_ms = None;
+        job.tier = None;
         self.enqueue(&job);
         let next_attempt = job.attempt + 1;
         self.jobs.insert(id.clone(), job);
@@ -446,8 +601,8 @@ impl Scheduler {
                 });
             }
         }
-        self.workers.insert(id, worker);
-        effects.extend(self.schedule(now));
+        self.add_worker(worker);
+        effects.extend(self.schedule_among(vec![id], now));
         effects
     }
 
@@ -467,8 +622,9 @@ impl Scheduler {
         let still: BTreeSet<&JobId> = report.running_jobs.iter().map(|r| &r.job_id).collect();
         w.stopping.retain(|j| still.contains(j));
         w.draining |= report.draining;
-        w.set_report(report);
-        Ok(self.schedule(now))
+        self.set_report(worker, report);
+        self.refresh_free(worker);
+        Ok(self.schedule_among(vec![worker.clone()], now))
     }
 
     /// Marks a worker as seen (any message counts).
@@ -485,6 +641,7 @@ impl Scheduler {
             .get_mut(worker)
             .ok_or_else(|| Error::UnknownWorker(worker.clone()))?;
         w.draining = true;
+        self.refresh_free(worker);
         Ok(())
     }
 
@@ -497,9 +654,12 @@ impl Scheduler {
         graceful: bool,
         now: Millis,
     ) -> Vec<Effect> {
-        let Some(w) = self.workers.remove(worker) else {
+        let Some(w) = self.remove_worker(worker) else {
             return Vec::new();
         };
+        if !graceful {
+            self.repl.record_loss(now, &self.cfg);
+        }
         let mut effects = Vec::new();
         for (job, attempt) in w.running {
             if self.check_current(worker, &job, attempt).is_ok() {
@@ -575,27 +735,33 @@ impl Scheduler {
     // ---- matching --------------------------------------------------------
 
     /// Assigns queued jobs to workers with free slots until no worker can
-    /// start a job sooner than it would start elsewhere.
+    /// start a job sooner than it would start elsewhere. A full pass over
+    /// the free workers; operations on one worker match only that worker
+    /// and the coordinator's tick runs this to catch the rest.
     pub fn schedule(&mut self, now: Millis) -> Vec<Effect> {
-        let mut effects = Vec::new();
         if self.by_age.is_empty() {
-            return effects;
+            return Vec::new();
         }
-        let free: Vec<WorkerId> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| !w.draining && w.free_slots() > 0)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for worker in free {
-            while self.workers[&worker].free_slots() > 0 {
+        let free: Vec<WorkerId> = self.free.iter().cloned().collect();
+        self.schedule_among(free, now)
+    }
+
+    /// Matching restricted to `candidates`, in the order given.
+    fn schedule_among(&mut self, candidates: Vec<WorkerId>, now: Millis) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        for worker in candidates {
+            loop {
+                if self.by_age.is_empty() {
+                    return effects;
+                }
+                match self.workers.get(&worker) {
+                    Some(w) if !w.draining && w.free_slots() > 0 => {}
+                    _ => break,
+                }
                 let Some((job, tier)) = self.best_job_for(&worker, now) else {
                     break;
                 };
                 effects.push(self.assign(&worker, &job, tier, now));
-                if self.by_age.is_empty() {
-                    return effects;
-                }
             }
         }
         effects
@@ -607,11 +773,13 @@ impl Scheduler {
         entry.attempt += 1;
         entry.worker = Some(worker.clone());
         entry.started_ms = Some(now);
+        entry.tier = Some(tier);
         let attempt = entry.attempt;
         let queued_ms = now.saturating_sub(entry.submitted_ms);
         self.jobs.insert(job.clone(), entry);
         let w = self.workers.get_mut(worker).expect("worker exists");
         w.running.insert(job.clone(), attempt);
+        self.refresh_free(worker);
         Effect::Assign {
             worker: worker.clone(),
             job: job.clone(),
@@ -621,8 +789,11 @@ impl Scheduler {
         }
     }
 
-    /// The job `worker` should start now, if any: the one it can start
-    /// soonest, unless another worker would start it sooner still.
+    /// The job `worker` should start now, if any. Among the heads of the
+    /// model queues it could serve, those no other worker would start
+    /// sooner; of these, the one with the smallest start estimate net of
+    /// the time the job has already waited (so a job needing a load is not
+    /// starved by a stream of jobs for the model in VRAM).
     fn best_job_for(&self, worker: &WorkerId, now: Millis) -> Option<(JobId, CacheTier)> {
         let w = &self.workers[worker];
         // A starving job goes to the first capable worker.
@@ -635,36 +806,38 @@ impl Scheduler {
                 return Some((oldest.clone(), tier));
             }
         }
-        // (start estimate, priority, age) for the head of each queue.
-        let mut best: Option<((Millis, Reverse<i32>, u64), JobId, CacheTier)> = None;
+        // (start estimate net of age, priority, age) for the head of each queue.
+        type Key = (i64, Reverse<i32>, u64);
+        let mut best: Option<(Key, JobId, CacheTier)> = None;
         let mut consider = |est: Millis, job: &JobEntry, tier: CacheTier| {
-            let key = (est, Reverse(job.spec.priority), job.seq);
+            let age = now.saturating_sub(job.submitted_ms) as i64;
+            let key = (est as i64 - age, Reverse(job.spec.priority), job.seq);
             if best.as_ref().is_none_or(|(k, _, _)| key < *k) {
                 best = Some((key, job.id.clone(), tier));
             }
         };
-        // A worker takes a model's next job only if no other worker would
-        // start the model's backlog sooner (ties go to this free worker).
-        // Models this worker holds:
+        // Models this worker holds: it takes one unless another worker
+        // would start the model's backlog strictly sooner.
         for (model, queue) in self.held_queues(w) {
             let here = self.start_here_ms(w, model, now);
-            if here <= self.start_elsewhere_ms(worker, model, 0, now) {
+            if !self.sooner_elsewhere(worker, model, here, true, now) {
                 let head = &self.jobs[&queue.first().expect("queues are never empty").1];
                 consider(here, head, w.tier_of(model).expect("held"));
             }
         }
-        // Models it would have to fetch, oldest demand first.
-        let mut seen = BTreeSet::new();
-        for (_, id) in &self.by_age {
-            if seen.len() >= self.cfg.cold_scan_models {
+        // Models it would have to fetch, oldest demand first: only when no
+        // holder would start them as soon.
+        let mut scanned = 0;
+        for (_, model) in &self.heads {
+            if scanned >= self.cfg.cold_scan_models {
                 break;
             }
-            let model = &self.jobs[id].spec.model_id;
-            if w.tier_of(model).is_some() || !seen.insert(model) || !self.can_run(w, model) {
+            if w.tier_of(model).is_some() || !self.can_run(w, model) {
                 continue;
             }
+            scanned += 1;
             let here = self.start_here_ms(w, model, now);
-            if here < self.start_elsewhere_ms(worker, model, 0, now) {
+            if !self.sooner_elsewhere(worker, model, here, false, now) {
                 let head = &self.jobs[&self.queues[model].first().expect("non-empty").1];
                 consider(here, head, CacheTier::Download);
             }
@@ -678,19 +851,19 @@ impl Scheduler {
     ) -> impl Iterator<Item = (&'a ModelId, &'a BTreeSet<(QueueKey, JobId)>)> + 'a {
         w.vram
             .iter()
-            .chain(w.disk.keys())
+            .chain(w.disk.keys().filter(|m| !w.vram.contains(*m)))
             .filter_map(|m| self.queues.get(m).map(|q| (m, q)))
     }
 
-    fn can_run(&self, w: &WorkerEntry, model: &ModelId) -> bool {
+    pub(super) fn can_run(&self, w: &WorkerEntry, model: &ModelId) -> bool {
         w.tier_of(model).is_some() || self.models.get(model).is_some_and(|m| w.can_hold(m.bytes))
     }
 
-    fn model_bytes(&self, model: &ModelId) -> u64 {
+    pub(super) fn model_bytes(&self, model: &ModelId) -> u64 {
         self.models.get(model).map_or(0, |m| m.bytes)
     }
 
-    fn service_ms(&self, model: &ModelId) -> Millis {
+    pub(super) fn service_ms(&self, model: &ModelId) -> Millis {
         self.models
             .get(model)
             .and_then(|m| m.service_ms)
@@ -699,16 +872,16 @@ impl Scheduler {
 
     /// Milliseconds until `w` could start a job for `model` if it had it
     /// next: time until a slot frees, plus fetching, plus loading.
-    fn start_here_ms(&self, w: &WorkerEntry, model: &ModelId, now: Millis) -> Millis {
+    pub(super) fn start_here_ms(&self, w: &WorkerEntry, model: &ModelId, now: Millis) -> Millis {
         let cost = &self.cfg.cost;
         let bytes = self.model_bytes(model);
         let wait = if w.free_slots() > 0 {
             0
         } else {
             w.running
-                .iter()
-                .map(|(job, _)| {
-                    let j = &self.jobs[job];
+                .keys()
+                .filter_map(|job| self.jobs.get(job))
+                .map(|j| {
                     let elapsed = now.saturating_sub(j.started_ms.unwrap_or(now));
                     let service = self.service_ms(&j.spec.model_id);
                     // An overdue job is expected to need half as long again,
@@ -737,8 +910,50 @@ impl Scheduler {
         wait + fetch + load
     }
 
-    /// The soonest any other worker holding `model` could start the job
-    /// `ahead` places into its queue (`Millis::MAX` when none holds it).
+    /// Whether a worker other than `except` holding (or fetching) `model`
+    /// could start the model's queued backlog sooner than `here`
+    /// (`strict`: strictly sooner; else no later). Looks at no more than
+    /// `holder_scan` holders, so a popular model costs a bounded time.
+    fn sooner_elsewhere(
+        &self,
+        except: &WorkerId,
+        model: &ModelId,
+        here: Millis,
+        strict: bool,
+        now: Millis,
+    ) -> bool {
+        if strict && here == 0 {
+            return false;
+        }
+        let Some(holders) = self.holders.get(model) else {
+            return false;
+        };
+        let others = holders.len() - usize::from(holders.contains(except));
+        if others == 0 {
+            return false;
+        }
+        let queued = self.queues.get(model).map_or(1, |q| q.len()).max(1);
+        let rounds = ((queued - 1) / others) as Millis;
+        let backlog = rounds * self.service_ms(model);
+        holders
+            .iter()
+            .filter(|id| *id != except)
+            .take(self.cfg.holder_scan)
+            .filter_map(|id| self.workers.get(id))
+            .filter(|w| !w.draining)
+            .any(|w| {
+                let there = self.start_here_ms(w, model, now) + backlog;
+                if strict {
+                    there < here
+                } else {
+                    there <= here
+                }
+            })
+    }
+
+    /// The soonest any worker other than `except` holding `model` could
+    /// start the job `ahead` places into its queue (`Millis::MAX` when
+    /// none holds it).
     fn start_elsewhere_ms(
         &self,
         except: &WorkerId,
@@ -747,14 +962,13 @@ impl Scheduler {
         now: Millis,
     ) -> Millis {
         let holders: Vec<&WorkerEntry> = self
-            .workers
-            .iter()
-            .filter(|(id, w)| {
-                *id != except
-                    && !w.draining
-                    && (w.tier_of(model).is_some() || w.is_downloading(model))
-            })
-            .map(|(_, w)| w)
+            .holders
+            .get(model)
+            .into_iter()
+            .flatten()
+            .filter(|id| *id != except)
+            .filter_map(|id| self.workers.get(id))
+            .filter(|w| !w.draining)
             .collect();
         if holders.is_empty() {
             return Millis::MAX;
