@@ -14,6 +14,7 @@ pub mod clock;
 pub mod error;
 pub mod pb;
 pub mod scheduler;
+pub mod sim;
 pub mod types;
 
 pub use error::{Error, Result};

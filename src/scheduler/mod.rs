@@ -31,7 +31,7 @@ pub struct SchedulerConfig {
     pub max_attempts: u32,
     /// A job waiting longer than this goes to any capable worker. Default: 60,000.
     pub starvation_ms: Millis,
-    /// How many queued models a free worker considers fetching per decision. Default: 64.
+    /// How many queued models a free worker considers fetching per decision. Default: 32.
     pub cold_scan_models: usize,
     /// How many other holders of a model a free worker compares itself
     /// with before taking the model's next job. Default: 64.
@@ -71,8 +71,8 @@ impl Default for SchedulerConfig {
             heartbeat_timeout_ms: 15_000,
             max_attempts: 3,
             starvation_ms: 60_000,
-            cold_scan_models: 64,
-            holder_scan: 64,
+            cold_scan_models: 32,
+            holder_scan: 32,
             cost: CostModel::default(),
             min_warm_replicas: 2,
             replica_headroom: 1.5,

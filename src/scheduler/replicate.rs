@@ -113,14 +113,19 @@ impl Scheduler {
             let extra = (base as f64 * loss_per_worker_s * refill_s * 3.0).round() as u32;
             let mut target = (base + extra).min(live.len() as u32);
             let holders = self.holders.get(model);
-            let preloaded = holders.map_or(0, |h| {
-                h.iter()
-                    .filter_map(|id| self.workers.get(id))
-                    .filter(|w| w.disk.get(model) == Some(&true))
-                    .count() as u32
-            });
             let held =
                 holders.map_or(0, |h| h.len() as u32) + pending.get(model).copied().unwrap_or(0);
+            // Copies in the image cost no cache; counting them is only
+            // worth it for models held widely (the image's are everywhere).
+            let preloaded = match holders {
+                Some(h) if h.len() as u32 >= target => h
+                    .iter()
+                    .take(target as usize)
+                    .filter_map(|id| self.workers.get(id))
+                    .filter(|w| w.disk.get(model) == Some(&true))
+                    .count() as u32,
+                _ => 0,
+            };
             // Copies beyond the image cost cache; stop adding when the
             // budget is spent.
             let copies = target.saturating_sub(preloaded);

@@ -13,6 +13,32 @@ use crate::types::{
 /// Order within a model's queue: higher priority first, then oldest.
 type QueueKey = (Reverse<i32>, u64);
 
+/// The two soonest holder starts of a model, for one matching pass.
+#[derive(Clone, Debug)]
+struct Soonest {
+    best: Millis,
+    best_id: Option<WorkerId>,
+    second: Millis,
+}
+
+/// What one matching pass remembers until its next assignment.
+#[derive(Default)]
+struct Memo {
+    /// Worth filling: the pass has several workers to match.
+    shared: bool,
+    soonest: BTreeMap<ModelId, Soonest>,
+    /// Queued models (oldest heads first) that some worker might do better
+    /// to fetch than to wait for a holder.
+    cold: Option<Vec<ModelId>>,
+}
+
+impl Memo {
+    fn clear(&mut self) {
+        self.soonest.clear();
+        self.cold = None;
+    }
+}
+
 /// A job that has not reached a terminal state.
 #[derive(Clone, Debug)]
 pub struct JobEntry {
@@ -257,13 +283,25 @@ impl Scheduler {
     /// Matching after a submit: the free workers holding the model first;
     /// when none holds it, the free worker that could fetch it soonest.
     fn schedule_submitted(&mut self, job: &JobId, model: &ModelId, now: Millis) -> Vec<Effect> {
-        let held: Vec<WorkerId> = self.holders.get(model).map_or_else(Vec::new, |h| {
-            h.iter()
-                .filter(|w| self.free.contains(*w))
-                .cloned()
-                .collect()
-        });
-        let mut effects = self.schedule_among(held, now);
+        // Free holders, soonest start first; stop once the job is placed.
+        let mut held: Vec<(Millis, WorkerId)> =
+            self.holders.get(model).map_or_else(Vec::new, |h| {
+                h.iter()
+                    .filter(|w| self.free.contains(*w))
+                    .filter_map(|id| {
+                        let w = self.workers.get(id)?;
+                        Some((self.start_here_ms(w, model, now), id.clone()))
+                    })
+                    .collect()
+            });
+        held.sort();
+        let mut effects = Vec::new();
+        for (_, worker) in held.into_iter().take(4) {
+            effects.extend(self.schedule_among(vec![worker], false, now));
+            if self.jobs.get(job).is_some_and(|j| j.worker.is_some()) {
+                return effects;
+            }
+        }
         let still_queued = self.jobs.get(job).is_some_and(|j| j.worker.is_none());
         if still_queued && self.holders.get(model).is_none_or(|h| h.is_empty()) {
             let best = self
@@ -362,6 +400,24 @@ impl Scheduler {
         let Some(w) = self.workers.get_mut(id) else {
             return;
         };
+        // Most heartbeats repeat the holdings: skip the index work.
+        let same = w.report.vram_models == report.vram_models
+            && w.report.disk_models == report.disk_models
+            && w.report.downloads.len() == report.downloads.len()
+            && w.report
+                .downloads
+                .iter()
+                .zip(&report.downloads)
+                .all(|(a, b)| a.model_id == b.model_id);
+        if same {
+            w.downloading = report
+                .downloads
+                .iter()
+                .map(|d| (d.model_id.clone(), (d.bytes_done, d.bytes_total)))
+                .collect();
+            w.report = report;
+            return;
+        }
         let old = w.held();
         w.set_report(report);
         let new = w.held();
@@ -493,7 +549,7 @@ impl Scheduler {
                 });
             }
         }
-        Ok(self.schedule_among(vec![worker.clone()], now))
+        Ok(self.schedule_among(vec![worker.clone()], false, now))
     }
 
     /// A worker reports that an attempt failed.
@@ -602,7 +658,7 @@ impl Scheduler {
             }
         }
         self.add_worker(worker);
-        effects.extend(self.schedule_among(vec![id], now));
+        effects.extend(self.schedule_among(vec![id], true, now));
         effects
     }
 
@@ -624,7 +680,7 @@ impl Scheduler {
         w.draining |= report.draining;
         self.set_report(worker, report);
         self.refresh_free(worker);
-        Ok(self.schedule_among(vec![worker.clone()], now))
+        Ok(self.schedule_among(vec![worker.clone()], false, now))
     }
 
     /// Marks a worker as seen (any message counts).
@@ -743,12 +799,24 @@ impl Scheduler {
             return Vec::new();
         }
         let free: Vec<WorkerId> = self.free.iter().cloned().collect();
-        self.schedule_among(free, now)
+        self.schedule_among(free, true, now)
     }
 
-    /// Matching restricted to `candidates`, in the order given.
-    fn schedule_among(&mut self, candidates: Vec<WorkerId>, now: Millis) -> Vec<Effect> {
+    /// Matching restricted to `candidates`, in the order given. `cold`:
+    /// also consider models they would have to fetch (the full pass and
+    /// new workers do; the frequent per-worker events leave that to the
+    /// next full pass, at most a tick away).
+    fn schedule_among(
+        &mut self,
+        candidates: Vec<WorkerId>,
+        cold: bool,
+        now: Millis,
+    ) -> Vec<Effect> {
         let mut effects = Vec::new();
+        let mut memo = Memo {
+            shared: candidates.len() > 1,
+            ..Memo::default()
+        };
         for worker in candidates {
             loop {
                 if self.by_age.is_empty() {
@@ -758,10 +826,11 @@ impl Scheduler {
                     Some(w) if !w.draining && w.free_slots() > 0 => {}
                     _ => break,
                 }
-                let Some((job, tier)) = self.best_job_for(&worker, now) else {
+                let Some((job, tier)) = self.best_job_for(&worker, cold, now, &mut memo) else {
                     break;
                 };
                 effects.push(self.assign(&worker, &job, tier, now));
+                memo.clear();
             }
         }
         effects
@@ -794,13 +863,24 @@ impl Scheduler {
     /// sooner; of these, the one with the smallest start estimate net of
     /// the time the job has already waited (so a job needing a load is not
     /// starved by a stream of jobs for the model in VRAM).
-    fn best_job_for(&self, worker: &WorkerId, now: Millis) -> Option<(JobId, CacheTier)> {
+    fn best_job_for(
+        &self,
+        worker: &WorkerId,
+        cold: bool,
+        now: Millis,
+        memo: &mut Memo,
+    ) -> Option<(JobId, CacheTier)> {
         let w = &self.workers[worker];
-        // A starving job goes to the first capable worker.
+        // A starving job goes to the first capable worker, unless a holder
+        // of its model is making progress (then the age term below gets it
+        // there; sending it to a cold worker under overload only adds
+        // downloads).
         if let Some((_, oldest)) = self.by_age.first() {
             let job = &self.jobs[oldest];
+            let model = &job.spec.model_id;
             if now.saturating_sub(job.submitted_ms) > self.cfg.starvation_ms
-                && self.can_run(w, &job.spec.model_id)
+                && self.can_run(w, model)
+                && (w.tier_of(model).is_some() || !self.healthy_holder(worker, model, now))
             {
                 let tier = w.tier_of(&job.spec.model_id).unwrap_or(CacheTier::Download);
                 return Some((oldest.clone(), tier));
@@ -820,24 +900,26 @@ impl Scheduler {
         // would start the model's backlog strictly sooner.
         for (model, queue) in self.held_queues(w) {
             let here = self.start_here_ms(w, model, now);
-            if !self.sooner_elsewhere(worker, model, here, true, now) {
+            if !self.sooner_elsewhere(memo, worker, model, here, true, now) {
                 let head = &self.jobs[&queue.first().expect("queues are never empty").1];
                 consider(here, head, w.tier_of(model).expect("held"));
             }
         }
         // Models it would have to fetch, oldest demand first: only when no
         // holder would start them as soon.
-        let mut scanned = 0;
-        for (_, model) in &self.heads {
-            if scanned >= self.cfg.cold_scan_models {
-                break;
-            }
+        if !cold {
+            return best.map(|(_, job, tier)| (job, tier));
+        }
+        if memo.cold.is_none() {
+            memo.cold = Some(self.cold_candidates(memo, now));
+        }
+        for model in memo.cold.clone().unwrap_or_default() {
+            let model = &model;
             if w.tier_of(model).is_some() || !self.can_run(w, model) {
                 continue;
             }
-            scanned += 1;
             let here = self.start_here_ms(w, model, now);
-            if !self.sooner_elsewhere(worker, model, here, false, now) {
+            if !self.sooner_elsewhere(memo, worker, model, here, false, now) {
                 let head = &self.jobs[&self.queues[model].first().expect("non-empty").1];
                 consider(here, head, CacheTier::Download);
             }
@@ -845,14 +927,48 @@ impl Scheduler {
         best.map(|(_, job, tier)| (job, tier))
     }
 
+    /// The first `cold_scan_models` queued models by head age, less those
+    /// a holder starts sooner than any worker could fetch and load them.
+    fn cold_candidates(&self, memo: &mut Memo, now: Millis) -> Vec<ModelId> {
+        let fastest = self
+            .free
+            .iter()
+            .filter_map(|id| self.workers.get(id))
+            .map(|w| w.report.download_bps)
+            .max()
+            .unwrap_or(0);
+        let nobody = WorkerId::default();
+        self.heads
+            .iter()
+            .take(self.cfg.cold_scan_models)
+            .map(|(_, m)| m)
+            .filter(|m| {
+                let bytes = self.model_bytes(m);
+                let best_cold =
+                    self.cfg.cost.download_ms(bytes, fastest) + self.cfg.cost.load_ms(bytes);
+                !self.sooner_elsewhere(memo, &nobody, m, best_cold, false, now)
+            })
+            .cloned()
+            .collect()
+    }
+
     fn held_queues<'a>(
         &'a self,
         w: &'a WorkerEntry,
     ) -> impl Iterator<Item = (&'a ModelId, &'a BTreeSet<(QueueKey, JobId)>)> + 'a {
-        w.vram
-            .iter()
-            .chain(w.disk.keys().filter(|m| !w.vram.contains(*m)))
-            .filter_map(|m| self.queues.get(m).map(|q| (m, q)))
+        // Walk whichever is shorter: the worker's models or the queues.
+        let by_worker = w.vram.len() + w.disk.len() <= self.queues.len();
+        let mine = by_worker.then(|| {
+            w.vram
+                .iter()
+                .chain(w.disk.keys().filter(|m| !w.vram.contains(*m)))
+                .filter_map(|m| self.queues.get(m).map(|q| (m, q)))
+        });
+        let queued =
+            (!by_worker).then(|| self.queues.iter().filter(|(m, _)| w.tier_of(m).is_some()));
+        mine.into_iter()
+            .flatten()
+            .chain(queued.into_iter().flatten())
     }
 
     pub(super) fn can_run(&self, w: &WorkerEntry, model: &ModelId) -> bool {
@@ -898,8 +1014,16 @@ impl Scheduler {
         let fetch = match w.tier_of(model) {
             Some(_) => 0,
             None => {
+                // One download at a time: others in progress come first.
+                let left: u64 = w
+                    .downloading
+                    .iter()
+                    .filter(|(m, _)| *m != model)
+                    .map(|(_, (done, total))| total.saturating_sub(*done))
+                    .sum();
                 let done = w.downloading.get(model).map_or(0, |d| d.0);
-                cost.download_ms(bytes.saturating_sub(done), w.report.download_bps)
+                let own = bytes.saturating_sub(done);
+                cost.download_ms(own + left, w.report.download_bps)
             }
         };
         let load = if w.vram.contains(model) {
@@ -913,9 +1037,11 @@ impl Scheduler {
     /// Whether a worker other than `except` holding (or fetching) `model`
     /// could start the model's queued backlog sooner than `here`
     /// (`strict`: strictly sooner; else no later). Looks at no more than
-    /// `holder_scan` holders, so a popular model costs a bounded time.
+    /// `holder_scan` holders, so a popular model costs a bounded time, and
+    /// remembers the answer per model for one matching pass.
     fn sooner_elsewhere(
         &self,
+        memo: &mut Memo,
         except: &WorkerId,
         model: &ModelId,
         here: Millis,
@@ -933,22 +1059,107 @@ impl Scheduler {
             return false;
         }
         let queued = self.queues.get(model).map_or(1, |q| q.len()).max(1);
-        let rounds = ((queued - 1) / others) as Millis;
-        let backlog = rounds * self.service_ms(model);
-        holders
-            .iter()
-            .filter(|id| *id != except)
-            .take(self.cfg.holder_scan)
-            .filter_map(|id| self.workers.get(id))
-            .filter(|w| !w.draining)
-            .any(|w| {
-                let there = self.start_here_ms(w, model, now) + backlog;
-                if strict {
-                    there < here
-                } else {
-                    there <= here
-                }
-            })
+        let backlog = ((queued - 1) / others) as Millis * self.service_ms(model);
+        if !memo.shared && !memo.soonest.contains_key(model) {
+            // One worker to match: stop at the first holder that wins.
+            return holders
+                .iter()
+                .filter(|id| *id != except)
+                .take(self.cfg.holder_scan)
+                .filter_map(|id| self.workers.get(id))
+                .filter(|w| !w.draining)
+                .any(|w| {
+                    let there = self.start_here_ms(w, model, now) + backlog;
+                    if strict {
+                        there < here
+                    } else {
+                        there <= here
+                    }
+                });
+        }
+        let s = memo
+            .soonest
+            .entry(model.clone())
+            .or_insert_with(|| self.soonest_holders(holders, now, model));
+        let start = if s.best_id.as_ref() == Some(except) {
+            s.second
+        } else {
+            s.best
+        };
+        if start == Millis::MAX {
+            return false;
+        }
+        let there = start + backlog;
+        if strict {
+            there < here
+        } else {
+            there <= here
+        }
+    }
+
+    /// The two soonest starts among (the first `holder_scan` of) a model's
+    /// holders.
+    fn soonest_holders(
+        &self,
+        holders: &BTreeSet<WorkerId>,
+        now: Millis,
+        model: &ModelId,
+    ) -> Soonest {
+        let mut s = Soonest {
+            best: Millis::MAX,
+            best_id: None,
+            second: Millis::MAX,
+        };
+        for id in holders.iter().take(self.cfg.holder_scan) {
+            let Some(w) = self.workers.get(id) else {
+                continue;
+            };
+            if w.draining {
+                continue;
+            }
+            let t = self.start_here_ms(w, model, now);
+            if t < s.best {
+                s.second = s.best;
+                s.best = t;
+                s.best_id = Some(id.clone());
+            } else if t < s.second {
+                s.second = t;
+            }
+        }
+        s
+    }
+
+    /// How long an attempt is expected to take on `w`, from assignment:
+    /// fetch and load by its tier, then generation.
+    fn expected_run_ms(&self, w: &WorkerEntry, j: &JobEntry) -> Millis {
+        let cost = &self.cfg.cost;
+        let bytes = self.model_bytes(&j.spec.model_id);
+        let setup = match j.tier {
+            Some(CacheTier::Vram) => 0,
+            Some(CacheTier::Disk | CacheTier::Preloaded) => cost.load_ms(bytes),
+            _ => cost.download_ms(bytes, w.report.download_bps) + cost.load_ms(bytes),
+        };
+        setup + self.service_ms(&j.spec.model_id)
+    }
+
+    /// Whether some other holder of `model` is free, fetching it, or
+    /// running a job that is not long overdue.
+    fn healthy_holder(&self, except: &WorkerId, model: &ModelId, now: Millis) -> bool {
+        self.holders.get(model).is_some_and(|h| {
+            h.iter()
+                .filter(|id| *id != except)
+                .take(self.cfg.holder_scan)
+                .filter_map(|id| self.workers.get(id))
+                .filter(|w| !w.draining)
+                .any(|w| {
+                    w.free_slots() > 0
+                        || w.is_downloading(model)
+                        || w.running.keys().filter_map(|j| self.jobs.get(j)).any(|j| {
+                            let elapsed = now.saturating_sub(j.started_ms.unwrap_or(now));
+                            elapsed <= 2 * self.expected_run_ms(w, j) + 10_000
+                        })
+                })
+        })
     }
 
     /// The soonest any worker other than `except` holding `model` could
