@@ -44,8 +44,8 @@ pub struct SchedulerConfig {
     /// Replica targets are the model's load (arrival rate x service time,
     /// in busy workers) times this. Default: 1.5.
     pub replica_headroom: f64,
-    /// Demand below this many jobs per hour is not recent: no replicas are
-    /// kept for it. Default: 0.5.
+    /// Demand below this many jobs per hour (slow rate) is not recent: no
+    /// replicas are kept for it. Default: 6 (one job per ten minutes).
     pub recent_demand_per_hour: f64,
     /// Time constants of the two decaying arrival rates per model; the
     /// larger rate counts (fast to rise, slow to forget). Default: 60,000
@@ -76,7 +76,7 @@ impl Default for SchedulerConfig {
             cost: CostModel::default(),
             min_warm_replicas: 2,
             replica_headroom: 1.5,
-            recent_demand_per_hour: 0.5,
+            recent_demand_per_hour: 6.0,
             demand_fast_ms: 60_000,
             demand_slow_ms: 900_000,
             replicate_interval_ms: 5_000,

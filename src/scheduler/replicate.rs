@@ -40,6 +40,11 @@ impl Demand {
         self.at_ms = self.at_ms.max(now);
     }
 
+    /// Arrivals per second at `now`, slow time constant.
+    pub(crate) fn slow_per_s(&self, now: Millis, cfg: &SchedulerConfig) -> f64 {
+        self.decayed(now, cfg).1
+    }
+
     /// Arrivals per second at `now`: the larger of the two rates.
     pub(crate) fn rate_per_s(&self, now: Millis, cfg: &SchedulerConfig) -> f64 {
         let (f, s) = self.decayed(now, cfg);
@@ -95,11 +100,13 @@ impl Scheduler {
         for (m, _) in self.repl.pending.values() {
             *pending.entry(m).or_default() += 1;
         }
+        // Recent demand is judged on the slow rate (sustained, not one
+        // stray request); the load uses the larger rate (fast to rise).
         let mut ranked: Vec<(f64, &ModelId)> = self
             .models
             .iter()
+            .filter(|(_, m)| m.demand.slow_per_s(now, cfg) * 3600.0 >= cfg.recent_demand_per_hour)
             .map(|(id, m)| (m.demand.rate_per_s(now, cfg), id))
-            .filter(|(r, _)| *r * 3600.0 >= cfg.recent_demand_per_hour)
             .collect();
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
         let mut out = Vec::with_capacity(ranked.len());

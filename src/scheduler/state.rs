@@ -78,6 +78,8 @@ pub struct WorkerEntry {
     vram: BTreeSet<ModelId>,
     pub(super) disk: BTreeMap<ModelId, bool>,
     downloading: BTreeMap<ModelId, (u64, u64)>,
+    /// Generation time here relative to the model's mean, learned.
+    speed: f64,
 }
 
 impl WorkerEntry {
@@ -92,6 +94,7 @@ impl WorkerEntry {
             vram: BTreeSet::new(),
             disk: BTreeMap::new(),
             downloading: BTreeMap::new(),
+            speed: 1.0,
         };
         let state = w.hello.state.clone();
         w.set_report(state);
@@ -290,7 +293,10 @@ impl Scheduler {
                     .filter(|w| self.free.contains(*w))
                     .filter_map(|id| {
                         let w = self.workers.get(id)?;
-                        Some((self.start_here_ms(w, model, now), id.clone()))
+                        Some((
+                            self.start_here_ms(w, model, now) + self.generate_ms(w, model),
+                            id.clone(),
+                        ))
                     })
                     .collect()
             });
@@ -543,6 +549,9 @@ impl Scheduler {
             };
             if let Some(took) = took {
                 let took = took.max(1) as f64;
+                if let (Some(s), Some(w)) = (model.service_ms, self.workers.get_mut(worker)) {
+                    w.speed = (0.8 * w.speed + 0.2 * took / s.max(1.0)).clamp(0.1, 10.0);
+                }
                 model.service_ms = Some(match model.service_ms {
                     Some(s) => 0.8 * s + 0.2 * took,
                     None => took,
@@ -984,6 +993,11 @@ impl Scheduler {
             .get(model)
             .and_then(|m| m.service_ms)
             .map_or(self.cfg.cost.default_service_ms, |s| s as Millis)
+    }
+
+    /// Expected generation time of `model` on `w` (its learned speed).
+    fn generate_ms(&self, w: &WorkerEntry, model: &ModelId) -> Millis {
+        (self.service_ms(model) as f64 * w.speed) as Millis
     }
 
     /// Milliseconds until `w` could start a job for `model` if it had it

@@ -282,6 +282,7 @@ impl<'w> Sim<'w> {
                 min_warm_replicas: p.corral_min_replicas,
                 starvation_ms: (p.corral_starvation_s * 1e3) as u64,
                 recent_demand_per_hour: p.corral_recent_per_h,
+                replica_disk_share: p.corral_disk_share,
                 replica_headroom: p.corral_headroom,
                 cost: CostModel {
                     load_base_ms: (p.load_base_s * 1e3) as u64,

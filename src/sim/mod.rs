@@ -53,7 +53,10 @@ pub struct SimArgs {
     /// Simulated hours per run.
     #[arg(long)]
     pub hours: Option<f64>,
-    /// Bisection steps for SLO-goodput (0: skip).
+    /// Rates probed for SLO-goodput, a geometric grid (0: no goodput).
+    #[arg(long)]
+    pub goodput_grid: Option<usize>,
+    /// Bisection steps refining goodput after the grid.
     #[arg(long)]
     pub bisect_steps: Option<u32>,
     /// Zipf exponent of popularity.
@@ -75,6 +78,7 @@ impl Default for SimArgs {
             plots_dir: None,
             rate: None,
             hours: None,
+            goodput_grid: None,
             bisect_steps: None,
             zipf: None,
             threads: None,
@@ -109,7 +113,11 @@ fn p95_of(r: &RunResult) -> f64 {
     percentile(&r.latencies_s, 0.95)
 }
 
-/// SLO-goodput by geometric bisection on the arrival rate.
+/// SLO-goodput: the highest arrival rate with p95 <= SLO. p95 is not
+/// monotonic in the rate at the low end (a light load leaves caches cold,
+/// and every miss waits for a download), so a geometric grid from
+/// `bisect_hi` down finds the highest passing grid rate, then bisection
+/// refines between it and the grid rate above.
 pub fn goodput(p: &SimParams, policy: PolicyKind, seed: u64) -> Result<(f64, Vec<(f64, f64)>)> {
     let mut probes = Vec::new();
     let ok = |rate: f64, probes: &mut Vec<(f64, f64)>| -> Result<bool> {
@@ -118,19 +126,30 @@ pub fn goodput(p: &SimParams, policy: PolicyKind, seed: u64) -> Result<(f64, Vec
         probes.push((rate, p95));
         Ok(p95 <= p.slo_p95_s)
     };
-    let (mut lo, mut hi) = (p.bisect_lo, p.bisect_hi);
-    if !ok(lo, &mut probes)? {
+    let n = p.goodput_grid.max(2);
+    let grid: Vec<f64> = (0..n)
+        .map(|i| p.bisect_lo * (p.bisect_hi / p.bisect_lo).powf(i as f64 / (n - 1) as f64))
+        .collect();
+    let mut found = None;
+    for i in (0..n).rev() {
+        if ok(grid[i], &mut probes)? {
+            found = Some(i);
+            break;
+        }
+    }
+    let Some(i) = found else {
+        probes.sort_by(|a, b| a.0.total_cmp(&b.0));
         return Ok((0.0, probes));
-    }
-    if ok(hi, &mut probes)? {
-        return Ok((hi, probes));
-    }
-    for _ in 0..p.bisect_steps {
-        let mid = (lo * hi).sqrt();
-        if ok(mid, &mut probes)? {
-            lo = mid;
-        } else {
-            hi = mid;
+    };
+    let (mut lo, mut hi) = (grid[i], grid.get(i + 1).copied().unwrap_or(grid[i]));
+    if hi > lo {
+        for _ in 0..p.bisect_steps {
+            let mid = (lo * hi).sqrt();
+            if ok(mid, &mut probes)? {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
         }
     }
     probes.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -161,7 +180,7 @@ pub fn experiment(
                     break;
                 };
                 let out = (|| {
-                    let (goodput, probes) = if p.bisect_steps > 0 {
+                    let (goodput, probes) = if p.goodput_grid > 0 {
                         let (g, pr) = goodput(p, policy, seed)?;
                         (Some(g), pr)
                     } else {
@@ -208,6 +227,9 @@ pub fn params_for(args: &SimArgs) -> Result<SimParams> {
     }
     if let Some(b) = args.bisect_steps {
         p.bisect_steps = b;
+    }
+    if let Some(g) = args.goodput_grid {
+        p.goodput_grid = g;
     }
     if let Some(z) = args.zipf {
         p.zipf_s = z;

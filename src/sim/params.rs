@@ -102,8 +102,11 @@ pub struct SimParams {
     pub slo_p95_s: f64,
     pub bisect_lo: f64,
     pub bisect_hi: f64,
-    /// 0: no bisection (goodput not reported).
+    /// Bisection steps after the grid; 0: no goodput search at all.
     pub bisect_steps: u32,
+    /// Geometric grid of rates from bisect_lo to bisect_hi, probed from
+    /// the top down (0: goodput not searched).
+    pub goodput_grid: usize,
     /// A run with more than this many seconds of arrivals outstanding
     /// stops early as overloaded (0: never).
     pub abort_backlog_s: f64,
@@ -119,6 +122,8 @@ pub struct SimParams {
     pub corral_starvation_s: f64,
     /// The scheduler's `recent_demand_per_hour`.
     pub corral_recent_per_h: f64,
+    /// The scheduler's `replica_disk_share`.
+    pub corral_disk_share: f64,
 }
 
 impl Default for SimParams {
@@ -183,7 +188,8 @@ impl Default for SimParams {
             slo_p95_s: 60.0,
             bisect_lo: 2.0,
             bisect_hi: 32.0,
-            bisect_steps: 4,
+            bisect_steps: 2,
+            goodput_grid: 5,
             abort_backlog_s: 300.0,
             b3_reselect: false,
             b4_vram_models: 3,
@@ -193,7 +199,8 @@ impl Default for SimParams {
             corral_headroom: 1.5,
             corral_replicate: true,
             corral_starvation_s: 60.0,
-            corral_recent_per_h: 0.5,
+            corral_recent_per_h: 6.0,
+            corral_disk_share: 0.8,
         }
     }
 }
@@ -212,7 +219,7 @@ impl SimParams {
                 name: "s2".into(),
                 rate: S2_S3_RATE,
                 length_h: 2.0,
-                bisect_steps: 0,
+                goodput_grid: 0,
                 shift: Some(Shift {
                     at_min: 60.0,
                     cold_models: 20,
@@ -225,7 +232,7 @@ impl SimParams {
                 name: "s3".into(),
                 rate: S2_S3_RATE,
                 length_h: 2.0,
-                bisect_steps: 0,
+                goodput_grid: 0,
                 hazard_per_h: 0.05,
                 zombie_share: 0.02,
                 storm: Some(Storm {
@@ -244,7 +251,7 @@ impl SimParams {
                 rate: 5.0,
                 ramp_min: 10.0,
                 length_h: 2.0,
-                bisect_steps: 0,
+                goodput_grid: 0,
                 ..s1
             },
             other => {

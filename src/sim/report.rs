@@ -404,7 +404,7 @@ pub fn write_plots(exp: &Experiment, dir: &Path) -> Result<()> {
         ),
     ));
     // Goodput: p95 against arrival rate.
-    if exp.params.bisect_steps > 0 {
+    if exp.params.goodput_grid > 0 {
         let series: Vec<Series> = exp
             .outcomes
             .iter()

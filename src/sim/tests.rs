@@ -8,7 +8,7 @@ fn small(name: &str) -> SimParams {
     p.length_h = 0.5;
     p.warmup_min = 5.0;
     p.drain_min = 5.0;
-    p.bisect_steps = 0;
+    p.goodput_grid = 0;
     if p.loras > 0 {
         p.loras = 50;
     }
@@ -60,6 +60,7 @@ fn corral_serves_a_light_load_without_loss() {
 #[test]
 fn table_json_and_csv_render() {
     let mut p = small("s1");
+    p.goodput_grid = 2;
     p.bisect_steps = 1;
     p.bisect_lo = 0.5;
     p.bisect_hi = 2.0;
