@@ -895,45 +895,51 @@ impl Scheduler {
                 return Some((oldest.clone(), tier));
             }
         }
-        // (start estimate net of age, priority, age) for the head of each queue.
+        // Candidates: the head of each queue this worker could serve, keyed
+        // by (start estimate net of age, priority, age); the age term keeps
+        // a job needing a load from being starved by a stream of jobs for
+        // the model in VRAM. The best whose model no other worker would
+        // start sooner wins; the (costlier) check runs best-first.
         type Key = (i64, Reverse<i32>, u64);
-        let mut best: Option<(Key, JobId, CacheTier)> = None;
-        let mut consider = |est: Millis, job: &JobEntry, tier: CacheTier| {
+        let key = |est: Millis, job: &JobEntry| -> Key {
             let age = now.saturating_sub(job.submitted_ms) as i64;
-            let key = (est as i64 - age, Reverse(job.spec.priority), job.seq);
-            if best.as_ref().is_none_or(|(k, _, _)| key < *k) {
-                best = Some((key, job.id.clone(), tier));
-            }
+            (est as i64 - age, Reverse(job.spec.priority), job.seq)
         };
-        // Models this worker holds: it takes one unless another worker
-        // would start the model's backlog strictly sooner.
+        let mut cands: Vec<(Key, &ModelId, Millis, CacheTier, bool)> = Vec::new();
+        // Models this worker holds: taken unless another worker would start
+        // the model's backlog strictly sooner.
         for (model, queue) in self.held_queues(w) {
             let here = self.start_here_ms(w, model, now);
-            if !self.sooner_elsewhere(memo, worker, model, here, true, now) {
-                let head = &self.jobs[&queue.first().expect("queues are never empty").1];
-                consider(here, head, w.tier_of(model).expect("held"));
-            }
+            let head = &self.jobs[&queue.first().expect("queues are never empty").1];
+            let tier = w.tier_of(model).expect("held");
+            cands.push((key(here, head), model, here, tier, true));
         }
         // Models it would have to fetch, oldest demand first: only when no
         // holder would start them as soon.
-        if !cold {
-            return best.map(|(_, job, tier)| (job, tier));
-        }
-        if memo.cold.is_none() {
-            memo.cold = Some(self.cold_candidates(memo, now));
-        }
-        for model in memo.cold.clone().unwrap_or_default() {
-            let model = &model;
+        let cold_models = if cold {
+            if memo.cold.is_none() {
+                memo.cold = Some(self.cold_candidates(memo, now));
+            }
+            memo.cold.clone().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        for model in &cold_models {
             if w.tier_of(model).is_some() || !self.can_run(w, model) {
                 continue;
             }
             let here = self.start_here_ms(w, model, now);
-            if !self.sooner_elsewhere(memo, worker, model, here, false, now) {
-                let head = &self.jobs[&self.queues[model].first().expect("non-empty").1];
-                consider(here, head, CacheTier::Download);
+            let head = &self.jobs[&self.queues[model].first().expect("non-empty").1];
+            cands.push((key(here, head), model, here, CacheTier::Download, false));
+        }
+        cands.sort_by_key(|a| a.0);
+        for (_, model, here, tier, held) in cands {
+            if !self.sooner_elsewhere(memo, worker, model, here, held, now) {
+                let head = &self.queues[model].first().expect("non-empty").1;
+                return Some((head.clone(), tier));
             }
         }
-        best.map(|(_, job, tier)| (job, tier))
+        None
     }
 
     /// The first `cold_scan_models` queued models by head age, less those

@@ -1100,9 +1100,7 @@ impl<'w> Sim<'w> {
                     return Ok(());
                 }
                 self.completed(n, run);
-                if !self.kind.pushes() && self.kind != PolicyKind::Corral {
-                    self.node_free(n);
-                } else if self.kind.pushes() {
+                if self.kind != PolicyKind::Corral {
                     self.node_free(n);
                 }
             }

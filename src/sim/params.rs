@@ -207,7 +207,7 @@ impl Default for SimParams {
 
 /// The reference arrival rate for S2 and S3: 0.7 x B7's S1 goodput, as
 /// measured with `--scenario s1` (see docs/sim.md).
-pub const S2_S3_RATE: f64 = 10.0;
+pub const S2_S3_RATE: f64 = 7.9;
 
 impl SimParams {
     /// The named scenario (s1 to s4).
@@ -248,7 +248,7 @@ impl SimParams {
                 zipf_s: 0.8,
                 loras: 5000,
                 nodes: 100,
-                rate: 5.0,
+                rate: 0.5,
                 ramp_min: 10.0,
                 length_h: 2.0,
                 goodput_grid: 0,

@@ -72,6 +72,10 @@ fn recovery_min(r: &RunResult, at_min: f64) -> f64 {
         return f64::NAN;
     }
     let pre = pre.iter().sum::<f64>() / pre.len() as f64;
+    if !pre.is_finite() {
+        // Overloaded before the shift: no level to return to.
+        return f64::NAN;
+    }
     let thr = (1.25 * pre).max(pre + 2.0);
     let after: Vec<&(u32, f64)> = r.p95_by_minute.iter().filter(|(m, _)| *m >= at).collect();
     for i in 0..after.len() {
@@ -446,7 +450,7 @@ pub fn write_plots(exp: &Experiment, dir: &Path) -> Result<()> {
                 .reference
                 .p95_by_minute
                 .iter()
-                .map(|(m, v)| (f64::from(*m), v.min(1e4).max(0.5)))
+                .map(|(m, v)| (f64::from(*m), v.clamp(0.5, 1e4)))
                 .collect(),
         })
         .collect();
