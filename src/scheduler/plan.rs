@@ -1,8 +1,10 @@
 //! Image planning: which models to bake into the worker image.
 //!
 //! A 0/1 knapsack: maximise the expected share of jobs whose model is in
-//! the image, under the image's byte budget. Sizes are rounded up to a
-//! grid of 1/4096 of the budget, so a plan never exceeds the budget.
+//! the image, under the image's byte budget. Dynamic programming over a
+//! grid of 1/8192 of the budget (sizes rounded to the nearest step); if
+//! rounding lets the exact sizes overflow, the items with the least demand
+//! per byte leave until the plan fits, so a plan never exceeds the budget.
 
 use std::fmt::Write;
 
@@ -36,9 +38,9 @@ pub fn plan_image(candidates: &[ImageCandidate], budget_bytes: u64) -> ImagePlan
         .filter(|c| c.demand > 0.0 && c.bytes <= budget_bytes)
         .collect();
     items.sort_by(|a, b| a.model.cmp(&b.model));
-    let unit = (budget_bytes / 4096).max(1);
+    let unit = (budget_bytes / 8192).max(1);
     let cap = (budget_bytes / unit) as usize;
-    let weight = |c: &ImageCandidate| c.bytes.div_ceil(unit) as usize;
+    let weight = |c: &ImageCandidate| ((c.bytes + unit / 2) / unit).max(1) as usize;
     let mut best = vec![0.0f64; cap + 1];
     let mut take = vec![false; items.len() * (cap + 1)];
     for (i, c) in items.iter().enumerate() {
