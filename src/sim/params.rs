@@ -111,7 +111,6 @@ pub struct SimParams {
     /// stops early as overloaded (0: never).
     pub abort_backlog_s: f64,
     // ---- baselines and Corral tunables
-    pub b3_reselect: bool,
     pub b4_vram_models: usize,
     pub b6_k: usize,
     pub b6_cap: f64,
@@ -191,7 +190,6 @@ impl Default for SimParams {
             bisect_steps: 2,
             goodput_grid: 5,
             abort_backlog_s: 300.0,
-            b3_reselect: false,
             b4_vram_models: 3,
             b6_k: 4,
             b6_cap: 1.25,
