@@ -80,6 +80,8 @@ pub struct WorkerEntry {
     downloading: BTreeMap<ModelId, (u64, u64)>,
     /// Generation time here relative to the model's mean, learned.
     speed: f64,
+    /// When the soonest running attempt is expected to end.
+    free_at_ms: Millis,
 }
 
 impl WorkerEntry {
@@ -95,6 +97,7 @@ impl WorkerEntry {
             disk: BTreeMap::new(),
             downloading: BTreeMap::new(),
             speed: 1.0,
+            free_at_ms: 0,
         };
         let state = w.hello.state.clone();
         w.set_report(state);
@@ -391,6 +394,19 @@ impl Scheduler {
 
     /// Keeps the free-worker index in step with one worker's state.
     fn refresh_free(&mut self, id: &WorkerId) {
+        // When the soonest running attempt is expected to end: kept here so
+        // that estimates need no per-job lookups.
+        let free_at = self.workers.get(id).map(|w| {
+            w.running
+                .keys()
+                .filter_map(|j| self.jobs.get(j))
+                .map(|j| j.started_ms.unwrap_or(0) + self.expected_run_ms(w, j))
+                .min()
+                .unwrap_or(0)
+        });
+        if let (Some(w), Some(at)) = (self.workers.get_mut(id), free_at) {
+            w.free_at_ms = at;
+        }
         match self.workers.get(id) {
             Some(w) if !w.draining && w.free_slots() > 0 => {
                 self.free.insert(id.clone());
@@ -1011,25 +1027,14 @@ impl Scheduler {
     pub(super) fn start_here_ms(&self, w: &WorkerEntry, model: &ModelId, now: Millis) -> Millis {
         let cost = &self.cfg.cost;
         let bytes = self.model_bytes(model);
-        let wait = if w.free_slots() > 0 {
+        let wait = if w.free_slots() > 0 || w.running.is_empty() {
             0
+        } else if w.free_at_ms > now {
+            w.free_at_ms - now
         } else {
-            w.running
-                .keys()
-                .filter_map(|job| self.jobs.get(job))
-                .map(|j| {
-                    let elapsed = now.saturating_sub(j.started_ms.unwrap_or(now));
-                    let service = self.service_ms(&j.spec.model_id);
-                    // An overdue job is expected to need half as long again,
-                    // so a slow worker never looks free.
-                    if elapsed < service {
-                        service - elapsed
-                    } else {
-                        service / 2
-                    }
-                })
-                .min()
-                .unwrap_or(0)
+            // Overdue: expected to need a while yet, so a slow worker never
+            // looks free.
+            self.cfg.cost.default_service_ms / 2
         };
         let fetch = match w.tier_of(model) {
             Some(_) => 0,

@@ -51,7 +51,8 @@ fn same_seed_same_results() {
 
 #[test]
 fn corral_serves_a_light_load_without_loss() {
-    let p = small("s1");
+    let mut p = small("s1");
+    p.rate = 0.2;
     let r = run_once(&p, PolicyKind::Corral, 1, p.rate).unwrap();
     assert_eq!(r.lost, 0);
     assert!(percentile(&r.latencies_s, 0.5) < 30.0);
