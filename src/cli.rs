@@ -50,11 +50,52 @@ pub enum Command {
     Workers(ClientArgs),
     /// Per model: queued jobs and the workers holding it.
     Status(ClientArgs),
+    /// Simulate the fleet: Corral's scheduler against the baselines.
+    Sim(crate::sim::SimArgs),
+    /// Which models to bake into the worker image under a byte budget.
+    PlanImage(PlanImageArgs),
     /// The main job end to end: a coordinator, two workers, jobs, images.
     Demo(crate::demo::DemoArgs),
     /// Per-stage timings of a Stable Diffusion pipeline (session creation,
     /// text encoder, UNet step, VAE).
     BenchPipeline(BenchPipelineArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PlanImageArgs {
+    #[command(flatten)]
+    pub plan: crate::sim::PlanImageArgs,
+    /// Use the demand a live coordinator observed (ClusterStatus) instead
+    /// of a CSV or a simulated scenario.
+    #[arg(long)]
+    pub from_coordinator: Option<String>,
+}
+
+pub async fn plan_image(a: PlanImageArgs) -> Result<()> {
+    let Some(url) = a.from_coordinator else {
+        println!("{}", crate::sim::plan_image_cli(&a.plan)?);
+        return Ok(());
+    };
+    let status = admin_client(&url)
+        .await?
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    let candidates: Vec<crate::scheduler::ImageCandidate> = status
+        .models
+        .into_iter()
+        .map(|m| crate::scheduler::ImageCandidate {
+            model: crate::types::ModelId(m.model_id),
+            bytes: m.bytes,
+            demand: m.demand_per_s,
+        })
+        .collect();
+    println!(
+        "{}",
+        crate::scheduler::plan_image(&candidates, a.plan.budget_bytes).table()
+    );
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -751,18 +792,20 @@ pub async fn status(client: ClientArgs) -> Result<()> {
         r.workers, r.queued_jobs, r.running_jobs
     );
     println!(
-        "{:<24} {:>7} {:>7} {:>5} {:>5} {:>5}",
-        "model", "queued", "running", "vram", "disk", "dl"
+        "{:<24} {:>7} {:>7} {:>5} {:>5} {:>5} {:>9} {:>7}",
+        "model", "queued", "running", "vram", "disk", "dl", "demand/s", "target"
     );
     for m in r.models {
         println!(
-            "{:<24} {:>7} {:>7} {:>5} {:>5} {:>5}",
+            "{:<24} {:>7} {:>7} {:>5} {:>5} {:>5} {:>9.3} {:>7}",
             m.model_id,
             m.queued_jobs,
             m.running_jobs,
             m.workers_vram,
             m.workers_disk,
-            m.workers_downloading
+            m.workers_downloading,
+            m.demand_per_s,
+            m.replica_target
         );
     }
     Ok(())

@@ -22,6 +22,7 @@ pub mod manifest;
 pub mod pb;
 pub mod pipeline;
 pub mod scheduler;
+pub mod sim;
 pub mod types;
 pub mod worker;
 

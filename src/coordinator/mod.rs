@@ -96,11 +96,14 @@ impl Coordinator {
         Ok(out)
     }
 
-    /// Expires silent workers and retries matching (estimates move with time).
+    /// Expires silent workers, retries matching (estimates move with time) and
+    /// plans replication.
     pub fn tick(&self) {
         let _ = self.with_sched(|s, now| {
             let mut e = s.expire_workers(now);
             e.extend(s.schedule(now));
+            // Keep models in demand warm on enough workers.
+            e.extend(s.replicate(now));
             Ok(((), e))
         });
     }
@@ -575,17 +578,30 @@ impl Coordinator {
     }
 
     pub fn cluster_status(&self) -> pb::ClusterStatusResponse {
+        let now = self.now_ms();
         let s = self.sched();
+        let targets: std::collections::BTreeMap<ModelId, (f64, u32)> = s
+            .replica_targets(now)
+            .into_iter()
+            .map(|t| (t.model, (t.rate_per_s, t.target)))
+            .collect();
         let models: Vec<pb::ModelStatus> = s
             .model_status()
             .into_iter()
-            .map(|m| pb::ModelStatus {
-                model_id: m.model.0,
-                queued_jobs: m.queued,
-                running_jobs: m.running,
-                workers_vram: m.workers_vram,
-                workers_disk: m.workers_disk,
-                workers_downloading: m.workers_downloading,
+            .map(|m| {
+                let (demand, target) = targets.get(&m.model).copied().unwrap_or_default();
+                let bytes = self.models.get(&m.model).map_or(0, |e| e.total_bytes());
+                pb::ModelStatus {
+                    model_id: m.model.0,
+                    queued_jobs: m.queued,
+                    running_jobs: m.running,
+                    workers_vram: m.workers_vram,
+                    workers_disk: m.workers_disk,
+                    workers_downloading: m.workers_downloading,
+                    demand_per_s: demand,
+                    replica_target: target,
+                    bytes,
+                }
             })
             .collect();
         pb::ClusterStatusResponse {

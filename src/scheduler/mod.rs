@@ -11,9 +11,13 @@
 //! given sequence of operations.
 
 mod estimate;
+mod plan;
+mod replicate;
 mod state;
 
 pub use estimate::CostModel;
+pub use plan::{plan_image, ImageCandidate, ImagePlan};
+pub use replicate::ReplicaTarget;
 pub use state::{JobEntry, ModelStatus, Scheduler, WorkerEntry};
 
 use crate::types::{CacheTier, JobId, Millis, ModelId, WorkerId};
@@ -27,10 +31,38 @@ pub struct SchedulerConfig {
     pub max_attempts: u32,
     /// A job waiting longer than this goes to any capable worker. Default: 60,000.
     pub starvation_ms: Millis,
-    /// How many queued models a free worker considers fetching per decision. Default: 64.
+    /// How many queued models a free worker considers fetching per decision. Default: 32.
     pub cold_scan_models: usize,
+    /// How many other holders of a model a free worker compares itself
+    /// with before taking the model's next job. Default: 64.
+    pub holder_scan: usize,
     /// Estimates of download, load and generation time.
     pub cost: CostModel,
+    /// Fewest workers that keep a copy of a model with recent demand
+    /// (`replicate`). Default: 2.
+    pub min_warm_replicas: u32,
+    /// Replica targets are the model's load (arrival rate x service time,
+    /// in busy workers) times this. Default: 1.5.
+    pub replica_headroom: f64,
+    /// Demand below this many jobs per hour (slow rate) is not recent: no
+    /// replicas are kept for it. Default: 6 (one job per ten minutes).
+    pub recent_demand_per_hour: f64,
+    /// Time constants of the two decaying arrival rates per model; the
+    /// larger rate counts (fast to rise, slow to forget). Default: 60,000
+    /// and 900,000.
+    pub demand_fast_ms: Millis,
+    pub demand_slow_ms: Millis,
+    /// How often `replicate` plans; calls in between return nothing.
+    /// Default: 5,000.
+    pub replicate_interval_ms: Millis,
+    /// Share of the live workers' cache budgets that replica targets may
+    /// fill; the rest is left to the workers' own LRU. Default: 0.8.
+    pub replica_disk_share: f64,
+    /// Most prefetches issued per `replicate` round. Default: 256.
+    pub max_prefetch_per_round: usize,
+    /// A prefetch not yet seen in a worker's report counts as a copy for
+    /// this long, then is forgotten. Default: 120,000.
+    pub prefetch_pending_ms: Millis,
 }
 
 impl Default for SchedulerConfig {
@@ -39,8 +71,18 @@ impl Default for SchedulerConfig {
             heartbeat_timeout_ms: 15_000,
             max_attempts: 3,
             starvation_ms: 60_000,
-            cold_scan_models: 64,
+            cold_scan_models: 32,
+            holder_scan: 32,
             cost: CostModel::default(),
+            min_warm_replicas: 2,
+            replica_headroom: 1.5,
+            recent_demand_per_hour: 6.0,
+            demand_fast_ms: 60_000,
+            demand_slow_ms: 900_000,
+            replicate_interval_ms: 5_000,
+            replica_disk_share: 0.8,
+            max_prefetch_per_round: 256,
+            prefetch_pending_ms: 120_000,
         }
     }
 }

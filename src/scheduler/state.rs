@@ -13,6 +13,32 @@ use crate::types::{
 /// Order within a model's queue: higher priority first, then oldest.
 type QueueKey = (Reverse<i32>, u64);
 
+/// The two soonest holder starts of a model, for one matching pass.
+#[derive(Clone, Debug)]
+struct Soonest {
+    best: Millis,
+    best_id: Option<WorkerId>,
+    second: Millis,
+}
+
+/// What one matching pass remembers until its next assignment.
+#[derive(Default)]
+struct Memo {
+    /// Worth filling: the pass has several workers to match.
+    shared: bool,
+    soonest: BTreeMap<ModelId, Soonest>,
+    /// Queued models (oldest heads first) that some worker might do better
+    /// to fetch than to wait for a holder.
+    cold: Option<Vec<ModelId>>,
+}
+
+impl Memo {
+    fn clear(&mut self) {
+        self.soonest.clear();
+        self.cold = None;
+    }
+}
+
 /// A job that has not reached a terminal state.
 #[derive(Clone, Debug)]
 pub struct JobEntry {
@@ -27,6 +53,8 @@ pub struct JobEntry {
     pub worker: Option<WorkerId>,
     pub started_ms: Option<Millis>,
     seq: u64,
+    /// Where the current attempt found its model, as assigned.
+    tier: Option<CacheTier>,
 }
 
 impl JobEntry {
@@ -48,8 +76,12 @@ pub struct WorkerEntry {
     /// still occupy a slot.
     pub stopping: BTreeSet<JobId>,
     vram: BTreeSet<ModelId>,
-    disk: BTreeMap<ModelId, bool>,
+    pub(super) disk: BTreeMap<ModelId, bool>,
     downloading: BTreeMap<ModelId, (u64, u64)>,
+    /// Generation time here relative to the model's mean, learned.
+    speed: f64,
+    /// When the soonest running attempt is expected to end.
+    free_at_ms: Millis,
 }
 
 impl WorkerEntry {
@@ -64,6 +96,8 @@ impl WorkerEntry {
             vram: BTreeSet::new(),
             disk: BTreeMap::new(),
             downloading: BTreeMap::new(),
+            speed: 1.0,
+            free_at_ms: 0,
         };
         let state = w.hello.state.clone();
         w.set_report(state);
@@ -103,11 +137,21 @@ impl WorkerEntry {
         }
     }
 
+    /// Every model this worker holds or is fetching.
+    fn held(&self) -> BTreeSet<ModelId> {
+        self.vram
+            .iter()
+            .chain(self.disk.keys())
+            .chain(self.downloading.keys())
+            .cloned()
+            .collect()
+    }
+
     pub fn is_downloading(&self, model: &ModelId) -> bool {
         self.downloading.contains_key(model)
     }
 
-    fn can_hold(&self, bytes: u64) -> bool {
+    pub(super) fn can_hold(&self, bytes: u64) -> bool {
         self.hello.cache_max_bytes >= bytes
     }
 }
@@ -124,24 +168,34 @@ pub struct ModelStatus {
 }
 
 #[derive(Clone, Debug)]
-struct ModelEntry {
-    bytes: u64,
+pub(super) struct ModelEntry {
+    pub(super) bytes: u64,
     /// Mean generation time observed, exponentially weighted.
-    service_ms: Option<f64>,
+    pub(super) service_ms: Option<f64>,
+    /// Recent arrivals (see `replicate.rs`).
+    pub(super) demand: super::replicate::Demand,
 }
 
 /// The scheduler. See the module docs.
 #[derive(Debug)]
 pub struct Scheduler {
-    cfg: SchedulerConfig,
-    models: BTreeMap<ModelId, ModelEntry>,
+    pub(super) cfg: SchedulerConfig,
+    pub(super) models: BTreeMap<ModelId, ModelEntry>,
     jobs: HashMap<JobId, JobEntry>,
     /// Queued jobs per model.
     queues: BTreeMap<ModelId, BTreeSet<(QueueKey, JobId)>>,
     /// All queued jobs, oldest first.
     by_age: BTreeSet<(u64, JobId)>,
-    workers: BTreeMap<WorkerId, WorkerEntry>,
+    pub(super) workers: BTreeMap<WorkerId, WorkerEntry>,
     next_seq: u64,
+    /// Index: workers holding each model (VRAM, disk or downloading).
+    pub(super) holders: BTreeMap<ModelId, BTreeSet<WorkerId>>,
+    /// Index: workers that take jobs now (not draining, a free slot).
+    free: BTreeSet<WorkerId>,
+    /// Index: each non-empty model queue by the sequence number of its head.
+    heads: BTreeSet<(u64, ModelId)>,
+    /// Replication bookkeeping (see `replicate.rs`).
+    pub(super) repl: super::replicate::ReplicaState,
 }
 
 impl Scheduler {
@@ -154,6 +208,10 @@ impl Scheduler {
             by_age: BTreeSet::new(),
             workers: BTreeMap::new(),
             next_seq: 0,
+            holders: BTreeMap::new(),
+            free: BTreeSet::new(),
+            heads: BTreeSet::new(),
+            repl: Default::default(),
         }
     }
 
@@ -167,6 +225,7 @@ impl Scheduler {
         let entry = self.models.entry(model).or_insert(ModelEntry {
             bytes,
             service_ms: None,
+            demand: Default::default(),
         });
         entry.bytes = bytes;
     }
@@ -219,8 +278,55 @@ impl Scheduler {
                 spec.model_id, model.bytes, largest
             )));
         }
-        self.restore_job(id, spec, now, 0, 0);
-        Ok(self.schedule(now))
+        let model_id = spec.model_id.clone();
+        if let Some(m) = self.models.get_mut(&model_id) {
+            m.demand.record(now, &self.cfg);
+        }
+        self.restore_job(id.clone(), spec, now, 0, 0);
+        Ok(self.schedule_submitted(&id, &model_id, now))
+    }
+
+    /// Matching after a submit: the free workers holding the model first;
+    /// when none holds it, the free worker that could fetch it soonest.
+    fn schedule_submitted(&mut self, job: &JobId, model: &ModelId, now: Millis) -> Vec<Effect> {
+        // Free holders, soonest start first; stop once the job is placed.
+        let mut held: Vec<(Millis, WorkerId)> =
+            self.holders.get(model).map_or_else(Vec::new, |h| {
+                h.iter()
+                    .filter(|w| self.free.contains(*w))
+                    .filter_map(|id| {
+                        let w = self.workers.get(id)?;
+                        Some((
+                            self.start_here_ms(w, model, now) + self.generate_ms(w, model),
+                            id.clone(),
+                        ))
+                    })
+                    .collect()
+            });
+        held.sort();
+        let mut effects = Vec::new();
+        for (_, worker) in held.into_iter().take(4) {
+            effects.extend(self.schedule_among(vec![worker], false, now));
+            if self.jobs.get(job).is_some_and(|j| j.worker.is_some()) {
+                return effects;
+            }
+        }
+        let still_queued = self.jobs.get(job).is_some_and(|j| j.worker.is_none());
+        if still_queued && self.holders.get(model).is_none_or(|h| h.is_empty()) {
+            let best = self
+                .free
+                .iter()
+                .filter_map(|id| {
+                    let w = &self.workers[id];
+                    self.can_run(w, model)
+                        .then(|| (self.start_here_ms(w, model, now), id.clone()))
+                })
+                .min();
+            if let Some((_, worker)) = best {
+                effects.push(self.assign(&worker, job, CacheTier::Download, now));
+            }
+        }
+        effects
     }
 
     /// Puts a job back into the queue as it was (used by `submit` and by a
@@ -244,27 +350,136 @@ impl Scheduler {
             worker: None,
             started_ms: None,
             seq,
+            tier: None,
         };
         self.enqueue(&entry);
         self.jobs.insert(id, entry);
     }
 
     fn enqueue(&mut self, job: &JobEntry) {
-        self.queues
-            .entry(job.spec.model_id.clone())
-            .or_default()
-            .insert((job.key(), job.id.clone()));
+        let model = &job.spec.model_id;
+        let q = self.queues.entry(model.clone()).or_default();
+        let old = q.first().map(|(k, _)| k.1);
+        q.insert((job.key(), job.id.clone()));
+        let new = q.first().map(|(k, _)| k.1);
+        self.move_head(model, old, new);
         self.by_age.insert((job.seq, job.id.clone()));
     }
 
     fn dequeue(&mut self, job: &JobEntry) {
-        if let Some(q) = self.queues.get_mut(&job.spec.model_id) {
+        let model = &job.spec.model_id;
+        if let Some(q) = self.queues.get_mut(model) {
+            let old = q.first().map(|(k, _)| k.1);
             q.remove(&(job.key(), job.id.clone()));
+            let new = q.first().map(|(k, _)| k.1);
             if q.is_empty() {
-                self.queues.remove(&job.spec.model_id);
+                self.queues.remove(model);
             }
+            self.move_head(model, old, new);
         }
         self.by_age.remove(&(job.seq, job.id.clone()));
+    }
+
+    fn move_head(&mut self, model: &ModelId, old: Option<u64>, new: Option<u64>) {
+        if old == new {
+            return;
+        }
+        if let Some(o) = old {
+            self.heads.remove(&(o, model.clone()));
+        }
+        if let Some(n) = new {
+            self.heads.insert((n, model.clone()));
+        }
+    }
+
+    /// Keeps the free-worker index in step with one worker's state.
+    fn refresh_free(&mut self, id: &WorkerId) {
+        // When the soonest running attempt is expected to end: kept here so
+        // that estimates need no per-job lookups.
+        let free_at = self.workers.get(id).map(|w| {
+            w.running
+                .keys()
+                .filter_map(|j| self.jobs.get(j))
+                .map(|j| j.started_ms.unwrap_or(0) + self.expected_run_ms(w, j))
+                .min()
+                .unwrap_or(0)
+        });
+        if let (Some(w), Some(at)) = (self.workers.get_mut(id), free_at) {
+            w.free_at_ms = at;
+        }
+        match self.workers.get(id) {
+            Some(w) if !w.draining && w.free_slots() > 0 => {
+                self.free.insert(id.clone());
+            }
+            _ => {
+                self.free.remove(id);
+            }
+        }
+    }
+
+    /// Replaces a worker's report and keeps the holder index in step.
+    fn set_report(&mut self, id: &WorkerId, report: CacheReport) {
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
+        // Most heartbeats repeat the holdings: skip the index work.
+        let same = w.report.vram_models == report.vram_models
+            && w.report.disk_models == report.disk_models
+            && w.report.downloads.len() == report.downloads.len()
+            && w.report
+                .downloads
+                .iter()
+                .zip(&report.downloads)
+                .all(|(a, b)| a.model_id == b.model_id);
+        if same {
+            w.downloading = report
+                .downloads
+                .iter()
+                .map(|d| (d.model_id.clone(), (d.bytes_done, d.bytes_total)))
+                .collect();
+            w.report = report;
+            return;
+        }
+        let old = w.held();
+        w.set_report(report);
+        let new = w.held();
+        for m in old.difference(&new) {
+            if let Some(h) = self.holders.get_mut(m) {
+                h.remove(id);
+                if h.is_empty() {
+                    self.holders.remove(m);
+                }
+            }
+        }
+        for m in new.difference(&old) {
+            self.holders
+                .entry(m.clone())
+                .or_default()
+                .insert(id.clone());
+        }
+    }
+
+    fn add_worker(&mut self, worker: WorkerEntry) {
+        let id = worker.hello.worker_id.clone();
+        for m in worker.held() {
+            self.holders.entry(m).or_default().insert(id.clone());
+        }
+        self.workers.insert(id.clone(), worker);
+        self.refresh_free(&id);
+    }
+
+    fn remove_worker(&mut self, id: &WorkerId) -> Option<WorkerEntry> {
+        let w = self.workers.remove(id)?;
+        for m in w.held() {
+            if let Some(h) = self.holders.get_mut(&m) {
+                h.remove(id);
+                if h.is_empty() {
+                    self.holders.remove(&m);
+                }
+            }
+        }
+        self.free.remove(id);
+        Some(w)
     }
 
     pub fn job(&self, id: &JobId) -> Option<&JobEntry> {
@@ -332,16 +547,34 @@ impl Scheduler {
         if let Some(w) = self.workers.get_mut(worker) {
             w.running.remove(job);
         }
+        self.refresh_free(worker);
+        let load = self
+            .cfg
+            .cost
+            .load_ms(self.model_bytes(&entry.spec.model_id));
         if let (Some(started), Some(model)) =
             (entry.started_ms, self.models.get_mut(&entry.spec.model_id))
         {
-            let took = now.saturating_sub(started) as f64;
-            model.service_ms = Some(match model.service_ms {
-                Some(s) => 0.8 * s + 0.2 * took,
-                None => took,
-            });
+            // Generation time only: a download's length says nothing about
+            // the model, and a load's is known.
+            let took = now.saturating_sub(started);
+            let took = match entry.tier {
+                Some(CacheTier::Vram) => Some(took),
+                Some(CacheTier::Disk | CacheTier::Preloaded) => Some(took.saturating_sub(load)),
+                _ => None,
+            };
+            if let Some(took) = took {
+                let took = took.max(1) as f64;
+                if let (Some(s), Some(w)) = (model.service_ms, self.workers.get_mut(worker)) {
+                    w.speed = (0.8 * w.speed + 0.2 * took / s.max(1.0)).clamp(0.1, 10.0);
+                }
+                model.service_ms = Some(match model.service_ms {
+                    Some(s) => 0.8 * s + 0.2 * took,
+                    None => took,
+                });
+            }
         }
-        Ok(self.schedule(now))
+        Ok(self.schedule_among(vec![worker.clone()], false, now))
     }
 
     /// A worker reports that an attempt failed.
@@ -359,6 +592,7 @@ impl Scheduler {
         if let Some(w) = self.workers.get_mut(worker) {
             w.running.remove(job);
         }
+        self.refresh_free(worker);
         let mut effects = self.requeue_or_fail(job, reason, retryable, true);
         effects.extend(self.schedule(now));
         Ok(effects)
@@ -368,6 +602,7 @@ impl Scheduler {
         if let Some(w) = self.workers.get_mut(worker) {
             w.stopping.remove(job);
         }
+        self.refresh_free(worker);
     }
 
     /// Puts a job whose attempt ended back in the queue, or ends it failed.
@@ -397,6 +632,7 @@ impl Scheduler {
         }
         job.worker = None;
         job.started_ms = None;
+        job.tier = None;
         self.enqueue(&job);
         let next_attempt = job.attempt + 1;
         self.jobs.insert(id.clone(), job);
@@ -446,8 +682,8 @@ impl Scheduler {
                 });
             }
         }
-        self.workers.insert(id, worker);
-        effects.extend(self.schedule(now));
+        self.add_worker(worker);
+        effects.extend(self.schedule_among(vec![id], true, now));
         effects
     }
 
@@ -467,8 +703,9 @@ impl Scheduler {
         let still: BTreeSet<&JobId> = report.running_jobs.iter().map(|r| &r.job_id).collect();
         w.stopping.retain(|j| still.contains(j));
         w.draining |= report.draining;
-        w.set_report(report);
-        Ok(self.schedule(now))
+        self.set_report(worker, report);
+        self.refresh_free(worker);
+        Ok(self.schedule_among(vec![worker.clone()], false, now))
     }
 
     /// Marks a worker as seen (any message counts).
@@ -485,6 +722,7 @@ impl Scheduler {
             .get_mut(worker)
             .ok_or_else(|| Error::UnknownWorker(worker.clone()))?;
         w.draining = true;
+        self.refresh_free(worker);
         Ok(())
     }
 
@@ -497,9 +735,12 @@ impl Scheduler {
         graceful: bool,
         now: Millis,
     ) -> Vec<Effect> {
-        let Some(w) = self.workers.remove(worker) else {
+        let Some(w) = self.remove_worker(worker) else {
             return Vec::new();
         };
+        if !graceful {
+            self.repl.record_loss(now, &self.cfg);
+        }
         let mut effects = Vec::new();
         for (job, attempt) in w.running {
             if self.check_current(worker, &job, attempt).is_ok() {
@@ -575,27 +816,46 @@ impl Scheduler {
     // ---- matching --------------------------------------------------------
 
     /// Assigns queued jobs to workers with free slots until no worker can
-    /// start a job sooner than it would start elsewhere.
+    /// start a job sooner than it would start elsewhere. A full pass over
+    /// the free workers; operations on one worker match only that worker
+    /// and the coordinator's tick runs this to catch the rest.
     pub fn schedule(&mut self, now: Millis) -> Vec<Effect> {
-        let mut effects = Vec::new();
         if self.by_age.is_empty() {
-            return effects;
+            return Vec::new();
         }
-        let free: Vec<WorkerId> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| !w.draining && w.free_slots() > 0)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for worker in free {
-            while self.workers[&worker].free_slots() > 0 {
-                let Some((job, tier)) = self.best_job_for(&worker, now) else {
-                    break;
-                };
-                effects.push(self.assign(&worker, &job, tier, now));
+        let free: Vec<WorkerId> = self.free.iter().cloned().collect();
+        self.schedule_among(free, true, now)
+    }
+
+    /// Matching restricted to `candidates`, in the order given. `cold`:
+    /// also consider models they would have to fetch (the full pass and
+    /// new workers do; the frequent per-worker events leave that to the
+    /// next full pass, at most a tick away).
+    fn schedule_among(
+        &mut self,
+        candidates: Vec<WorkerId>,
+        cold: bool,
+        now: Millis,
+    ) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let mut memo = Memo {
+            shared: candidates.len() > 1,
+            ..Memo::default()
+        };
+        for worker in candidates {
+            loop {
                 if self.by_age.is_empty() {
                     return effects;
                 }
+                match self.workers.get(&worker) {
+                    Some(w) if !w.draining && w.free_slots() > 0 => {}
+                    _ => break,
+                }
+                let Some((job, tier)) = self.best_job_for(&worker, cold, now, &mut memo) else {
+                    break;
+                };
+                effects.push(self.assign(&worker, &job, tier, now));
+                memo.clear();
             }
         }
         effects
@@ -607,11 +867,13 @@ impl Scheduler {
         entry.attempt += 1;
         entry.worker = Some(worker.clone());
         entry.started_ms = Some(now);
+        entry.tier = Some(tier);
         let attempt = entry.attempt;
         let queued_ms = now.saturating_sub(entry.submitted_ms);
         self.jobs.insert(job.clone(), entry);
         let w = self.workers.get_mut(worker).expect("worker exists");
         w.running.insert(job.clone(), attempt);
+        self.refresh_free(worker);
         Effect::Assign {
             worker: worker.clone(),
             job: job.clone(),
@@ -621,113 +883,172 @@ impl Scheduler {
         }
     }
 
-    /// The job `worker` should start now, if any: the one it can start
-    /// soonest, unless another worker would start it sooner still.
-    fn best_job_for(&self, worker: &WorkerId, now: Millis) -> Option<(JobId, CacheTier)> {
+    /// The job `worker` should start now, if any. Among the heads of the
+    /// model queues it could serve, those no other worker would start
+    /// sooner; of these, the one with the smallest start estimate net of
+    /// the time the job has already waited (so a job needing a load is not
+    /// starved by a stream of jobs for the model in VRAM).
+    fn best_job_for(
+        &self,
+        worker: &WorkerId,
+        cold: bool,
+        now: Millis,
+        memo: &mut Memo,
+    ) -> Option<(JobId, CacheTier)> {
         let w = &self.workers[worker];
-        // A starving job goes to the first capable worker.
+        // A starving job goes to the first capable worker, unless a holder
+        // of its model is making progress (then the age term below gets it
+        // there; sending it to a cold worker under overload only adds
+        // downloads).
         if let Some((_, oldest)) = self.by_age.first() {
             let job = &self.jobs[oldest];
+            let model = &job.spec.model_id;
             if now.saturating_sub(job.submitted_ms) > self.cfg.starvation_ms
-                && self.can_run(w, &job.spec.model_id)
+                && self.can_run(w, model)
+                && (w.tier_of(model).is_some() || !self.healthy_holder(worker, model, now))
             {
                 let tier = w.tier_of(&job.spec.model_id).unwrap_or(CacheTier::Download);
                 return Some((oldest.clone(), tier));
             }
         }
-        // (start estimate, priority, age) for the head of each queue.
-        type Key = (Millis, Reverse<i32>, u64);
-        let mut best: Option<(Key, JobId, CacheTier)> = None;
-        let mut consider = |est: Millis, job: &JobEntry, tier: CacheTier| {
-            let key = (est, Reverse(job.spec.priority), job.seq);
-            if best.as_ref().is_none_or(|(k, _, _)| key < *k) {
-                best = Some((key, job.id.clone(), tier));
-            }
+        // Candidates: the head of each queue this worker could serve, keyed
+        // by (start estimate net of age, priority, age); the age term keeps
+        // a job needing a load from being starved by a stream of jobs for
+        // the model in VRAM. The best whose model no other worker would
+        // start sooner wins; the (costlier) check runs best-first.
+        type Key = (i64, Reverse<i32>, u64);
+        let key = |est: Millis, job: &JobEntry| -> Key {
+            let age = now.saturating_sub(job.submitted_ms) as i64;
+            (est as i64 - age, Reverse(job.spec.priority), job.seq)
         };
-        // A worker takes a model's next job only if no other worker would
-        // start the model's backlog sooner (ties go to this free worker).
-        // Models this worker holds:
+        let mut cands: Vec<(Key, &ModelId, Millis, CacheTier, bool)> = Vec::new();
+        // Models this worker holds: taken unless another worker would start
+        // the model's backlog strictly sooner.
         for (model, queue) in self.held_queues(w) {
             let here = self.start_here_ms(w, model, now);
-            if here <= self.start_elsewhere_ms(worker, model, 0, now) {
-                let head = &self.jobs[&queue.first().expect("queues are never empty").1];
-                consider(here, head, w.tier_of(model).expect("held"));
-            }
+            let head = &self.jobs[&queue.first().expect("queues are never empty").1];
+            let tier = w.tier_of(model).expect("held");
+            cands.push((key(here, head), model, here, tier, true));
         }
-        // Models it would have to fetch, oldest demand first.
-        let mut seen = BTreeSet::new();
-        for (_, id) in &self.by_age {
-            if seen.len() >= self.cfg.cold_scan_models {
-                break;
+        // Models it would have to fetch, oldest demand first: only when no
+        // holder would start them as soon.
+        let cold_models = if cold {
+            if memo.cold.is_none() {
+                memo.cold = Some(self.cold_candidates(memo, now));
             }
-            let model = &self.jobs[id].spec.model_id;
-            if w.tier_of(model).is_some() || !seen.insert(model) || !self.can_run(w, model) {
+            memo.cold.clone().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        for model in &cold_models {
+            if w.tier_of(model).is_some() || !self.can_run(w, model) {
                 continue;
             }
             let here = self.start_here_ms(w, model, now);
-            if here < self.start_elsewhere_ms(worker, model, 0, now) {
-                let head = &self.jobs[&self.queues[model].first().expect("non-empty").1];
-                consider(here, head, CacheTier::Download);
+            let head = &self.jobs[&self.queues[model].first().expect("non-empty").1];
+            cands.push((key(here, head), model, here, CacheTier::Download, false));
+        }
+        cands.sort_by_key(|a| a.0);
+        for (_, model, here, tier, held) in cands {
+            if !self.sooner_elsewhere(memo, worker, model, here, held, now) {
+                let head = &self.queues[model].first().expect("non-empty").1;
+                return Some((head.clone(), tier));
             }
         }
-        best.map(|(_, job, tier)| (job, tier))
+        None
+    }
+
+    /// The first `cold_scan_models` queued models by head age, less those
+    /// a holder starts sooner than any worker could fetch and load them.
+    fn cold_candidates(&self, memo: &mut Memo, now: Millis) -> Vec<ModelId> {
+        let fastest = self
+            .free
+            .iter()
+            .filter_map(|id| self.workers.get(id))
+            .map(|w| w.report.download_bps)
+            .max()
+            .unwrap_or(0);
+        let nobody = WorkerId::default();
+        self.heads
+            .iter()
+            .take(self.cfg.cold_scan_models)
+            .map(|(_, m)| m)
+            .filter(|m| {
+                let bytes = self.model_bytes(m);
+                let best_cold =
+                    self.cfg.cost.download_ms(bytes, fastest) + self.cfg.cost.load_ms(bytes);
+                !self.sooner_elsewhere(memo, &nobody, m, best_cold, false, now)
+            })
+            .cloned()
+            .collect()
     }
 
     fn held_queues<'a>(
         &'a self,
         w: &'a WorkerEntry,
     ) -> impl Iterator<Item = (&'a ModelId, &'a BTreeSet<(QueueKey, JobId)>)> + 'a {
-        w.vram
-            .iter()
-            .chain(w.disk.keys())
-            .filter_map(|m| self.queues.get(m).map(|q| (m, q)))
+        // Walk whichever is shorter: the worker's models or the queues.
+        let by_worker = w.vram.len() + w.disk.len() <= self.queues.len();
+        let mine = by_worker.then(|| {
+            w.vram
+                .iter()
+                .chain(w.disk.keys().filter(|m| !w.vram.contains(*m)))
+                .filter_map(|m| self.queues.get(m).map(|q| (m, q)))
+        });
+        let queued =
+            (!by_worker).then(|| self.queues.iter().filter(|(m, _)| w.tier_of(m).is_some()));
+        mine.into_iter()
+            .flatten()
+            .chain(queued.into_iter().flatten())
     }
 
-    fn can_run(&self, w: &WorkerEntry, model: &ModelId) -> bool {
+    pub(super) fn can_run(&self, w: &WorkerEntry, model: &ModelId) -> bool {
         w.tier_of(model).is_some() || self.models.get(model).is_some_and(|m| w.can_hold(m.bytes))
     }
 
-    fn model_bytes(&self, model: &ModelId) -> u64 {
+    pub(super) fn model_bytes(&self, model: &ModelId) -> u64 {
         self.models.get(model).map_or(0, |m| m.bytes)
     }
 
-    fn service_ms(&self, model: &ModelId) -> Millis {
+    pub(super) fn service_ms(&self, model: &ModelId) -> Millis {
         self.models
             .get(model)
             .and_then(|m| m.service_ms)
             .map_or(self.cfg.cost.default_service_ms, |s| s as Millis)
     }
 
+    /// Expected generation time of `model` on `w` (its learned speed).
+    fn generate_ms(&self, w: &WorkerEntry, model: &ModelId) -> Millis {
+        (self.service_ms(model) as f64 * w.speed) as Millis
+    }
+
     /// Milliseconds until `w` could start a job for `model` if it had it
     /// next: time until a slot frees, plus fetching, plus loading.
-    fn start_here_ms(&self, w: &WorkerEntry, model: &ModelId, now: Millis) -> Millis {
+    pub(super) fn start_here_ms(&self, w: &WorkerEntry, model: &ModelId, now: Millis) -> Millis {
         let cost = &self.cfg.cost;
         let bytes = self.model_bytes(model);
-        let wait = if w.free_slots() > 0 {
+        let wait = if w.free_slots() > 0 || w.running.is_empty() {
             0
+        } else if w.free_at_ms > now {
+            w.free_at_ms - now
         } else {
-            w.running
-                .keys()
-                .map(|job| {
-                    let j = &self.jobs[job];
-                    let elapsed = now.saturating_sub(j.started_ms.unwrap_or(now));
-                    let service = self.service_ms(&j.spec.model_id);
-                    // An overdue job is expected to need half as long again,
-                    // so a slow worker never looks free.
-                    if elapsed < service {
-                        service - elapsed
-                    } else {
-                        service / 2
-                    }
-                })
-                .min()
-                .unwrap_or(0)
+            // Overdue: expected to need a while yet, so a slow worker never
+            // looks free.
+            self.cfg.cost.default_service_ms / 2
         };
         let fetch = match w.tier_of(model) {
             Some(_) => 0,
             None => {
+                // One download at a time: others in progress come first.
+                let left: u64 = w
+                    .downloading
+                    .iter()
+                    .filter(|(m, _)| *m != model)
+                    .map(|(_, (done, total))| total.saturating_sub(*done))
+                    .sum();
                 let done = w.downloading.get(model).map_or(0, |d| d.0);
-                cost.download_ms(bytes.saturating_sub(done), w.report.download_bps)
+                let own = bytes.saturating_sub(done);
+                cost.download_ms(own + left, w.report.download_bps)
             }
         };
         let load = if w.vram.contains(model) {
@@ -738,8 +1059,137 @@ impl Scheduler {
         wait + fetch + load
     }
 
-    /// The soonest any other worker holding `model` could start the job
-    /// `ahead` places into its queue (`Millis::MAX` when none holds it).
+    /// Whether a worker other than `except` holding (or fetching) `model`
+    /// could start the model's queued backlog sooner than `here`
+    /// (`strict`: strictly sooner; else no later). Looks at no more than
+    /// `holder_scan` holders, so a popular model costs a bounded time, and
+    /// remembers the answer per model for one matching pass.
+    fn sooner_elsewhere(
+        &self,
+        memo: &mut Memo,
+        except: &WorkerId,
+        model: &ModelId,
+        here: Millis,
+        strict: bool,
+        now: Millis,
+    ) -> bool {
+        if strict && here == 0 {
+            return false;
+        }
+        let Some(holders) = self.holders.get(model) else {
+            return false;
+        };
+        let others = holders.len() - usize::from(holders.contains(except));
+        if others == 0 {
+            return false;
+        }
+        let queued = self.queues.get(model).map_or(1, |q| q.len()).max(1);
+        let backlog = ((queued - 1) / others) as Millis * self.service_ms(model);
+        if !memo.shared && !memo.soonest.contains_key(model) {
+            // One worker to match: stop at the first holder that wins.
+            return holders
+                .iter()
+                .filter(|id| *id != except)
+                .take(self.cfg.holder_scan)
+                .filter_map(|id| self.workers.get(id))
+                .filter(|w| !w.draining)
+                .any(|w| {
+                    let there = self.start_here_ms(w, model, now) + backlog;
+                    if strict {
+                        there < here
+                    } else {
+                        there <= here
+                    }
+                });
+        }
+        let s = memo
+            .soonest
+            .entry(model.clone())
+            .or_insert_with(|| self.soonest_holders(holders, now, model));
+        let start = if s.best_id.as_ref() == Some(except) {
+            s.second
+        } else {
+            s.best
+        };
+        if start == Millis::MAX {
+            return false;
+        }
+        let there = start + backlog;
+        if strict {
+            there < here
+        } else {
+            there <= here
+        }
+    }
+
+    /// The two soonest starts among (the first `holder_scan` of) a model's
+    /// holders.
+    fn soonest_holders(
+        &self,
+        holders: &BTreeSet<WorkerId>,
+        now: Millis,
+        model: &ModelId,
+    ) -> Soonest {
+        let mut s = Soonest {
+            best: Millis::MAX,
+            best_id: None,
+            second: Millis::MAX,
+        };
+        for id in holders.iter().take(self.cfg.holder_scan) {
+            let Some(w) = self.workers.get(id) else {
+                continue;
+            };
+            if w.draining {
+                continue;
+            }
+            let t = self.start_here_ms(w, model, now);
+            if t < s.best {
+                s.second = s.best;
+                s.best = t;
+                s.best_id = Some(id.clone());
+            } else if t < s.second {
+                s.second = t;
+            }
+        }
+        s
+    }
+
+    /// How long an attempt is expected to take on `w`, from assignment:
+    /// fetch and load by its tier, then generation.
+    fn expected_run_ms(&self, w: &WorkerEntry, j: &JobEntry) -> Millis {
+        let cost = &self.cfg.cost;
+        let bytes = self.model_bytes(&j.spec.model_id);
+        let setup = match j.tier {
+            Some(CacheTier::Vram) => 0,
+            Some(CacheTier::Disk | CacheTier::Preloaded) => cost.load_ms(bytes),
+            _ => cost.download_ms(bytes, w.report.download_bps) + cost.load_ms(bytes),
+        };
+        setup + self.service_ms(&j.spec.model_id)
+    }
+
+    /// Whether some other holder of `model` is free, fetching it, or
+    /// running a job that is not long overdue.
+    fn healthy_holder(&self, except: &WorkerId, model: &ModelId, now: Millis) -> bool {
+        self.holders.get(model).is_some_and(|h| {
+            h.iter()
+                .filter(|id| *id != except)
+                .take(self.cfg.holder_scan)
+                .filter_map(|id| self.workers.get(id))
+                .filter(|w| !w.draining)
+                .any(|w| {
+                    w.free_slots() > 0
+                        || w.is_downloading(model)
+                        || w.running.keys().filter_map(|j| self.jobs.get(j)).any(|j| {
+                            let elapsed = now.saturating_sub(j.started_ms.unwrap_or(now));
+                            elapsed <= 2 * self.expected_run_ms(w, j) + 10_000
+                        })
+                })
+        })
+    }
+
+    /// The soonest any worker other than `except` holding `model` could
+    /// start the job `ahead` places into its queue (`Millis::MAX` when
+    /// none holds it).
     fn start_elsewhere_ms(
         &self,
         except: &WorkerId,
@@ -748,14 +1198,13 @@ impl Scheduler {
         now: Millis,
     ) -> Millis {
         let holders: Vec<&WorkerEntry> = self
-            .workers
-            .iter()
-            .filter(|(id, w)| {
-                *id != except
-                    && !w.draining
-                    && (w.tier_of(model).is_some() || w.is_downloading(model))
-            })
-            .map(|(_, w)| w)
+            .holders
+            .get(model)
+            .into_iter()
+            .flatten()
+            .filter(|id| *id != except)
+            .filter_map(|id| self.workers.get(id))
+            .filter(|w| !w.draining)
             .collect();
         if holders.is_empty() {
             return Millis::MAX;

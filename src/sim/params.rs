@@ -1,0 +1,321 @@
+//! Simulation parameters: the scenarios of ../shared/BENCHMARK.md and a
+//! TOML overlay so users can simulate their own fleet and catalogue.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// One class of GPU in the fleet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuClass {
+    /// Share of the nodes.
+    pub share: f64,
+    pub vram_gb: f64,
+    /// Seconds per SD1.5 image.
+    pub sd15_s: f64,
+    /// Seconds per SDXL image.
+    pub sdxl_s: f64,
+}
+
+/// A mass departure (S3).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Storm {
+    pub at_min: f64,
+    /// Share of live nodes that leave.
+    pub share: f64,
+    pub within_min: f64,
+}
+
+/// A popularity shift (S2).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shift {
+    pub at_min: f64,
+    /// Cold models that jump to the top ranks.
+    pub cold_models: usize,
+    /// Share of ranks swapped at each later step.
+    pub swap_share: f64,
+    pub every_min: f64,
+}
+
+/// Everything a run depends on. Defaults: scenario S1.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimParams {
+    pub name: String,
+    // ---- catalogue and popularity
+    pub models: usize,
+    pub zipf_s: f64,
+    pub sd15_share: f64,
+    pub sd15_gb: f64,
+    /// Share of SD1.5 models that are the larger size.
+    pub sd15_big_share: f64,
+    pub sd15_big_gb: f64,
+    pub sdxl_gb: f64,
+    /// LoRAs in the catalogue (0: none).
+    pub loras: usize,
+    /// Share of jobs that add one LoRA.
+    pub lora_share: f64,
+    pub lora_min_mb: f64,
+    pub lora_max_mb: f64,
+    // ---- fleet
+    pub nodes: usize,
+    pub fleet: Vec<GpuClass>,
+    /// Generation time jitter, +- this share.
+    pub jitter: f64,
+    pub disk_gb: f64,
+    /// Most popular models baked into the image.
+    pub baked: usize,
+    pub vram_reserved_gb: f64,
+    pub bw_median_mbit: f64,
+    pub bw_sigma: f64,
+    pub load_base_s: f64,
+    pub load_gbps: f64,
+    pub heartbeat_s: f64,
+    pub heartbeat_timeout_s: f64,
+    // ---- churn
+    /// Leave hazard per node-hour.
+    pub hazard_per_h: f64,
+    pub replace_median_min: f64,
+    pub replace_sigma: f64,
+    /// Share of leavers that are zombies.
+    pub zombie_share: f64,
+    /// How late a zombie finishes its current job.
+    pub zombie_delay_s: f64,
+    pub storm: Option<Storm>,
+    pub shift: Option<Shift>,
+    // ---- arrivals
+    /// Jobs per second for the reference run.
+    pub rate: f64,
+    pub arrival_cv: f64,
+    /// Minutes over which the rate ramps up from 5% (0: none).
+    pub ramp_min: f64,
+    pub length_h: f64,
+    pub warmup_min: f64,
+    /// Simulated minutes after the last arrival for jobs to finish.
+    pub drain_min: f64,
+    // ---- goodput bisection
+    pub slo_p95_s: f64,
+    pub bisect_lo: f64,
+    pub bisect_hi: f64,
+    /// Bisection steps after the grid; 0: no goodput search at all.
+    pub bisect_steps: u32,
+    /// Geometric grid of rates from bisect_lo to bisect_hi, probed from
+    /// the top down (0: goodput not searched).
+    pub goodput_grid: usize,
+    /// A run with more than this many seconds of arrivals outstanding
+    /// stops early as overloaded (0: never).
+    pub abort_backlog_s: f64,
+    // ---- baselines and Corral tunables
+    pub b4_vram_models: usize,
+    pub b6_k: usize,
+    pub b6_cap: f64,
+    pub corral_min_replicas: u32,
+    pub corral_headroom: f64,
+    pub corral_replicate: bool,
+    /// The scheduler's `starvation_ms`, in seconds.
+    pub corral_starvation_s: f64,
+    /// The scheduler's `recent_demand_per_hour`.
+    pub corral_recent_per_h: f64,
+    /// The scheduler's `replica_disk_share`.
+    pub corral_disk_share: f64,
+}
+
+impl Default for SimParams {
+    fn default() -> Self {
+        Self {
+            name: "s1".into(),
+            models: 1000,
+            zipf_s: 1.1,
+            sd15_share: 0.7,
+            sd15_gb: 2.13,
+            sd15_big_share: 0.25,
+            sd15_big_gb: 4.24,
+            sdxl_gb: 6.94,
+            loras: 0,
+            lora_share: 0.5,
+            lora_min_mb: 10.0,
+            lora_max_mb: 200.0,
+            nodes: 200,
+            fleet: vec![
+                GpuClass {
+                    share: 0.4,
+                    vram_gb: 24.0,
+                    sd15_s: 2.0,
+                    sdxl_s: 6.0,
+                },
+                GpuClass {
+                    share: 0.3,
+                    vram_gb: 24.0,
+                    sd15_s: 3.5,
+                    sdxl_s: 10.0,
+                },
+                GpuClass {
+                    share: 0.3,
+                    vram_gb: 12.0,
+                    sd15_s: 7.0,
+                    sdxl_s: 18.0,
+                },
+            ],
+            jitter: 0.1,
+            disk_gb: 50.0,
+            baked: 5,
+            vram_reserved_gb: 4.0,
+            bw_median_mbit: 200.0,
+            bw_sigma: 0.9,
+            load_base_s: 1.5,
+            load_gbps: 1.5,
+            heartbeat_s: 5.0,
+            heartbeat_timeout_s: 15.0,
+            hazard_per_h: 0.011,
+            replace_median_min: 10.0,
+            replace_sigma: 1.08,
+            zombie_share: 0.0,
+            zombie_delay_s: 60.0,
+            storm: None,
+            shift: None,
+            rate: 10.0,
+            arrival_cv: 2.0,
+            ramp_min: 0.0,
+            length_h: 1.0,
+            warmup_min: 20.0,
+            drain_min: 10.0,
+            slo_p95_s: 60.0,
+            bisect_lo: 2.0,
+            bisect_hi: 32.0,
+            bisect_steps: 2,
+            goodput_grid: 5,
+            abort_backlog_s: 300.0,
+            b4_vram_models: 3,
+            b6_k: 4,
+            b6_cap: 1.25,
+            corral_min_replicas: 2,
+            corral_headroom: 1.5,
+            corral_replicate: true,
+            corral_starvation_s: 60.0,
+            corral_recent_per_h: 6.0,
+            corral_disk_share: 0.8,
+        }
+    }
+}
+
+/// The reference arrival rate for S2 and S3: 0.7 x B7's S1 goodput, as
+/// measured with `--scenario s1` (see docs/sim.md).
+pub const S2_S3_RATE: f64 = 7.9;
+
+impl SimParams {
+    /// The named scenario (s1 to s4).
+    pub fn scenario(name: &str) -> Result<Self> {
+        let s1 = Self::default();
+        Ok(match name.to_ascii_lowercase().as_str() {
+            "s1" => s1,
+            "s2" => Self {
+                name: "s2".into(),
+                rate: S2_S3_RATE,
+                length_h: 2.0,
+                goodput_grid: 0,
+                shift: Some(Shift {
+                    at_min: 60.0,
+                    cold_models: 20,
+                    swap_share: 0.05,
+                    every_min: 10.0,
+                }),
+                ..s1
+            },
+            "s3" => Self {
+                name: "s3".into(),
+                rate: S2_S3_RATE,
+                length_h: 2.0,
+                goodput_grid: 0,
+                hazard_per_h: 0.05,
+                zombie_share: 0.02,
+                storm: Some(Storm {
+                    at_min: 60.0,
+                    share: 0.3,
+                    within_min: 5.0,
+                }),
+                ..s1
+            },
+            "s4" => Self {
+                name: "s4".into(),
+                models: 3000,
+                zipf_s: 0.8,
+                loras: 5000,
+                nodes: 100,
+                rate: 0.5,
+                ramp_min: 10.0,
+                length_h: 2.0,
+                goodput_grid: 0,
+                ..s1
+            },
+            other => {
+                return Err(Error::invalid(
+                    "scenario",
+                    format!("unknown scenario {other:?}; expected s1, s2, s3 or s4"),
+                ))
+            }
+        })
+    }
+
+    /// The scenario, with the TOML file's keys laid over it.
+    pub fn load(scenario: &str, config: Option<&Path>) -> Result<Self> {
+        let base = Self::scenario(scenario)?;
+        let Some(path) = config else {
+            return Ok(base);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let over: toml::Value =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let mut merged =
+            toml::Value::try_from(&base).map_err(|e| Error::Config(format!("internal: {e}")))?;
+        merge(&mut merged, over);
+        let p: Self = merged
+            .try_into()
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |f: &'static str, r: &str| Err(Error::invalid(f, r.to_owned()));
+        if self.models == 0 {
+            return bad("models", "must be at least 1");
+        }
+        if self.nodes == 0 {
+            return bad("nodes", "must be at least 1");
+        }
+        if self.fleet.is_empty() || self.fleet.iter().any(|c| c.share < 0.0) {
+            return bad("fleet", "needs at least one class with a share >= 0");
+        }
+        if self.rate <= 0.0 || self.arrival_cv <= 0.0 {
+            return bad("rate", "rate and arrival_cv must be > 0");
+        }
+        if self.length_h <= 0.0 || self.warmup_min / 60.0 >= self.length_h {
+            return bad("length_h", "must be longer than warmup_min");
+        }
+        if self.zipf_s < 0.0 {
+            return bad("zipf_s", "must be >= 0");
+        }
+        Ok(())
+    }
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) if slot.is_table() && v.is_table() => merge(slot, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
