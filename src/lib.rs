@@ -8,8 +8,10 @@
 //! - `scheduler`: the pure, synchronous core (no I/O, no tokio, no protobuf).
 //! - `coordinator`: tonic services around the scheduler.
 //! - `worker`: the stream to the coordinator, the disk cache, downloads, engines.
+//! - `auth`: tokens and TLS on the client side (`coordinator::auth` checks them).
 //! - `pipeline`: the Stable Diffusion pipeline on ONNX Runtime (`ort`).
 
+pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -9,7 +9,10 @@
 //! is full is dropped like a dead one.
 
 mod admin;
+pub mod auth;
+mod durable;
 mod jobs;
+mod journal;
 mod server;
 mod workers;
 
@@ -54,6 +57,7 @@ pub struct Coordinator {
     models: DashMap<ModelId, ModelManifest>,
     links: DashMap<WorkerId, WorkerLink>,
     next_conn: AtomicU64,
+    durable: durable::Durable,
 }
 
 impl Coordinator {
@@ -67,6 +71,7 @@ impl Coordinator {
             models: DashMap::new(),
             links: DashMap::new(),
             next_conn: AtomicU64::new(1),
+            durable: durable::Durable::default(),
         })
     }
 
@@ -93,6 +98,7 @@ impl Coordinator {
         let mut s = self.sched();
         let (out, effects) = op(&mut s, now)?;
         self.apply(&mut s, effects, now);
+        self.persist_dirty(&s);
         Ok(out)
     }
 
@@ -231,6 +237,7 @@ impl Coordinator {
         let mut slot = self.jobs.get_mut(job)?;
         f(&mut slot.record);
         slot.record.updated_ms = now;
+        self.durable.mark(job);
         Some(slot.record.spec.clone())
     }
 
@@ -250,7 +257,13 @@ impl Coordinator {
     /// Accepts a validated job. Returns its record and whether an earlier
     /// job with the same idempotency key was returned instead.
     pub fn submit(&self, spec: JobSpec) -> Result<(JobRecord, bool)> {
-        let key = spec.idempotency_key.clone();
+        self.submit_as("", spec)
+    }
+
+    /// `submit` for `client`, who owns the job; idempotency keys are per
+    /// client. Use `submit_durable` to answer only once it is on disk.
+    pub fn submit_as(&self, client: &str, spec: JobSpec) -> Result<(JobRecord, bool)> {
+        let key = journal::scoped_key(client, &spec.idempotency_key).unwrap_or_default();
         if !key.is_empty() {
             if let Some(id) = self.idempotency.get(&key).map(|e| e.clone()) {
                 return Ok((self.get(&id)?, true));
@@ -278,6 +291,7 @@ impl Coordinator {
                     s.job_count()
                 )));
             }
+            self.durable.admit(client, &self.cfg.limits)?;
             if !key.is_empty() {
                 // Two racing submissions with one key: the first wins.
                 match self.idempotency.entry(key.clone()) {
@@ -293,6 +307,7 @@ impl Coordinator {
                 }
             }
             let (events, _) = broadcast::channel(256);
+            self.durable.own(&id, client);
             self.jobs.insert(
                 id.clone(),
                 JobSlot {
@@ -304,6 +319,7 @@ impl Coordinator {
                 Ok(e) => Ok(((), e)),
                 Err(err) => {
                     self.jobs.remove(&id);
+                    self.durable.disown(&id);
                     if !key.is_empty() {
                         self.idempotency.remove(&key);
                     }
@@ -358,11 +374,13 @@ impl Coordinator {
         self.get(id)
     }
 
-    /// Jobs matching the filters, ordered by creation, after `after` (a job id).
+    /// Jobs matching the filters (`owner`: submitted by that client),
+    /// ordered by creation, after `after` (a job id).
     pub fn list(
         &self,
         state: Option<JobState>,
         model: Option<&ModelId>,
+        owner: Option<&str>,
         after: Option<&JobId>,
         limit: usize,
     ) -> (Vec<JobRecord>, Option<JobId>) {
@@ -371,6 +389,7 @@ impl Coordinator {
             .iter()
             .filter(|s| state.is_none_or(|st| s.record.state == st))
             .filter(|s| model.is_none_or(|m| &s.record.spec.model_id == m))
+            .filter(|s| owner.is_none_or(|o| self.owner(&s.record.id).as_deref() == Some(o)))
             .map(|s| s.record.clone())
             .collect();
         all.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
@@ -541,6 +560,7 @@ impl Coordinator {
         let _ = self.with_sched(|s, _| {
             s.register_model(m.id.clone(), bytes);
             self.models.insert(m.id.clone(), m.clone());
+            self.record_model(&m);
             Ok(((), Vec::new()))
         });
         info!(model_id = %m.id, bytes, files = m.files.len(), "model registered");
@@ -551,6 +571,7 @@ impl Coordinator {
         self.with_sched(|s, _| {
             s.remove_model(id)?;
             self.models.remove(id);
+            self.forget_model(id);
             Ok(((), Vec::new()))
         })
     }
