@@ -5,9 +5,9 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::procs::{self, Proc};
+use common::raw::RawWorker;
 use common::*;
 use corral::config::CoordinatorConfig;
 use corral::pb;
@@ -55,72 +55,6 @@ async fn submit_full(url: &str, s: pb::JobSpec) -> pb::SubmitJobResponse {
         .await
         .unwrap()
         .into_inner()
-}
-
-/// A raw worker stream (see control_plane.rs), to hold an attempt across a
-/// coordinator restart.
-struct RawWorker {
-    tx: tokio::sync::mpsc::Sender<pb::WorkerMessage>,
-    rx: tonic::Streaming<pb::CoordinatorMessage>,
-}
-
-impl RawWorker {
-    async fn connect(url: &str, id: &str, running: Vec<pb::RunningJob>) -> Self {
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tx.send(pb::WorkerMessage {
-            msg: Some(pb::worker_message::Msg::Hello(pb::Hello {
-                worker_id: id.into(),
-                max_concurrent_jobs: 1,
-                cache_max_bytes: 1 << 30,
-                state: Some(pb::Heartbeat {
-                    running_jobs: running,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap();
-        let mut client = pb::workers_client::WorkersClient::new(channel(url).await);
-        let mut rx = client
-            .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        let first = rx.message().await.unwrap().unwrap();
-        assert!(matches!(
-            first.msg,
-            Some(pb::coordinator_message::Msg::Welcome(_))
-        ));
-        Self { tx, rx }
-    }
-
-    async fn next_assign(&mut self) -> pb::Assign {
-        loop {
-            let m = tokio::time::timeout(Duration::from_secs(10), self.rx.message())
-                .await
-                .expect("an assignment within 10 s")
-                .unwrap()
-                .unwrap();
-            if let Some(pb::coordinator_message::Msg::Assign(a)) = m.msg {
-                return a;
-            }
-        }
-    }
-
-    async fn result(&self, job: &str, attempt: u32, image: &[u8]) {
-        self.tx
-            .send(pb::WorkerMessage {
-                msg: Some(pb::worker_message::Msg::Result(pb::JobResult {
-                    job_id: job.into(),
-                    attempt,
-                    images: vec![image.to_vec()],
-                    timings: None,
-                })),
-            })
-            .await
-            .unwrap();
-    }
 }
 
 async fn list_models(url: &str) -> Vec<String> {
