@@ -193,6 +193,15 @@ async fn finished_jobs_are_swept_after_the_retention_period() {
     c.stop().await;
 }
 
+/// A job of 20 steps (200 ms on the synthetic engine at 10 ms a step),
+/// so that some are still queued or running when the coordinator dies.
+fn slow(i: u64) -> pb::JobSpec {
+    pb::JobSpec {
+        steps: 20,
+        ..keyed("sd-a", i, &format!("key-{i}"))
+    }
+}
+
 fn register_blocking(url: &str, m: &corral::types::ModelManifest) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(register(url, m));
@@ -243,10 +252,10 @@ async fn sigkill_of_the_coordinator_loses_no_accepted_job() {
         ],
         &[],
     );
-    const N: u64 = 30;
+    const N: u64 = 20;
     let mut ids = Vec::new();
     for i in 0..N {
-        let r = submit_full(&url, keyed("sd-a", i, &format!("key-{i}"))).await;
+        let r = submit_full(&url, slow(i)).await;
         ids.push(r.job.unwrap().id);
     }
     let completed = |url: String, ids: Vec<String>| async move {
@@ -271,7 +280,7 @@ async fn sigkill_of_the_coordinator_loses_no_accepted_job() {
     let (mut coord, addr2) = procs::coordinator(&logs, &addr, &data, &flags);
     assert_eq!(addr2, addr);
     for (i, id) in ids.iter().enumerate() {
-        let r = submit_full(&url, keyed("sd-a", i as u64, &format!("key-{i}"))).await;
+        let r = submit_full(&url, slow(i as u64)).await;
         assert!(r.deduplicated, "key-{i}");
         assert_eq!(&r.job.unwrap().id, id);
     }
