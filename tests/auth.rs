@@ -405,3 +405,44 @@ async fn the_cli_sends_corral_token() {
     assert!(!err.contains(ACME));
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cannot_claim_jobs_it_was_not_given() {
+    let c = coordinator(fast_config()).await;
+    let models = tmp();
+    register(&c.url, &make_model(models.path(), "sd-a")).await;
+    let (a, b) = (
+        submit(&c.url, spec("sd-a", 1)).await,
+        submit(&c.url, spec("sd-a", 2)).await,
+    );
+    // Mallory's Hello claims both queued jobs, at attempts never assigned
+    // to it, and more of them than its one slot.
+    let claims = vec![
+        pb::RunningJob {
+            job_id: a.id.clone(),
+            attempt: 0,
+        },
+        pb::RunningJob {
+            job_id: b.id.clone(),
+            attempt: 1,
+        },
+    ];
+    let mut mallory = RawWorker::connect(&c.url, "mallory", claims).await;
+    mallory.heartbeat(vec![]);
+    // It gets one job the ordinary way, as attempt 1, and nothing more.
+    let assigned = mallory.next_assign().await;
+    assert_eq!(assigned.attempt, 1);
+    let other = if assigned.job_id == a.id {
+        &b.id
+    } else {
+        &a.id
+    };
+    let j = get(&c.url, other).await;
+    assert_eq!(
+        (j.state, j.attempt),
+        (pb::JobState::Queued as i32, 0),
+        "{j:?}"
+    );
+    drop(mallory);
+    c.stop().await;
+}

@@ -35,6 +35,9 @@ pub(super) struct Durable {
     per_client: DashMap<Arc<str>, usize>,
     /// Jobs changed since they were last recorded.
     dirty: Mutex<Vec<JobId>>,
+    /// Unfinished jobs' last assignment: (worker, attempt). Only that
+    /// worker may reclaim that attempt when it reconnects.
+    last_run: DashMap<JobId, (WorkerId, u32)>,
 }
 
 impl Durable {
@@ -78,6 +81,7 @@ impl Durable {
     }
 
     fn finished(&self, id: &JobId) {
+        self.last_run.remove(id);
         if let Some((_, c)) = self.unfinished.remove(id) {
             if let Some(mut n) = self.per_client.get_mut(&c) {
                 *n = n.saturating_sub(1);
@@ -94,8 +98,9 @@ impl Durable {
     }
 }
 
-fn stored(r: &JobRecord, client: &str, failures: u32) -> StoredJob {
+fn stored(r: &JobRecord, client: &str, failures: u32, last_worker: Option<WorkerId>) -> StoredJob {
     StoredJob {
+        last_worker,
         id: r.id.clone(),
         client: client.to_owned(),
         spec: r.spec.as_ref().clone(),
@@ -192,6 +197,9 @@ impl Coordinator {
                     error!(job_id = %sj.id, model_id = %spec.model_id, "job of an unknown model");
                     s.register_model(spec.model_id.clone(), 0);
                 }
+                if let Some(w) = sj.last_worker.clone().or_else(|| sj.worker.clone()) {
+                    self.durable.last_run.insert(sj.id.clone(), (w, sj.attempt));
+                }
                 s.restore_job(sj.id.clone(), spec, sj.created_ms, sj.attempt, sj.failures);
                 self.durable.own(&sj.id, &sj.client);
             }
@@ -222,10 +230,15 @@ impl Coordinator {
         };
         if rec.state.is_terminal() {
             self.durable.finished(id);
+        } else if let (JobState::Running, Some(w)) = (rec.state, &rec.worker) {
+            self.durable
+                .last_run
+                .insert(id.clone(), (w.clone(), rec.attempt));
         }
         if let Some(j) = self.durable.journal() {
             let client = self.durable.owner(id).unwrap_or_else(|| Arc::from(""));
-            j.put_job(stored(&rec, &client, failures));
+            let last = self.durable.last_run.get(id).map(|l| l.0.clone());
+            j.put_job(stored(&rec, &client, failures, last));
         }
     }
 
@@ -346,7 +359,7 @@ impl Coordinator {
         rec.updated_ms = now;
         if let Some(j) = self.durable.journal() {
             let client = self.durable.owner(&job).unwrap_or_else(|| Arc::from(""));
-            j.put_job(stored(&rec, &client, 0));
+            j.put_job(stored(&rec, &client, 0, None));
         }
         if let Err(e) = self.sync().await {
             error!(job_id = %job, error = %e, "completed state not committed");
@@ -360,6 +373,34 @@ impl Coordinator {
         self.publish(&job, now, JobEventKind::Completed(output));
         info!(job_id = %job, worker_id = %worker, tier = timings.tier.map_or("?", |t| t.as_str()), "completed");
         Ok(())
+    }
+
+    /// Keeps, of the attempts a reconnecting worker says it runs, only
+    /// those last assigned to it (attempt numbers start at 1), at most one
+    /// per slot; returns the others, which the caller cancels. Without this
+    /// a worker could claim any queued job by naming it in its Hello.
+    pub(super) fn vet_reported(&self, hello: &mut WorkerHello) -> Vec<RunningJob> {
+        let slots = hello.max_concurrent_jobs as usize;
+        let mut kept = Vec::new();
+        let mut rejected = Vec::new();
+        for r in std::mem::take(&mut hello.state.running_jobs) {
+            let ours = r.attempt > 0
+                && self
+                    .durable
+                    .last_run
+                    .get(&r.job_id)
+                    .is_some_and(|l| l.0 == hello.worker_id && l.1 == r.attempt);
+            if ours && kept.len() < slots {
+                kept.push(r);
+            } else {
+                rejected.push(r);
+            }
+        }
+        if !rejected.is_empty() {
+            warn!(worker_id = %hello.worker_id, rejected = rejected.len(), "reported attempts not assigned to this worker");
+        }
+        hello.state.running_jobs = kept;
+        rejected
     }
 
     fn requeue_after_store_failure(&self, job: &JobId, reason: &str) {

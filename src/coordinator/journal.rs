@@ -51,6 +51,10 @@ pub struct StoredJob {
     pub error: String,
     /// Set once completed: the images are `results/<id>/0.png ...`.
     pub result: Option<StoredResult>,
+    /// The worker the current attempt was last assigned to, kept while the
+    /// job is queued again, so that only that worker may reclaim it.
+    #[serde(default)]
+    pub last_worker: Option<WorkerId>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

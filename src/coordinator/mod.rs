@@ -415,10 +415,11 @@ impl Coordinator {
 
     /// A worker said hello on a new stream. Returns the connection id that
     /// later calls for this stream must present.
-    fn worker_connected(&self, hello: WorkerHello, tx: WorkerTx) -> u64 {
+    fn worker_connected(&self, mut hello: WorkerHello, tx: WorkerTx) -> u64 {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let id = hello.worker_id.clone();
         info!(worker_id = %id, conn, slots = hello.max_concurrent_jobs, "worker connected");
+        let rejected = self.vet_reported(&mut hello);
         let reported: Vec<RunningJob> = hello.state.running_jobs.clone();
         let _ = self.with_sched(|s, now| {
             // Replace any older stream first, so its effects go nowhere.
@@ -441,6 +442,13 @@ impl Coordinator {
             }
             Ok(((), effects))
         });
+        for r in rejected {
+            let msg = pb::coordinator_message::Msg::Cancel(pb::Cancel {
+                job_id: r.job_id.0,
+                attempt: r.attempt,
+            });
+            self.send(&id, msg);
+        }
         conn
     }
 
