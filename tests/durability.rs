@@ -355,3 +355,59 @@ async fn submit_throughput() {
     }
     c.stop().await;
 }
+
+/// The coordinator died after assigning attempt 1 but before recording it:
+/// the worker comes back running attempt 1 of a job stored as queued. The
+/// attempt is cancelled and the job reassigned as attempt 2 (a number is
+/// never given out twice), so the cancelled run's report cannot end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrecorded_attempt_is_never_reused() {
+    let data = tmp();
+    let models = tmp();
+    let c = Served::start(fast_config(), data.path()).await;
+    register(&c.url, &make_model(models.path(), "sd-a")).await;
+    let job = submit(&c.url, spec("sd-a", 1)).await;
+    c.stop().await;
+    let c = Served::start(fast_config(), data.path()).await;
+    let claimed = vec![pb::RunningJob {
+        job_id: job.id.clone(),
+        attempt: 1,
+    }];
+    let mut w = RawWorker::connect(&c.url, "w", claimed).await;
+    w.heartbeat(vec![]);
+    let mut seen = Vec::new();
+    let assign = loop {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(10), w.rx.message())
+            .await
+            .expect("a message within 10 s")
+            .unwrap()
+            .unwrap();
+        match m.msg {
+            Some(pb::coordinator_message::Msg::Cancel(x)) => seen.push(("cancel", x.attempt)),
+            Some(pb::coordinator_message::Msg::Assign(a)) => break a,
+            _ => {}
+        }
+    };
+    assert_eq!(
+        seen,
+        vec![("cancel", 1)],
+        "the unrecorded attempt is cancelled first"
+    );
+    assert_eq!(
+        (assign.job_id.as_str(), assign.attempt),
+        (job.id.as_str(), 2)
+    );
+    // The cancelled run reports late; it does not end the job.
+    w.send(pb::worker_message::Msg::Failed(pb::JobFailed {
+        job_id: job.id.clone(),
+        attempt: 1,
+        reason: "cancelled".into(),
+        retryable: false,
+    }))
+    .await;
+    w.result(&job.id, 2, b"img").await;
+    let done = wait_state(&c.url, &job.id, pb::JobState::Completed, 10).await;
+    assert_eq!(done.attempt, 2);
+    drop(w);
+    c.stop().await;
+}

@@ -403,6 +403,42 @@ impl Coordinator {
         rejected
     }
 
+    /// Cancels, on the worker, the attempts `vet_reported` refused (before
+    /// anything else is sent on its new stream). One case is a crash: the
+    /// worker runs attempt `n + 1` of a job the store has queued at attempt
+    /// `n`, because the coordinator died after assigning it but before
+    /// recording that. Such a job is queued again numbered `n + 1`, so its
+    /// next assignment is `n + 2`: a number is never given out twice, and
+    /// the cancelled run's late report is refused as stale.
+    pub(super) fn refuse_reported(
+        &self,
+        s: &mut Scheduler,
+        worker: &WorkerId,
+        rejected: &[RunningJob],
+        now: Millis,
+    ) -> Vec<crate::scheduler::Effect> {
+        let mut effects = Vec::new();
+        for r in rejected {
+            let msg = pb::coordinator_message::Msg::Cancel(pb::Cancel {
+                job_id: r.job_id.0.clone(),
+                attempt: r.attempt,
+            });
+            self.send(worker, msg);
+            let Some(j) = s.job(&r.job_id) else { continue };
+            if j.worker.is_some() || r.attempt != j.attempt + 1 {
+                continue;
+            }
+            let (spec, submitted, failures) = (j.spec.clone(), j.submitted_ms, j.failures);
+            if let Ok(e) = s.cancel(&r.job_id, now) {
+                effects.extend(e);
+            }
+            s.restore_job(r.job_id.clone(), spec, submitted, r.attempt, failures);
+            self.update(&r.job_id, now, |rec| rec.attempt = r.attempt);
+            warn!(job_id = %r.job_id, attempt = r.attempt, "attempt was not recorded before a restart; renumbered");
+        }
+        effects
+    }
+
     fn requeue_after_store_failure(&self, job: &JobId, reason: &str) {
         let _ = self.with_sched(|s, now| {
             let Some(rec) = self.jobs.get(job).map(|s| s.record.clone()) else {

@@ -424,7 +424,8 @@ impl Coordinator {
         let _ = self.with_sched(|s, now| {
             // Replace any older stream first, so its effects go nowhere.
             self.links.insert(id.clone(), WorkerLink { conn, tx });
-            let effects = s.connect(hello, now);
+            let mut effects = self.refuse_reported(s, &id, &rejected, now);
+            effects.extend(s.connect(hello, now));
             // Attempts the worker kept across a dropped stream run on.
             for r in &reported {
                 let kept = s
@@ -442,13 +443,6 @@ impl Coordinator {
             }
             Ok(((), effects))
         });
-        for r in rejected {
-            let msg = pb::coordinator_message::Msg::Cancel(pb::Cancel {
-                job_id: r.job_id.0,
-                attempt: r.attempt,
-            });
-            self.send(&id, msg);
-        }
         conn
     }
 

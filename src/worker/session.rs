@@ -213,7 +213,25 @@ impl Worker {
         let outcome = self
             .execute(&job, attempt, &spec, &model, queued_s, &cancel)
             .await;
-        self.running().remove(&job);
+        // A new assignment of this job may have replaced this run (a
+        // coordinator that restarted before recording an assignment can
+        // cancel and assign the same attempt number again): then this run's
+        // outcome is not the job's, and must neither end the new run nor be
+        // reported under its attempt number.
+        let ours = {
+            let mut running = self.running();
+            let ours = running
+                .get(&job)
+                .is_some_and(|r| Arc::ptr_eq(&r.cancel, &cancel));
+            if ours {
+                running.remove(&job);
+            }
+            ours
+        };
+        if !ours {
+            info!("superseded by a newer assignment of this job; outcome dropped");
+            return;
+        }
         match outcome {
             Ok((images, timings)) => {
                 info!(
