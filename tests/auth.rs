@@ -403,6 +403,41 @@ async fn the_cli_sends_corral_token() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("Unauthenticated"), "{err}");
     assert!(!err.contains(ACME));
+    // `corral worker` sends its token from CORRAL_TOKEN too.
+    let dir = tmp();
+    let mut w = common::procs::Proc::start(
+        &dir.path().join("logs"),
+        "worker",
+        &[
+            "worker",
+            "--coordinator",
+            &c.url,
+            "--worker-id",
+            "w-env",
+            "--engine",
+            "synthetic",
+            "--cache-dir",
+            dir.path().join("cache").to_str().unwrap(),
+        ],
+        &[("CORRAL_TOKEN", WORKER)],
+    );
+    let url = c.url.clone();
+    wait_until(20, "the worker process to connect", || {
+        let url = url.clone();
+        async move {
+            admin_as(&url, Some(ADMIN))
+                .await
+                .list_workers(pb::ListWorkersRequest {})
+                .await
+                .is_ok_and(|r| r.into_inner().workers.len() == 1)
+        }
+    })
+    .await;
+    w.kill();
+    assert!(
+        !w.log().contains(WORKER),
+        "the token is in the worker's log"
+    );
     c.stop().await;
 }
 
