@@ -12,7 +12,7 @@ export CORRAL_COORDINATOR="http://$ADDR"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-"$CORRAL" coordinator --listen "$ADDR" --data-dir "$WORK/data" 2>"$WORK/coordinator.log" &
+"$CORRAL" coordinator --listen "$ADDR" --data-dir "$WORK/data" --insecure-no-auth 2>"$WORK/coordinator.log" &
 for _ in $(seq 100); do grpcurl -plaintext "$ADDR" list >/dev/null 2>&1 && break; sleep 0.1; done
 "$CORRAL" worker --worker-id w1 --cache-dir "$WORK/cache" --engine synthetic 2>"$WORK/worker.log" &
 "$CORRAL" models add tiny-sd --source "file://$PWD/fixtures/tiny-sd"

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use tonic::transport::Channel;
 
+use crate::auth::{AuthedChannel, Secret};
 use crate::config::{DeviceKind, EngineKind, FileConfig};
 use crate::error::{Error, Result};
 use crate::pb;
@@ -72,7 +73,7 @@ pub struct PlanImageArgs {
 }
 
 pub async fn plan_image(a: PlanImageArgs) -> Result<()> {
-    let Some(url) = a.from_coordinator else {
+    let Some(url) = a.from_coordinator.map(|u| ClientArgs::local(&u)) else {
         println!("{}", crate::sim::plan_image_cli(&a.plan)?);
         return Ok(());
     };
@@ -154,6 +155,23 @@ pub struct ClientArgs {
         default_value = "http://127.0.0.1:7700"
     )]
     pub coordinator: String,
+    /// Client API key or admin token (prefer the environment: flags show in `ps`).
+    #[arg(long, env = "CORRAL_TOKEN", hide_env_values = true)]
+    pub token: Option<Secret>,
+    /// PEM CA certificate to trust for an https:// coordinator.
+    #[arg(long, env = "CORRAL_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// A coordinator on this machine with auth disabled (the demo).
+    pub fn local(url: &str) -> Self {
+        Self {
+            coordinator: url.to_owned(),
+            token: None,
+            ca_cert: None,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -171,11 +189,35 @@ pub struct CoordinatorArgs {
     pub max_attempts: Option<u32>,
     #[arg(long, env = "CORRAL_STARVATION_S")]
     pub starvation_s: Option<f64>,
+    /// Accept every call without a token (local use only); overrides [auth].
+    #[arg(long, env = "CORRAL_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// PEM certificate chain: serve TLS (with --tls-key).
+    #[arg(long, env = "CORRAL_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "CORRAL_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl CoordinatorArgs {
     pub fn resolve(&self) -> Result<crate::config::CoordinatorConfig> {
-        let mut c = FileConfig::load(self.config.as_deref())?.coordinator;
+        let file = FileConfig::load(self.config.as_deref())?;
+        let mut c = file.coordinator;
+        c.auth = file.auth;
+        if self.insecure_no_auth {
+            if c.auth.as_ref().is_some_and(|a| !a.disabled) {
+                tracing::warn!(
+                    "--insecure-no-auth overrides the [auth] table: no tokens are checked"
+                );
+            }
+            c.auth = Some(crate::config::AuthConfig::disabled());
+        }
+        if self.tls_cert.is_some() {
+            c.tls_cert = self.tls_cert.clone();
+        }
+        if self.tls_key.is_some() {
+            c.tls_key = self.tls_key.clone();
+        }
         if let Some(v) = self.listen {
             c.listen = v;
         }
@@ -230,6 +272,12 @@ pub struct WorkerArgs {
     pub shutdown_grace_s: Option<u64>,
     #[arg(long, env = "CORRAL_SYNTHETIC_STEP_MS")]
     pub synthetic_step_ms: Option<u64>,
+    /// Worker token (prefer the environment: flags show in `ps`).
+    #[arg(long, env = "CORRAL_TOKEN", hide_env_values = true)]
+    pub token: Option<Secret>,
+    /// PEM CA certificate to trust for an https:// coordinator.
+    #[arg(long, env = "CORRAL_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl WorkerArgs {
@@ -257,6 +305,12 @@ impl WorkerArgs {
         }
         if self.worker_id.is_some() {
             c.worker_id = self.worker_id.clone();
+        }
+        if self.token.is_some() {
+            c.token = self.token.clone();
+        }
+        if self.ca_cert.is_some() {
+            c.ca_cert = self.ca_cert.clone();
         }
         c.validate()?;
         let id = match &c.worker_id {
@@ -383,12 +437,18 @@ pub async fn channel(url: &str) -> Result<Channel> {
         .map_err(|e| Error::Unavailable(format!("cannot reach the coordinator at {url}: {e}")))
 }
 
-pub async fn jobs_client(url: &str) -> Result<pb::jobs_client::JobsClient<Channel>> {
-    Ok(pb::jobs_client::JobsClient::new(channel(url).await?).max_decoding_message_size(256 << 20))
+/// A channel to the coordinator that sends the token with every call.
+pub async fn authed_channel(c: &ClientArgs) -> Result<AuthedChannel> {
+    crate::auth::connect(&c.coordinator, c.ca_cert.as_deref(), c.token.as_ref()).await
 }
 
-pub async fn admin_client(url: &str) -> Result<pb::admin_client::AdminClient<Channel>> {
-    Ok(pb::admin_client::AdminClient::new(channel(url).await?))
+pub async fn jobs_client(c: &ClientArgs) -> Result<pb::jobs_client::JobsClient<AuthedChannel>> {
+    Ok(pb::jobs_client::JobsClient::new(authed_channel(c).await?)
+        .max_decoding_message_size(256 << 20))
+}
+
+pub async fn admin_client(c: &ClientArgs) -> Result<pb::admin_client::AdminClient<AuthedChannel>> {
+    Ok(pb::admin_client::AdminClient::new(authed_channel(c).await?))
 }
 
 /// A failed call, with the server's code and message.
@@ -418,7 +478,7 @@ pub async fn models(cmd: ModelsCmd) -> Result<()> {
             let manifest = crate::manifest::manifest_from_source(&id, &source).await?;
             let total = manifest.total_bytes();
             let files = manifest.files.len();
-            let m = admin_client(&client.coordinator)
+            let m = admin_client(&client)
                 .await?
                 .register_model(pb::RegisterModelRequest {
                     model: Some(manifest.into()),
@@ -432,7 +492,7 @@ pub async fn models(cmd: ModelsCmd) -> Result<()> {
             );
         }
         ModelsCmd::List(client) => {
-            let r = admin_client(&client.coordinator)
+            let r = admin_client(&client)
                 .await?
                 .list_models(pb::ListModelsRequest {})
                 .await
@@ -451,7 +511,7 @@ pub async fn models(cmd: ModelsCmd) -> Result<()> {
             }
         }
         ModelsCmd::Remove { id, client } => {
-            admin_client(&client.coordinator)
+            admin_client(&client)
                 .await?
                 .remove_model(pb::RemoveModelRequest {
                     model_id: id.clone(),
@@ -488,7 +548,7 @@ pub async fn models(cmd: ModelsCmd) -> Result<()> {
             replicas,
             client,
         } => {
-            let r = admin_client(&client.coordinator)
+            let r = admin_client(&client)
                 .await?
                 .warm_model(pb::WarmModelRequest {
                     model_id: id.clone(),
@@ -527,7 +587,7 @@ pub fn write_images(out: &Path, images: &[Vec<u8>]) -> Result<Vec<PathBuf>> {
 }
 
 pub async fn submit(a: SubmitArgs) -> Result<()> {
-    let mut client = jobs_client(&a.client.coordinator).await?;
+    let mut client = jobs_client(&a.client).await?;
     let r = client
         .submit_job(pb::SubmitJobRequest {
             spec: Some(pb::JobSpec {
@@ -596,7 +656,7 @@ pub enum Finished {
 
 /// Follows `WatchJob` until the job ends, showing progress on stderr.
 pub async fn follow(
-    client: &mut pb::jobs_client::JobsClient<Channel>,
+    client: &mut pb::jobs_client::JobsClient<AuthedChannel>,
     id: &str,
     bar: bool,
 ) -> Result<Finished> {
@@ -670,7 +730,7 @@ pub async fn follow(
 pub async fn jobs(cmd: JobsCmd) -> Result<()> {
     match cmd {
         JobsCmd::Get { id, client } => {
-            let j = jobs_client(&client.coordinator)
+            let j = jobs_client(&client)
                 .await?
                 .get_job(pb::GetJobRequest {
                     job_id: id,
@@ -682,7 +742,7 @@ pub async fn jobs(cmd: JobsCmd) -> Result<()> {
             print_job(&j);
         }
         JobsCmd::Watch { id, client } => {
-            let mut c = jobs_client(&client.coordinator).await?;
+            let mut c = jobs_client(&client).await?;
             match follow(&mut c, &id, true).await? {
                 Finished::Completed(o) => println!(
                     "{id}: completed on {} ({} images)",
@@ -694,7 +754,7 @@ pub async fn jobs(cmd: JobsCmd) -> Result<()> {
             }
         }
         JobsCmd::Cancel { id, client } => {
-            let j = jobs_client(&client.coordinator)
+            let j = jobs_client(&client)
                 .await?
                 .cancel_job(pb::CancelJobRequest { job_id: id })
                 .await
@@ -703,7 +763,7 @@ pub async fn jobs(cmd: JobsCmd) -> Result<()> {
             print_job(&j);
         }
         JobsCmd::List { model, client } => {
-            let mut c = jobs_client(&client.coordinator).await?;
+            let mut c = jobs_client(&client).await?;
             let mut token = String::new();
             loop {
                 let r = c
@@ -747,7 +807,7 @@ fn print_job(j: &pb::Job) {
 }
 
 pub async fn workers(client: ClientArgs) -> Result<()> {
-    let r = admin_client(&client.coordinator)
+    let r = admin_client(&client)
         .await?
         .list_workers(pb::ListWorkersRequest {})
         .await
@@ -781,7 +841,7 @@ pub async fn workers(client: ClientArgs) -> Result<()> {
 }
 
 pub async fn status(client: ClientArgs) -> Result<()> {
-    let r = admin_client(&client.coordinator)
+    let r = admin_client(&client)
         .await?
         .cluster_status(pb::ClusterStatusRequest {})
         .await

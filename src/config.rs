@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Secret;
 use crate::error::{Error, Result};
 use crate::scheduler::SchedulerConfig;
 
@@ -18,6 +19,96 @@ pub struct FileConfig {
     pub coordinator: CoordinatorConfig,
     #[serde(default)]
     pub worker: WorkerConfig,
+    /// Tokens; see `AuthConfig`. The coordinator refuses to start without
+    /// this table unless given `--insecure-no-auth`.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+}
+
+/// The `[auth]` table: who may call the coordinator (docs/security.md).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Accept every call without a token; for local use only. Default: false.
+    pub disabled: bool,
+    /// Tokens for the Admin service; they may also see every job. Default: none.
+    pub admin_tokens: Vec<Secret>,
+    /// Tokens for `Workers.Connect`. Default: none.
+    pub worker_tokens: Vec<Secret>,
+    /// API keys for the Jobs service; a client sees only its own jobs. Default: none.
+    pub clients: Vec<ClientKey>,
+}
+
+/// One client of the Jobs service (`[[auth.clients]]`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientKey {
+    /// Stored with each job it submits: letters, digits, `.`, `_`, `-`.
+    pub name: String,
+    pub key: Secret,
+}
+
+/// Shortest token or key accepted.
+const MIN_TOKEN_BYTES: usize = 16;
+
+impl AuthConfig {
+    /// No tokens needed (`--insecure-no-auth`, tests).
+    pub fn disabled() -> Self {
+        Self {
+            disabled: true,
+            ..Self::default()
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.disabled {
+            return Ok(());
+        }
+        let mut seen = std::collections::HashSet::new();
+        let all = self
+            .admin_tokens
+            .iter()
+            .chain(&self.worker_tokens)
+            .chain(self.clients.iter().map(|c| &c.key));
+        for t in all {
+            if t.expose().len() < MIN_TOKEN_BYTES {
+                return Err(Error::Config(format!(
+                    "auth: tokens and keys must be at least {MIN_TOKEN_BYTES} bytes"
+                )));
+            }
+            if !t.expose().bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(Error::Config(
+                    "auth: tokens and keys must be printable ASCII without spaces".into(),
+                ));
+            }
+            if !seen.insert(t.expose()) {
+                return Err(Error::Config(
+                    "auth: a token or key is listed twice; each must name one role".into(),
+                ));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for c in &self.clients {
+            let ok = !c.name.is_empty()
+                && c.name.len() <= 64
+                && c.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                return Err(Error::Config(format!(
+                    "auth: client name {:?} must be 1-64 letters, digits, '.', '_' or '-'",
+                    c.name
+                )));
+            }
+            if !names.insert(c.name.as_str()) {
+                return Err(Error::Config(format!(
+                    "auth: client {:?} is listed twice",
+                    c.name
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl FileConfig {
@@ -49,6 +140,8 @@ pub struct JobLimits {
     pub max_prompt_bytes: usize,
     /// Most jobs queued or running at once. Default: 100000.
     pub max_unfinished_jobs: usize,
+    /// Most jobs one client may have queued or running at once. Default: 10000.
+    pub max_unfinished_jobs_per_client: usize,
 }
 
 impl Default for JobLimits {
@@ -61,6 +154,7 @@ impl Default for JobLimits {
             max_images: 8,
             max_prompt_bytes: 4096,
             max_unfinished_jobs: 100_000,
+            max_unfinished_jobs_per_client: 10_000,
         }
     }
 }
@@ -82,9 +176,18 @@ pub struct CoordinatorConfig {
     pub starvation_s: f64,
     /// Largest gRPC message, either way (images are large). Default: 64 MiB.
     pub max_message_bytes: usize,
-    /// Completed jobs' images are kept this long. Default: 86400.
+    /// Finished jobs (records and result images) are kept this long. Default: 86400.
     pub result_retention_s: u64,
+    /// Most worker streams connected at once. Default: 10000.
+    pub max_worker_streams: usize,
+    /// PEM certificate chain; with `tls_key`, the gRPC port speaks TLS. Default: none.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`. Default: none.
+    pub tls_key: Option<PathBuf>,
     pub limits: JobLimits,
+    /// The file's `[auth]` table (or `--insecure-no-auth`); required.
+    #[serde(skip)]
+    pub auth: Option<AuthConfig>,
 }
 
 impl Default for CoordinatorConfig {
@@ -98,7 +201,11 @@ impl Default for CoordinatorConfig {
             starvation_s: 60.0,
             max_message_bytes: 64 << 20,
             result_retention_s: 86_400,
+            max_worker_streams: 10_000,
+            tls_cert: None,
+            tls_key: None,
             limits: JobLimits::default(),
+            auth: None,
         }
     }
 }
@@ -125,7 +232,19 @@ impl CoordinatorConfig {
                 "max_message_bytes must be at least 1 MiB".into(),
             ));
         }
-        Ok(())
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(Error::Config(
+                "tls_cert and tls_key go together: give both or neither".into(),
+            ));
+        }
+        match &self.auth {
+            None => Err(Error::Config(
+                "no [auth] table: configure admin_tokens, worker_tokens and [[auth.clients]], \
+                 or for local use set [auth] disabled = true or pass --insecure-no-auth"
+                    .into(),
+            )),
+            Some(a) => a.validate(),
+        }
     }
 
     pub fn heartbeat_interval_ms(&self) -> u64 {
@@ -195,6 +314,10 @@ pub struct WorkerConfig {
     pub shutdown_grace_s: u64,
     /// Milliseconds per step of the synthetic engine. Default: 20.
     pub synthetic_step_ms: u64,
+    /// Worker token sent to the coordinator (also `CORRAL_TOKEN`). Default: none.
+    pub token: Option<Secret>,
+    /// PEM CA certificate to trust for an https:// coordinator. Default: the public roots.
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -215,6 +338,8 @@ impl Default for WorkerConfig {
             max_loaded_models: 2,
             shutdown_grace_s: 30,
             synthetic_step_ms: 20,
+            token: None,
+            ca_cert: None,
         }
     }
 }
@@ -251,6 +376,37 @@ mod tests {
     fn unknown_keys_are_an_error() {
         let err = toml::from_str::<FileConfig>("[coordinator]\nlisten_addr = \"x\"\n").unwrap_err();
         assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn auth_table_parses_and_secrets_stay_hidden() {
+        let c: FileConfig = toml::from_str(
+            "[auth]\nadmin_tokens = [\"admin-0123456789abcdef\"]\n\
+             [[auth.clients]]\nname = \"acme\"\nkey = \"acme-0123456789abcdef\"\n",
+        )
+        .unwrap();
+        let a = c.auth.clone().unwrap();
+        assert!(!a.disabled);
+        assert_eq!(a.clients[0].name, "acme");
+        a.validate().unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("0123456789abcdef"), "{shown}");
+        let mut short = a.clone();
+        short.worker_tokens.push(Secret::new("short"));
+        assert!(short.validate().is_err());
+        let mut twice = a;
+        twice
+            .worker_tokens
+            .push(Secret::new("acme-0123456789abcdef"));
+        assert!(twice.validate().is_err());
+    }
+
+    #[test]
+    fn coordinator_needs_an_auth_decision() {
+        let mut c = CoordinatorConfig::default();
+        assert!(c.validate().unwrap_err().to_string().contains("[auth]"));
+        c.auth = Some(AuthConfig::disabled());
+        c.validate().unwrap();
     }
 
     #[test]

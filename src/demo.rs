@@ -126,6 +126,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let ccfg = CoordinatorConfig {
         data_dir: a.out.join("coordinator"),
         heartbeat_interval_s: 1.0,
+        // Loopback only, in this process: no tokens.
+        auth: Some(crate::config::AuthConfig::disabled()),
         ..CoordinatorConfig::default()
     };
     let (stop, rx) = oneshot::channel::<()>();
@@ -164,7 +166,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         manifest.files.len(),
         manifest.total_bytes()
     );
-    cli::admin_client(&url)
+    cli::admin_client(&cli::ClientArgs::local(&url))
         .await?
         .register_model(pb::RegisterModelRequest {
             model: Some(manifest.into()),
@@ -181,7 +183,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         let (steps, size) = (a.steps, a.size);
         let scheduler = ["euler_a", "dpmpp_2m_karras", "ddim", "euler"][i as usize % 4];
         handles.push(tokio::spawn(async move {
-            let mut client = cli::jobs_client(&url).await?;
+            let mut client = cli::jobs_client(&cli::ClientArgs::local(&url)).await?;
             let job = client
                 .submit_job(pb::SubmitJobRequest {
                     spec: Some(pb::JobSpec {
@@ -250,10 +252,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         }
     }
     println!();
-    cli::workers(cli::ClientArgs {
-        coordinator: url.clone(),
-    })
-    .await?;
+    cli::workers(cli::ClientArgs::local(&url)).await?;
     wa.stop().await?;
     wb.stop().await?;
     coordinator.stop().await?;
@@ -274,7 +273,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
 
 async fn wait_for_workers(url: &str, n: usize) -> Result<()> {
     let deadline = Instant::now() + std::time::Duration::from_secs(30);
-    let mut admin = cli::admin_client(url).await?;
+    let mut admin = cli::admin_client(&cli::ClientArgs::local(url)).await?;
     loop {
         let w = admin
             .list_workers(pb::ListWorkersRequest {})

@@ -9,8 +9,10 @@
 //! - `coordinator`: tonic services around the scheduler.
 //! - `manifest`: a model's files, sizes and digests, built from its source.
 //! - `worker`: the stream to the coordinator, the disk cache, downloads, engines.
+//! - `auth`: tokens and TLS on the client side (`coordinator::auth` checks them).
 //! - `pipeline`: the Stable Diffusion pipeline on ONNX Runtime (`ort`).
 
+pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;

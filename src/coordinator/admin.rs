@@ -32,7 +32,9 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::RegisterModelRequest>,
     ) -> Result<Response<pb::Model>, Status> {
         let m = convert::required_model(req.into_inner().model)?;
-        Ok(Response::new(self.0.register_model(m).into()))
+        let m = self.0.register_model(m);
+        self.0.sync().await?;
+        Ok(Response::new(m.into()))
     }
 
     async fn list_models(
@@ -50,6 +52,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::RemoveModelResponse>, Status> {
         let id = convert::model_id(req.into_inner().model_id, "model_id")?;
         self.0.remove_model(&id)?;
+        self.0.sync().await?;
         Ok(Response::new(pb::RemoveModelResponse {}))
     }
 

@@ -8,6 +8,7 @@ use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
+use super::auth::Caller;
 use super::Coordinator;
 use crate::config::JobLimits;
 use crate::convert;
@@ -86,13 +87,19 @@ pub fn validate(spec: &JobSpec, l: &JobLimits) -> Result<()> {
 }
 
 impl JobsService {
-    pub fn submit_inner(&self, req: pb::SubmitJobRequest) -> Result<pb::SubmitJobResponse> {
+    /// Accepts a job for `client` ("" with authentication off) and answers
+    /// once it is durable.
+    pub async fn submit_inner(
+        &self,
+        client: &str,
+        req: pb::SubmitJobRequest,
+    ) -> Result<pb::SubmitJobResponse> {
         let spec = convert::required_spec(req.spec)?;
         validate(&spec, &self.0.config().limits)?;
         if !self.0.has_model(&spec.model_id) {
             return Err(Error::UnknownModel(spec.model_id));
         }
-        let (record, deduplicated) = self.0.submit(spec)?;
+        let (record, deduplicated) = self.0.submit_durable(client, spec).await?;
         let est = self.0.estimated_start_s(&record.id);
         Ok(pb::SubmitJobResponse {
             job: Some(convert::job_to_pb(&record, false, est)),
@@ -100,14 +107,24 @@ impl JobsService {
         })
     }
 
-    pub fn get_inner(&self, req: pb::GetJobRequest) -> Result<pb::Job> {
+    /// Refuses (as not found) a job `caller` may not see.
+    fn check_owner(&self, caller: &Caller, id: &JobId) -> Result<()> {
+        caller.check_owner(id, self.0.owner(id).as_deref())
+    }
+
+    pub fn get_inner(&self, caller: &Caller, req: pb::GetJobRequest) -> Result<pb::Job> {
         let id = convert::job_id(req.job_id)?;
+        self.check_owner(caller, &id)?;
         let record = self.0.get(&id)?;
         let est = self.0.estimated_start_s(&id);
         Ok(convert::job_to_pb(&record, req.include_images, est))
     }
 
-    pub fn list_inner(&self, req: pb::ListJobsRequest) -> Result<pb::ListJobsResponse> {
+    pub fn list_inner(
+        &self,
+        caller: &Caller,
+        req: pb::ListJobsRequest,
+    ) -> Result<pb::ListJobsResponse> {
         let state = convert::job_state_filter(req.state)?;
         let model = (!req.model_id.is_empty())
             .then(|| convert::model_id(req.model_id, "model_id"))
@@ -119,7 +136,10 @@ impl JobsService {
             0 => 100,
             n => n.min(1000) as usize,
         };
-        let (jobs, next) = self.0.list(state, model.as_ref(), after.as_ref(), limit);
+        let owner = (!caller.sees_all()).then(|| caller.client_name());
+        let (jobs, next) = self
+            .0
+            .list(state, model.as_ref(), owner, after.as_ref(), limit);
         Ok(pb::ListJobsResponse {
             jobs: jobs
                 .iter()
@@ -169,11 +189,16 @@ impl pb::jobs_server::Jobs for JobsService {
         &self,
         req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        Ok(Response::new(self.submit_inner(req.into_inner())?))
+        let caller = Caller::of(&req)?;
+        Ok(Response::new(
+            self.submit_inner(caller.client_name(), req.into_inner())
+                .await?,
+        ))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
-        Ok(Response::new(self.get_inner(req.into_inner())?))
+        let caller = Caller::of(&req)?;
+        Ok(Response::new(self.get_inner(&caller, req.into_inner())?))
     }
 
     type WatchJobStream = EventStream;
@@ -182,7 +207,9 @@ impl pb::jobs_server::Jobs for JobsService {
         &self,
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let caller = Caller::of(&req)?;
         let id = convert::job_id(req.into_inner().job_id)?;
+        self.check_owner(&caller, &id)?;
         let (record, rx) = self.0.watch(&id)?;
         let est = self.0.estimated_start_s(&id);
         let first = snapshot_event(&record, est, self.0.now_ms());
@@ -193,8 +220,11 @@ impl pb::jobs_server::Jobs for JobsService {
         &self,
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let caller = Caller::of(&req)?;
         let id = convert::job_id(req.into_inner().job_id)?;
+        self.check_owner(&caller, &id)?;
         let record = self.0.cancel(&id)?;
+        self.0.sync().await?;
         Ok(Response::new(convert::job_to_pb(&record, false, 0.0)))
     }
 
@@ -202,7 +232,8 @@ impl pb::jobs_server::Jobs for JobsService {
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        Ok(Response::new(self.list_inner(req.into_inner())?))
+        let caller = Caller::of(&req)?;
+        Ok(Response::new(self.list_inner(&caller, req.into_inner())?))
     }
 }
 

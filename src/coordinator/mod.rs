@@ -9,7 +9,10 @@
 //! is full is dropped like a dead one.
 
 mod admin;
+pub mod auth;
+mod durable;
 mod jobs;
+mod journal;
 mod server;
 mod workers;
 
@@ -54,6 +57,7 @@ pub struct Coordinator {
     models: DashMap<ModelId, ModelManifest>,
     links: DashMap<WorkerId, WorkerLink>,
     next_conn: AtomicU64,
+    durable: durable::Durable,
 }
 
 impl Coordinator {
@@ -67,6 +71,7 @@ impl Coordinator {
             models: DashMap::new(),
             links: DashMap::new(),
             next_conn: AtomicU64::new(1),
+            durable: durable::Durable::default(),
         })
     }
 
@@ -93,6 +98,7 @@ impl Coordinator {
         let mut s = self.sched();
         let (out, effects) = op(&mut s, now)?;
         self.apply(&mut s, effects, now);
+        self.persist_dirty(&s);
         Ok(out)
     }
 
@@ -234,6 +240,7 @@ impl Coordinator {
         let mut slot = self.jobs.get_mut(job)?;
         f(&mut slot.record);
         slot.record.updated_ms = now;
+        self.durable.mark(job);
         Some(slot.record.spec.clone())
     }
 
@@ -253,7 +260,13 @@ impl Coordinator {
     /// Accepts a validated job. Returns its record and whether an earlier
     /// job with the same idempotency key was returned instead.
     pub fn submit(&self, spec: JobSpec) -> Result<(JobRecord, bool)> {
-        let key = spec.idempotency_key.clone();
+        self.submit_as("", spec)
+    }
+
+    /// `submit` for `client`, who owns the job; idempotency keys are per
+    /// client. Use `submit_durable` to answer only once it is on disk.
+    pub fn submit_as(&self, client: &str, spec: JobSpec) -> Result<(JobRecord, bool)> {
+        let key = journal::scoped_key(client, &spec.idempotency_key).unwrap_or_default();
         let id = JobId(format!("j-{}", uuid::Uuid::new_v4().simple()));
         let spec = Arc::new(spec);
         // Everything under the scheduler lock, so that two submissions with
@@ -270,6 +283,7 @@ impl Coordinator {
                     s.job_count()
                 )));
             }
+            self.durable.admit(client, &self.cfg.limits)?;
             let record = JobRecord {
                 id: id.clone(),
                 spec: spec.clone(),
@@ -283,6 +297,7 @@ impl Coordinator {
                 output: None,
             };
             let (events, _) = broadcast::channel(256);
+            self.durable.own(&id, client);
             self.jobs.insert(id.clone(), JobSlot { record, events });
             match s.submit(id.clone(), spec.clone(), now) {
                 Ok(effects) => {
@@ -293,6 +308,7 @@ impl Coordinator {
                 }
                 Err(err) => {
                     self.jobs.remove(&id);
+                    self.durable.disown(&id);
                     Err(err)
                 }
             }
@@ -347,11 +363,13 @@ impl Coordinator {
         self.get(id)
     }
 
-    /// Jobs matching the filters, ordered by creation, after `after` (a job id).
+    /// Jobs matching the filters (`owner`: submitted by that client),
+    /// ordered by creation, after `after` (a job id).
     pub fn list(
         &self,
         state: Option<JobState>,
         model: Option<&ModelId>,
+        owner: Option<&str>,
         after: Option<&JobId>,
         limit: usize,
     ) -> (Vec<JobRecord>, Option<JobId>) {
@@ -360,6 +378,7 @@ impl Coordinator {
             .iter()
             .filter(|s| state.is_none_or(|st| s.record.state == st))
             .filter(|s| model.is_none_or(|m| &s.record.spec.model_id == m))
+            .filter(|s| owner.is_none_or(|o| self.owner(&s.record.id).as_deref() == Some(o)))
             .map(|s| s.record.clone())
             .collect();
         all.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
@@ -385,15 +404,17 @@ impl Coordinator {
 
     /// A worker said hello on a new stream. Returns the connection id that
     /// later calls for this stream must present.
-    fn worker_connected(&self, hello: WorkerHello, tx: WorkerTx) -> u64 {
+    fn worker_connected(&self, mut hello: WorkerHello, tx: WorkerTx) -> u64 {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let id = hello.worker_id.clone();
         info!(worker_id = %id, conn, slots = hello.max_concurrent_jobs, "worker connected");
+        let rejected = self.vet_reported(&mut hello);
         let reported: Vec<RunningJob> = hello.state.running_jobs.clone();
         let _ = self.with_sched(|s, now| {
             // Replace any older stream first, so its effects go nowhere.
             self.links.insert(id.clone(), WorkerLink { conn, tx });
-            let effects = s.connect(hello, now);
+            let mut effects = self.refuse_reported(s, &id, &rejected, now);
+            effects.extend(s.connect(hello, now));
             // Attempts the worker kept across a dropped stream run on.
             for r in &reported {
                 let kept = s
@@ -530,6 +551,7 @@ impl Coordinator {
         let _ = self.with_sched(|s, _| {
             s.register_model(m.id.clone(), bytes);
             self.models.insert(m.id.clone(), m.clone());
+            self.record_model(&m);
             Ok(((), Vec::new()))
         });
         info!(model_id = %m.id, bytes, files = m.files.len(), "model registered");
@@ -540,6 +562,7 @@ impl Coordinator {
         self.with_sched(|s, _| {
             s.remove_model(id)?;
             self.models.remove(id);
+            self.forget_model(id);
             Ok(((), Vec::new()))
         })
     }

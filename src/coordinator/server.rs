@@ -10,6 +10,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, info_span, Instrument};
 
 use super::admin::AdminService;
+use super::auth::{Authenticator, Guard, Service};
 use super::jobs::JobsService;
 use super::workers::WorkersService;
 use super::Coordinator;
@@ -63,9 +64,18 @@ pub async fn run(
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::io(&cfg.data_dir, e))?;
     let max = cfg.max_message_bytes;
     let tick = Duration::from_millis((cfg.heartbeat_interval_ms() / 5).clamp(50, 1000));
-    let services = Services::new(cfg, Arc::new(SystemClock));
+    let retention_s = cfg.result_retention_s;
+    let auth = Arc::new(Authenticator::new(
+        cfg.auth
+            .as_ref()
+            .expect("validate() requires an auth decision"),
+    ));
+    let guard = |s: Service| Guard::new(auth.clone(), s);
+    let tls = super::auth::server_tls(&cfg)?;
+    let services = Services::open(cfg, Arc::new(SystemClock))?;
     let coord = services.coordinator.clone();
     spawn_ticker(Arc::downgrade(&coord), tick);
+    super::durable::spawn_sweeper(Arc::downgrade(&coord), retention_s);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -92,27 +102,37 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener", e))?;
-    info!(%addr, "coordinator listening");
-    tonic::transport::Server::builder()
+    info!(%addr, tls = tls.is_some(), "coordinator listening");
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tls)
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+    }
+    use tonic::service::interceptor::InterceptedService;
+    server
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
+        .add_service(InterceptedService::new(
             pb::workers_server::WorkersServer::new(WorkersService(coord.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
-        .add_service(
+            guard(Service::Workers),
+        ))
+        .add_service(InterceptedService::new(
             pb::jobs_server::JobsServer::new(services.jobs)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
-        .add_service(
+            guard(Service::Jobs),
+        ))
+        .add_service(InterceptedService::new(
             pb::admin_server::AdminServer::new(services.admin)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
+            guard(Service::Admin),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
             // Worker streams never end on their own: close them, so that
@@ -121,6 +141,7 @@ pub async fn run(
         })
         .await
         .map_err(|e| Error::Internal(format!("server: {e}")))?;
+    coord.close_store().await?;
     info!("coordinator stopped");
     Ok(())
 }

@@ -42,6 +42,13 @@ impl pb::workers_server::Workers for WorkersService {
         let worker = hello.worker_id.clone();
         let coord = self.0.clone();
         let cfg = coord.config();
+        if coord.links.len() >= cfg.max_worker_streams && !coord.links.contains_key(&worker) {
+            return Err(crate::Error::ResourceExhausted(format!(
+                "{} worker streams are connected, the configured maximum (max_worker_streams)",
+                coord.links.len()
+            ))
+            .into());
+        }
         let (tx, rx) = mpsc::channel(WORKER_CHANNEL);
         let welcome = pb::coordinator_message::Msg::Welcome(pb::Welcome {
             heartbeat_interval_ms: cfg.heartbeat_interval_ms(),
@@ -62,7 +69,13 @@ impl pb::workers_server::Workers for WorkersService {
                                 continue;
                             };
                             let going_away = matches!(msg, pb::worker_message::Msg::GoingAway(_));
-                            if let Err(e) = coord.worker_message(&worker, conn, msg) {
+                            let res = match msg {
+                                pb::worker_message::Msg::Result(r) => {
+                                    coord.worker_result(&worker, conn, r).await
+                                }
+                                msg => coord.worker_message(&worker, conn, msg),
+                            };
+                            if let Err(e) = res {
                                 warn!(error = %e, "worker message ignored");
                             }
                             if going_away || !coord.is_current(&worker, conn) {

@@ -216,7 +216,25 @@ impl Worker {
         let outcome = self
             .execute(&job, attempt, &spec, &model, queued_s, &cancel)
             .await;
-        self.running().remove(&job);
+        // A new assignment of this job may have replaced this run (a
+        // coordinator that restarted before recording an assignment can
+        // cancel and assign the same attempt number again): then this run's
+        // outcome is not the job's, and must neither end the new run nor be
+        // reported under its attempt number.
+        let ours = {
+            let mut running = self.running();
+            let ours = running
+                .get(&job)
+                .is_some_and(|r| Arc::ptr_eq(&r.cancel, &cancel));
+            if ours {
+                running.remove(&job);
+            }
+            ours
+        };
+        if !ours {
+            info!("superseded by a newer assignment of this job; outcome dropped");
+            return;
+        }
         match outcome {
             Ok((images, timings)) => {
                 info!(
@@ -421,15 +439,14 @@ async fn connect_once(
     stop_deadline: &mut Option<tokio::time::Instant>,
 ) -> Result<SessionEnd> {
     let url = worker.cfg.coordinator.clone();
-    let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
-        .map_err(|e| Error::Config(format!("coordinator URL {url:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
+    let endpoint = crate::auth::endpoint(&url, worker.cfg.ca_cert.as_deref())?
         .http2_keep_alive_interval(Duration::from_secs(10));
     let channel = endpoint
         .connect()
         .await
         .map_err(|e| Error::Unavailable(format!("connect to {url}: {e}")))?;
-    let mut client = pb::workers_client::WorkersClient::new(channel)
+    let token = crate::auth::BearerToken::new(worker.cfg.token.as_ref())?;
+    let mut client = pb::workers_client::WorkersClient::with_interceptor(channel, token)
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
     let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(1024);

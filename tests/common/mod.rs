@@ -2,6 +2,9 @@
 //! over real gRPC on 127.0.0.1 (bound first, then served).
 #![allow(dead_code)]
 
+pub mod procs;
+pub mod raw;
+
 use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
@@ -36,7 +39,11 @@ pub fn fast_config() -> CoordinatorConfig {
     }
 }
 
+/// A coordinator in this process on a fresh data dir. Without an auth
+/// decision in `cfg`, authentication is disabled (as `--insecure-no-auth`).
 pub async fn coordinator(mut cfg: CoordinatorConfig) -> Coord {
+    cfg.auth
+        .get_or_insert_with(corral::config::AuthConfig::disabled);
     let data_dir = tempfile::tempdir().unwrap();
     cfg.data_dir = data_dir.path().to_path_buf();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
