@@ -235,6 +235,21 @@ fn table(exp: &Experiment) -> String {
         cell(&cap, 1),
         cell(&per_job, 4)
     );
+    if p.goodput_grid > 0 {
+        let per: Vec<String> = exp
+            .outcomes
+            .iter()
+            .map(|po| {
+                let g: Vec<String> = po
+                    .seeds
+                    .iter()
+                    .map(|s| format!("{:.1}", s.goodput.unwrap_or(f64::NAN)))
+                    .collect();
+                format!("{} [{}]", po.policy.name(), g.join(", "))
+            })
+            .collect();
+        let _ = writeln!(s, "\nGoodput per seed (jobs/s): {}.", per.join("; "));
+    }
     // Scenario-specific figures.
     let extra: &[(&str, &str)] = &[
         ("recovery_min", "p95 back to pre-shift level after (min)"),
@@ -300,6 +315,13 @@ fn json_value(exp: &Experiment) -> serde_json::Value {
             let mut obj = serde_json::Map::new();
             obj.insert("policy".into(), json!(po.policy.name()));
             obj.insert("seeds".into(), json!(po.seeds.len()));
+            obj.insert(
+                "goodput_per_seed".into(),
+                po.seeds
+                    .iter()
+                    .map(|s| num(s.goodput.unwrap_or(f64::NAN)))
+                    .collect(),
+            );
             for (k, v) in &m.rows {
                 let (mean, half) = mean_ci(v);
                 obj.insert((*k).into(), num(mean));
