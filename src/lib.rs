@@ -6,6 +6,8 @@
 //! - `types`, `error`, `clock`: the domain, shared by everything.
 //! - `pb` and `convert`: the wire contract and the only place that maps it.
 //! - `scheduler`: the pure, synchronous core (no I/O, no tokio, no protobuf).
+//! - `sim`: a discrete-event simulator driving `scheduler` against baseline
+//!   policies (see docs/sim.md).
 //! - `coordinator`: tonic services around the scheduler.
 //! - `manifest`: a model's files, sizes and digests, built from its source.
 //! - `worker`: the stream to the coordinator, the disk cache, downloads, engines.

@@ -323,7 +323,8 @@ fn prefetches(effects: &[Effect]) -> Vec<(String, String)> {
 #[test]
 fn estimate_counts_a_download_already_under_way_elsewhere() {
     let mut s = sched();
-    let mut h = hello("busy-dl", 1, &[], &[]);
+    // No free slot (so the job stays queued), fetching b at 100 MB/s.
+    let mut h = hello("busy-dl", 0, &[], &[]);
     h.state.download_bps = 100_000_000;
     h.state.downloads = vec![crate::types::DownloadState {
         model_id: "b".into(),
@@ -332,13 +333,10 @@ fn estimate_counts_a_download_already_under_way_elsewhere() {
     }];
     s.connect(h, 0);
     s.submit("j".into(), spec("a", 0), 0).unwrap();
-    // The only worker must finish fetching b (20 s) before a (20 s), then load.
+    // One download at a time: b (2 GB) first, then a (2 GB), then the load.
     let cost = s.config().cost.clone();
-    let got = s.estimate_start_ms(&"j".into(), 0);
     let want = cost.download_ms(4 * GB, 100_000_000) + cost.load_ms(2 * GB);
-    // Assigned at once (nobody else), so the estimate is 0; the assignment
-    // carries the download tier.
-    assert!(got == Some(0) || got == Some(want), "{got:?}");
+    assert_eq!(s.estimate_start_ms(&"j".into(), 0), Some(want));
 }
 
 #[test]

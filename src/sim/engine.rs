@@ -93,6 +93,10 @@ pub struct RunResult {
     /// Jobs refused because no node could ever serve them (B3).
     pub unservable: u64,
     pub bytes_downloaded: u64,
+    /// Bytes of downloads finished after warm-up.
+    pub bytes_measured: u64,
+    /// Jobs arriving after warm-up that finished.
+    pub done_measured: u64,
     pub lb_churn_bytes: u64,
     pub lb_capacity_bytes: u64,
     pub hits_vram: u64,
@@ -217,6 +221,8 @@ pub struct Sim<'w> {
     idle: BTreeSet<u32>,
     // ledgers
     downloaded: u64,
+    /// Bytes of downloads finished after warm-up.
+    downloaded_measured: u64,
     inserted: u64,
     evicted: u64,
     gen_ms: u64,
@@ -316,6 +322,7 @@ impl<'w> Sim<'w> {
             advertisers: vec![0; w.models],
             idle: BTreeSet::new(),
             downloaded: 0,
+            downloaded_measured: 0,
             inserted: 0,
             evicted: 0,
             gen_ms: 0,
@@ -949,6 +956,9 @@ impl<'w> Sim<'w> {
         let took = self.now.saturating_sub(start).max(1);
         x.measured_bps = bytes * 1000 / took;
         self.downloaded += bytes;
+        if self.now >= self.w.warmup_ms {
+            self.downloaded_measured += bytes;
+        }
         self.insert_disk(n, f)?;
         let waiting = match self.nodes[n as usize].gpu {
             Gpu::Waiting(r) => Some(r),
@@ -1320,6 +1330,8 @@ impl<'w> Sim<'w> {
                 .filter(|l| l.zombie && l.leave_ms < end)
                 .count() as u64,
             bytes_downloaded: self.downloaded,
+            bytes_measured: self.downloaded_measured,
+            done_measured: measured.iter().filter(|r| r.done_ms.is_some()).count() as u64,
             aborted: self.aborted,
             gen_s: self.gen_ms as f64 / 1e3,
             load_s: self.load_ms as f64 / 1e3,

@@ -98,6 +98,12 @@ fn metrics(exp: &Experiment, po: &PolicyOutcome) -> Metrics {
     push("p95_s", &|s| percentile(&s.reference.latencies_s, 0.95));
     push("p99_s", &|s| percentile(&s.reference.latencies_s, 0.99));
     push("gb_per_job", &|s| {
+        if s.reference.done_measured == 0 {
+            return f64::NAN;
+        }
+        s.reference.bytes_measured as f64 / 1e9 / s.reference.done_measured as f64
+    });
+    push("gb_per_job_all", &|s| {
         s.reference.bytes_downloaded as f64 / 1e9 / s.reference.done.max(1) as f64
     });
     push("bytes_over_lb", &|s| {
@@ -204,20 +210,24 @@ fn table(exp: &Experiment) -> String {
     );
     let _ = writeln!(
         s,
-        "| policy | goodput (jobs/s) | p50 (s) | p95 (s) | p99 (s) | GB/job | bytes/LB | VRAM hit | disk hit | baked hit | miss | lost | dup |"
+        "| policy | goodput (jobs/s) | p50 (s) | p95 (s) | p99 (s) | GB/job | GB/job (all) | bytes/LB | VRAM hit | disk hit | baked hit | miss | lost | dup |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for po in &exp.outcomes {
         let m = metrics(exp, po);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             po.policy.name(),
             cell(m.get("goodput"), 1),
             cell(m.get("p50_s"), 1),
             cell(m.get("p95_s"), 1),
             cell(m.get("p99_s"), 1),
             cell(m.get("gb_per_job"), 3),
+            cell(m.get("gb_per_job_all"), 3),
             cell(m.get("bytes_over_lb"), 2),
             cell(m.get("vram_hit"), 2),
             cell(m.get("disk_hit"), 2),
@@ -235,6 +245,21 @@ fn table(exp: &Experiment) -> String {
         cell(&cap, 1),
         cell(&per_job, 4)
     );
+    if p.goodput_grid > 0 {
+        let per: Vec<String> = exp
+            .outcomes
+            .iter()
+            .map(|po| {
+                let g: Vec<String> = po
+                    .seeds
+                    .iter()
+                    .map(|s| format!("{:.1}", s.goodput.unwrap_or(f64::NAN)))
+                    .collect();
+                format!("{} [{}]", po.policy.name(), g.join(", "))
+            })
+            .collect();
+        let _ = writeln!(s, "\nGoodput per seed (jobs/s): {}.", per.join("; "));
+    }
     // Scenario-specific figures.
     let extra: &[(&str, &str)] = &[
         ("recovery_min", "p95 back to pre-shift level after (min)"),
@@ -300,6 +325,13 @@ fn json_value(exp: &Experiment) -> serde_json::Value {
             let mut obj = serde_json::Map::new();
             obj.insert("policy".into(), json!(po.policy.name()));
             obj.insert("seeds".into(), json!(po.seeds.len()));
+            obj.insert(
+                "goodput_per_seed".into(),
+                po.seeds
+                    .iter()
+                    .map(|s| num(s.goodput.unwrap_or(f64::NAN)))
+                    .collect(),
+            );
             for (k, v) in &m.rows {
                 let (mean, half) = mean_ci(v);
                 obj.insert((*k).into(), num(mean));
