@@ -54,7 +54,7 @@ pub enum Command {
     /// Simulate the fleet: Corral's scheduler against the baselines.
     Sim(crate::sim::SimArgs),
     /// Which models to bake into the worker image under a byte budget.
-    PlanImage(PlanImageArgs),
+    PlanImage(PlanImageCmd),
     /// The main job end to end: a coordinator, two workers, jobs, images.
     Demo(crate::demo::DemoArgs),
     /// Per-stage timings of a Stable Diffusion pipeline (session creation,
@@ -63,7 +63,7 @@ pub enum Command {
 }
 
 #[derive(Args, Debug)]
-pub struct PlanImageArgs {
+pub struct PlanImageCmd {
     #[command(flatten)]
     pub plan: crate::sim::PlanImageArgs,
     /// Use the demand a live coordinator observed (ClusterStatus) instead
@@ -72,7 +72,7 @@ pub struct PlanImageArgs {
     pub from_coordinator: Option<String>,
 }
 
-pub async fn plan_image(a: PlanImageArgs) -> Result<()> {
+pub async fn plan_image(a: PlanImageCmd) -> Result<()> {
     let Some(url) = a.from_coordinator.map(|u| ClientArgs::local(&u)) else {
         println!("{}", crate::sim::plan_image_cli(&a.plan)?);
         return Ok(());
@@ -905,5 +905,15 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }
