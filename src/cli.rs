@@ -130,6 +130,9 @@ pub struct CoordinatorArgs {
     pub max_attempts: Option<u32>,
     #[arg(long, env = "CORRAL_STARVATION_S")]
     pub starvation_s: Option<f64>,
+    /// HTTP address for /metrics and the cluster page (e.g. 127.0.0.1:7701).
+    #[arg(long, env = "CORRAL_HTTP_LISTEN")]
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 impl CoordinatorArgs {
@@ -149,6 +152,9 @@ impl CoordinatorArgs {
         }
         if let Some(v) = self.starvation_s {
             c.starvation_s = v;
+        }
+        if self.http_listen.is_some() {
+            c.http_listen = self.http_listen;
         }
         c.validate()?;
         Ok(c)
@@ -189,6 +195,9 @@ pub struct WorkerArgs {
     pub shutdown_grace_s: Option<u64>,
     #[arg(long, env = "CORRAL_SYNTHETIC_STEP_MS")]
     pub synthetic_step_ms: Option<u64>,
+    /// HTTP address for this worker's /metrics (e.g. 127.0.0.1:7702).
+    #[arg(long, env = "CORRAL_WORKER_HTTP_LISTEN")]
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 impl WorkerArgs {
@@ -216,6 +225,9 @@ impl WorkerArgs {
         }
         if self.worker_id.is_some() {
             c.worker_id = self.worker_id.clone();
+        }
+        if self.http_listen.is_some() {
+            c.http_listen = self.http_listen;
         }
         c.validate()?;
         let id = match &c.worker_id {

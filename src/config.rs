@@ -84,6 +84,8 @@ pub struct CoordinatorConfig {
     pub max_message_bytes: usize,
     /// Completed jobs' images are kept this long. Default: 86400.
     pub result_retention_s: u64,
+    /// HTTP address for `/metrics` and the cluster page `/`; none: no HTTP port. Default: none.
+    pub http_listen: Option<SocketAddr>,
     pub limits: JobLimits,
 }
 
@@ -98,6 +100,7 @@ impl Default for CoordinatorConfig {
             starvation_s: 60.0,
             max_message_bytes: 64 << 20,
             result_retention_s: 86_400,
+            http_listen: None,
             limits: JobLimits::default(),
         }
     }
@@ -195,6 +198,8 @@ pub struct WorkerConfig {
     pub shutdown_grace_s: u64,
     /// Milliseconds per step of the synthetic engine. Default: 20.
     pub synthetic_step_ms: u64,
+    /// HTTP address for this worker's `/metrics`; none: no HTTP port. Default: none.
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl Default for WorkerConfig {
@@ -215,6 +220,7 @@ impl Default for WorkerConfig {
             max_loaded_models: 2,
             shutdown_grace_s: 30,
             synthetic_step_ms: 20,
+            http_listen: None,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - `manifest`: a model's files, sizes and digests, built from its source.
 //! - `worker`: the stream to the coordinator, the disk cache, downloads, engines.
 //! - `pipeline`: the Stable Diffusion pipeline on ONNX Runtime (`ort`).
+//! - `metrics`: Prometheus counters and histograms (coordinator and worker).
 
 pub mod cli;
 pub mod clock;
@@ -19,6 +20,7 @@ pub mod coordinator;
 pub mod demo;
 pub mod error;
 pub mod manifest;
+pub mod metrics;
 pub mod pb;
 pub mod pipeline;
 pub mod scheduler;

@@ -52,6 +52,11 @@ async fn run_coordinator(a: cli::CoordinatorArgs) -> corral::Result<()> {
 async fn run_worker(a: cli::WorkerArgs) -> corral::Result<()> {
     let (cfg, id) = a.resolve()?;
     let engine = cli::engine(&cfg)?;
+    let http = cfg.http_listen;
     let (worker, outbox) = corral::worker::Worker::new(cfg, id, engine).await?;
+    let _http = match http {
+        Some(a) => Some(corral::worker::http::start(a, &worker).await?),
+        None => None,
+    };
     corral::worker::run(worker, outbox, cli::shutdown_signal()).await
 }
