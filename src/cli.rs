@@ -55,6 +55,8 @@ pub enum Command {
     /// Per-stage timings of a Stable Diffusion pipeline (session creation,
     /// text encoder, UNet step, VAE).
     BenchPipeline(BenchPipelineArgs),
+    /// Load benchmark of the control plane (coordinator, N synthetic workers, K clients).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]

@@ -11,7 +11,9 @@
 //! - `worker`: the stream to the coordinator, the disk cache, downloads, engines.
 //! - `pipeline`: the Stable Diffusion pipeline on ONNX Runtime (`ort`).
 //! - `metrics`: Prometheus counters and histograms (coordinator and worker).
+//! - `bench`: `corral bench`, load on the control plane over loopback gRPC.
 
+pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -28,6 +28,7 @@ async fn main() -> std::process::ExitCode {
         Command::Workers(c) => cli::workers(c).await,
         Command::Status(c) => cli::status(c).await,
         Command::Demo(a) => corral::demo::run(a).await,
+        Command::Bench(a) => corral::bench::run_cli(a).await,
         Command::BenchPipeline(a) => tokio::task::spawn_blocking(move || cli::bench_pipeline(a))
             .await
             .unwrap_or_else(|e| Err(corral::Error::Internal(e.to_string()))),
