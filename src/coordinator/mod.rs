@@ -158,6 +158,7 @@ impl Coordinator {
                     job,
                     attempt,
                 } => {
+                    info!(job_id = %job, worker_id = %worker, attempt, "cancel sent");
                     let msg = pb::coordinator_message::Msg::Cancel(pb::Cancel {
                         job_id: job.0.clone(),
                         attempt,
