@@ -60,6 +60,8 @@ pub enum Command {
     /// Per-stage timings of a Stable Diffusion pipeline (session creation,
     /// text encoder, UNet step, VAE).
     BenchPipeline(BenchPipelineArgs),
+    /// Load benchmark of the control plane (coordinator, N synthetic workers, K clients).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -197,6 +199,9 @@ pub struct CoordinatorArgs {
     pub tls_cert: Option<PathBuf>,
     #[arg(long, env = "CORRAL_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// HTTP address for /metrics and the cluster page (e.g. 127.0.0.1:7701).
+    #[arg(long, env = "CORRAL_HTTP_LISTEN")]
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 impl CoordinatorArgs {
@@ -232,6 +237,9 @@ impl CoordinatorArgs {
         }
         if let Some(v) = self.starvation_s {
             c.starvation_s = v;
+        }
+        if self.http_listen.is_some() {
+            c.http_listen = self.http_listen;
         }
         c.validate()?;
         Ok(c)
@@ -278,6 +286,9 @@ pub struct WorkerArgs {
     /// PEM CA certificate to trust for an https:// coordinator.
     #[arg(long, env = "CORRAL_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
+    /// HTTP address for this worker's /metrics (e.g. 127.0.0.1:7702).
+    #[arg(long, env = "CORRAL_WORKER_HTTP_LISTEN")]
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 impl WorkerArgs {
@@ -311,6 +322,9 @@ impl WorkerArgs {
         }
         if self.ca_cert.is_some() {
             c.ca_cert = self.ca_cert.clone();
+        }
+        if self.http_listen.is_some() {
+            c.http_listen = self.http_listen;
         }
         c.validate()?;
         let id = match &c.worker_id {

@@ -184,6 +184,8 @@ pub struct CoordinatorConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`. Default: none.
     pub tls_key: Option<PathBuf>,
+    /// HTTP address for `/metrics` and the cluster page `/`; none: no HTTP port. Default: none.
+    pub http_listen: Option<SocketAddr>,
     pub limits: JobLimits,
     /// The file's `[auth]` table (or `--insecure-no-auth`); required.
     #[serde(skip)]
@@ -204,6 +206,7 @@ impl Default for CoordinatorConfig {
             max_worker_streams: 10_000,
             tls_cert: None,
             tls_key: None,
+            http_listen: None,
             limits: JobLimits::default(),
             auth: None,
         }
@@ -318,6 +321,8 @@ pub struct WorkerConfig {
     pub token: Option<Secret>,
     /// PEM CA certificate to trust for an https:// coordinator. Default: the public roots.
     pub ca_cert: Option<PathBuf>,
+    /// HTTP address for this worker's `/metrics`; none: no HTTP port. Default: none.
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl Default for WorkerConfig {
@@ -340,6 +345,7 @@ impl Default for WorkerConfig {
             synthetic_step_ms: 20,
             token: None,
             ca_cert: None,
+            http_listen: None,
         }
     }
 }

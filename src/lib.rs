@@ -13,8 +13,11 @@
 //! - `worker`: the stream to the coordinator, the disk cache, downloads, engines.
 //! - `auth`: tokens and TLS on the client side (`coordinator::auth` checks them).
 //! - `pipeline`: the Stable Diffusion pipeline on ONNX Runtime (`ort`).
+//! - `metrics`: Prometheus counters and histograms (coordinator and worker).
+//! - `bench`: `corral bench`, load on the control plane over loopback gRPC.
 
 pub mod auth;
+pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -23,6 +26,7 @@ pub mod coordinator;
 pub mod demo;
 pub mod error;
 pub mod manifest;
+pub mod metrics;
 pub mod pb;
 pub mod pipeline;
 pub mod scheduler;

@@ -33,6 +33,7 @@ async fn main() -> std::process::ExitCode {
             .unwrap_or_else(|e| Err(corral::Error::Internal(e.to_string())))
             .map(|out| println!("{out}")),
         Command::PlanImage(a) => cli::plan_image(a).await,
+        Command::Bench(a) => corral::bench::run_cli(a).await,
         Command::BenchPipeline(a) => tokio::task::spawn_blocking(move || cli::bench_pipeline(a))
             .await
             .unwrap_or_else(|e| Err(corral::Error::Internal(e.to_string()))),
@@ -57,6 +58,11 @@ async fn run_coordinator(a: cli::CoordinatorArgs) -> corral::Result<()> {
 async fn run_worker(a: cli::WorkerArgs) -> corral::Result<()> {
     let (cfg, id) = a.resolve()?;
     let engine = cli::engine(&cfg)?;
+    let http = cfg.http_listen;
     let (worker, outbox) = corral::worker::Worker::new(cfg, id, engine).await?;
+    let _http = match http {
+        Some(a) => Some(corral::worker::http::start(a, &worker).await?),
+        None => None,
+    };
     corral::worker::run(worker, outbox, cli::shutdown_signal()).await
 }

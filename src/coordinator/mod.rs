@@ -10,13 +10,15 @@
 
 mod admin;
 pub mod auth;
+mod cluster;
 mod durable;
+pub mod http;
 mod jobs;
 mod journal;
 mod server;
 mod workers;
 
-pub use server::{run, Services};
+pub use server::{run, run_with_http, Services};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -106,7 +108,11 @@ impl Coordinator {
     /// plans replication.
     pub fn tick(&self) {
         let _ = self.with_sched(|s, now| {
+            let before = s.workers().count();
             let mut e = s.expire_workers(now);
+            crate::metrics::coord()
+                .workers_expired
+                .add((before - s.workers().count()) as u64);
             e.extend(s.schedule(now));
             // Keep models in demand warm on enough workers.
             e.extend(s.replicate(now));
@@ -142,6 +148,7 @@ impl Coordinator {
                         queued_s: queued_ms as f64 / 1000.0,
                     });
                     info!(job_id = %job, worker_id = %worker, attempt, tier = tier.as_str(), "assigned");
+                    crate::metrics::coord().job_assigned(&job, tier);
                     self.publish(
                         &job,
                         now,
@@ -160,6 +167,7 @@ impl Coordinator {
                     job,
                     attempt,
                 } => {
+                    info!(job_id = %job, worker_id = %worker, attempt, "cancel sent");
                     let msg = pb::coordinator_message::Msg::Cancel(pb::Cancel {
                         job_id: job.0.clone(),
                         attempt,
@@ -186,6 +194,7 @@ impl Coordinator {
                     reason,
                 } => {
                     warn!(job_id = %job, next_attempt, %reason, "requeued");
+                    crate::metrics::coord().requeues.inc();
                     self.update(&job, now, |r| {
                         r.state = JobState::Queued;
                         r.worker = None;
@@ -203,6 +212,7 @@ impl Coordinator {
                 }
                 Effect::Failed { job, reason } => {
                     warn!(job_id = %job, %reason, "failed");
+                    crate::metrics::coord().job_failed(&job, &reason);
                     self.update(&job, now, |r| {
                         r.state = JobState::Failed;
                         r.error = reason.clone();
@@ -223,7 +233,9 @@ impl Coordinator {
             .try_send(Ok(pb::CoordinatorMessage { msg: Some(msg) }))
             .is_ok();
         drop(link);
-        if !ok {
+        if ok {
+            crate::metrics::coord().messages_sent.inc();
+        } else {
             warn!(worker_id = %worker, "outbound channel closed or full; dropping the worker");
             self.links.remove(worker);
         }
@@ -299,6 +311,7 @@ impl Coordinator {
             let (events, _) = broadcast::channel(256);
             self.durable.own(&id, client);
             self.jobs.insert(id.clone(), JobSlot { record, events });
+            crate::metrics::coord().job_accepted(&id);
             match s.submit(id.clone(), spec.clone(), now) {
                 Ok(effects) => {
                     if !key.is_empty() {
@@ -307,6 +320,7 @@ impl Coordinator {
                     Ok((None, effects))
                 }
                 Err(err) => {
+                    crate::metrics::coord().job_rejected(&id);
                     self.jobs.remove(&id);
                     self.durable.disown(&id);
                     Err(err)
@@ -360,6 +374,7 @@ impl Coordinator {
             Ok(((), effects))
         })?;
         info!(job_id = %id, "cancelled");
+        crate::metrics::coord().job_cancelled(id);
         self.get(id)
     }
 
@@ -409,6 +424,7 @@ impl Coordinator {
         let id = hello.worker_id.clone();
         info!(worker_id = %id, conn, slots = hello.max_concurrent_jobs, "worker connected");
         let rejected = self.vet_reported(&mut hello);
+        crate::metrics::coord().workers_connected.inc();
         let reported: Vec<RunningJob> = hello.state.running_jobs.clone();
         let _ = self.with_sched(|s, now| {
             // Replace any older stream first, so its effects go nowhere.
@@ -455,6 +471,7 @@ impl Coordinator {
             return; // a newer stream replaced this one, or it was dropped already
         }
         info!(worker_id = %worker, reason, graceful, "worker gone");
+        crate::metrics::coord().workers_disconnected.inc();
         let _ = self.with_sched(|s, now| Ok(((), s.disconnect(worker, reason, graceful, now))));
     }
 
@@ -467,6 +484,7 @@ impl Coordinator {
         msg: pb::worker_message::Msg,
     ) -> Result<()> {
         use pb::worker_message::Msg;
+        crate::metrics::coord().messages_received.inc();
         if !self.is_current(worker, conn) {
             return Err(Error::FailedPrecondition(
                 "message on a replaced stream".into(),
@@ -522,10 +540,13 @@ impl Coordinator {
                     Ok(((), effects))
                 })?;
                 info!(job_id = %job, worker_id = %worker, tier = timings.tier.map_or("?", |t| t.as_str()), "completed");
+                self.observe_completed(&job, &timings);
                 Ok(())
             }
             Msg::Failed(f) => {
                 let job = crate::convert::job_id(f.job_id)?;
+                warn!(job_id = %job, worker_id = %worker, attempt = f.attempt, reason = %f.reason, retryable = f.retryable, "attempt failed");
+                crate::metrics::coord().attempt_failed(&f.reason);
                 self.with_sched(|s, now| {
                     Ok((
                         (),

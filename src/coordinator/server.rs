@@ -60,6 +60,18 @@ pub async fn run(
     cfg: CoordinatorConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let http = super::http::bind(cfg.http_listen).await?;
+    run_with_http(listener, http, cfg, shutdown).await
+}
+
+/// [`run`], with the HTTP port (`/metrics`, the cluster page) on a listener
+/// the caller bound, or none.
+pub async fn run_with_http(
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    cfg: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::io(&cfg.data_dir, e))?;
     let max = cfg.max_message_bytes;
@@ -76,6 +88,7 @@ pub async fn run(
     let coord = services.coordinator.clone();
     spawn_ticker(Arc::downgrade(&coord), tick);
     super::durable::spawn_sweeper(Arc::downgrade(&coord), retention_s);
+    let _http = http.map(|l| super::http::spawn(l, &coord)).transpose()?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod engine;
 pub mod fetch;
+pub mod http;
 pub mod onnx;
 pub mod residency;
 pub mod session;

@@ -83,6 +83,11 @@ impl Worker {
         &self.id
     }
 
+    /// The disk cache, for its counters on `/metrics`.
+    pub fn cache(&self) -> &DiskCache {
+        &self.cache
+    }
+
     fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<JobId, Running>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -242,6 +247,7 @@ impl Worker {
                     inference_s = timings.inference_s,
                     "done"
                 );
+                crate::metrics::worker().job_done(&timings);
                 self.send(Up::Result(pb::JobResult {
                     job_id: job.0,
                     attempt,
@@ -253,6 +259,7 @@ impl Worker {
                 let cancelled = cancel.load(Ordering::SeqCst);
                 let retryable = !cancelled && e.is_retryable();
                 warn!(error = %e, retryable, cancelled, "job failed");
+                crate::metrics::worker().job_failed(cancelled, &e.to_string());
                 self.send(Up::Failed(pb::JobFailed {
                     job_id: job.0,
                     attempt,

@@ -1,0 +1,396 @@
+//! What the operator sees: the coordinator's state gauges for `/metrics`,
+//! the `/api/cluster` document behind the cluster page, and a ring buffer
+//! of 10-second samples of throughput and latency.
+//!
+//! Everything here reads: the scheduler lock is taken once per call, state
+//! is copied out, and the lock is released before anything is formatted.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::Coordinator;
+use crate::metrics::{self, header, label, sample, Histogram};
+use crate::types::{CacheTier, JobId, Timings};
+
+/// Workers listed in `/api/cluster` at most (the page is a grid; a few
+/// thousand rows help nobody). The counts are always complete.
+pub const MAX_WORKERS_SHOWN: usize = 200;
+
+/// One period's throughput and latency.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Sample {
+    /// Unix time at the end of the period, in milliseconds.
+    pub at_ms: u64,
+    pub period_s: f64,
+    pub submitted_per_s: f64,
+    pub completed_per_s: f64,
+    pub failed_per_s: f64,
+    /// Mean of queue + download + load + inference of jobs completed in the period.
+    pub mean_job_s: Option<f64>,
+    pub mean_inference_s: Option<f64>,
+    pub assign_p50_ms: Option<f64>,
+    pub assign_p99_ms: Option<f64>,
+    pub queued: u64,
+    pub workers: u64,
+    /// True for the period still running (the last point on the page).
+    pub partial: bool,
+}
+
+/// Cumulative values a sample is the difference of.
+#[derive(Clone, Debug)]
+struct Totals {
+    at: std::time::Instant,
+    submitted: u64,
+    completed: u64,
+    failed: u64,
+    job_s: f64,
+    inference_s: f64,
+    assign: Vec<u64>,
+}
+
+impl Totals {
+    fn now() -> Self {
+        let m = metrics::coord();
+        let p = &m.phases;
+        Self {
+            at: std::time::Instant::now(),
+            submitted: m.jobs_submitted.get(),
+            completed: m.jobs_completed.get(),
+            failed: m.jobs_failed.total(),
+            job_s: p.queue.sum_s() + p.download.sum_s() + p.load.sum_s() + p.inference.sum_s(),
+            inference_s: p.inference.sum_s(),
+            assign: m.assign_latency.snapshot(),
+        }
+    }
+}
+
+/// The ring buffer of samples (the last hour at 10-s periods).
+pub struct History {
+    samples: Mutex<VecDeque<Sample>>,
+    last: Mutex<Totals>,
+    capacity: usize,
+}
+
+pub const SAMPLE_PERIOD_S: u64 = 10;
+
+impl History {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            samples: Mutex::new(VecDeque::with_capacity(capacity)),
+            last: Mutex::new(Totals::now()),
+            capacity,
+        }
+    }
+
+    fn diff(from: &Totals, to: &Totals, queued: u64, workers: u64, partial: bool) -> Sample {
+        let secs = to.at.duration_since(from.at).as_secs_f64().max(1e-3);
+        let done = to.completed.saturating_sub(from.completed);
+        let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
+        let mean = |a: f64, b: f64| (done > 0).then(|| (b - a).max(0.0) / done as f64);
+        let assign: Vec<u64> = to
+            .assign
+            .iter()
+            .zip(&from.assign)
+            .map(|(b, a)| b.saturating_sub(*a))
+            .collect();
+        let bounds = metrics::ASSIGN_BUCKETS_S;
+        let q = |q| Histogram::quantile_of(bounds, &assign, q).map(|s| s * 1000.0);
+        Sample {
+            at_ms: unix_ms(),
+            period_s: secs,
+            submitted_per_s: per(from.submitted, to.submitted),
+            completed_per_s: per(from.completed, to.completed),
+            failed_per_s: per(from.failed, to.failed),
+            mean_job_s: mean(from.job_s, to.job_s),
+            mean_inference_s: mean(from.inference_s, to.inference_s),
+            assign_p50_ms: q(0.5),
+            assign_p99_ms: q(0.99),
+            queued,
+            workers,
+            partial,
+        }
+    }
+
+    /// Closes the current period (called every [`SAMPLE_PERIOD_S`]).
+    pub fn record(&self, queued: u64, workers: u64) {
+        let now = Totals::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let s = Self::diff(&last, &now, queued, workers, false);
+        *last = now;
+        drop(last);
+        let mut v = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        if v.len() == self.capacity {
+            v.pop_front();
+        }
+        v.push_back(s);
+    }
+
+    /// The closed samples, then the period still running.
+    pub fn samples(&self, queued: u64, workers: u64) -> Vec<Sample> {
+        let mut out: Vec<Sample> = self
+            .samples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        out.push(Self::diff(&last, &Totals::now(), queued, workers, true));
+        out
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Serialize)]
+pub struct WorkerView {
+    pub id: String,
+    pub gpu: String,
+    pub slots: u32,
+    pub running: usize,
+    pub draining: bool,
+    pub last_seen_s_ago: f64,
+    pub vram: Vec<String>,
+    pub disk: Vec<String>,
+    pub preloaded: Vec<String>,
+    /// (model, bytes done, bytes total)
+    pub downloading: Vec<(String, u64, u64)>,
+}
+
+#[derive(Serialize)]
+pub struct ModelView {
+    pub id: String,
+    pub queued: u32,
+    pub running: u32,
+    pub workers_vram: u32,
+    pub workers_disk: u32,
+    pub workers_downloading: u32,
+}
+
+#[derive(Serialize)]
+pub struct ClusterView {
+    pub at_ms: u64,
+    pub workers_total: usize,
+    pub workers: Vec<WorkerView>,
+    pub models: Vec<ModelView>,
+    pub totals: serde_json::Value,
+    pub samples: Vec<Sample>,
+}
+
+impl Coordinator {
+    /// Queued jobs and connected workers, for a sample.
+    pub(super) fn load_now(&self) -> (u64, u64) {
+        let s = self.sched();
+        (s.queued_len() as u64, s.workers().count() as u64)
+    }
+
+    /// A result arrived: its timings, and the model's bytes if it was downloaded.
+    pub(super) fn observe_completed(&self, job: &JobId, t: &Timings) {
+        let bytes = if t.tier == Some(CacheTier::Download) {
+            self.jobs
+                .get(job)
+                .map(|slot| slot.record.spec.model_id.clone())
+                .and_then(|m| self.models.get(&m).map(|m| m.total_bytes()))
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        metrics::coord().job_completed(t, bytes);
+    }
+
+    /// The document behind the cluster page.
+    pub fn cluster_view(&self, history: &History) -> ClusterView {
+        let now = self.now_ms();
+        let (workers_total, workers, status, queued) = {
+            let s = self.sched();
+            let workers: Vec<WorkerView> = s
+                .workers()
+                .take(MAX_WORKERS_SHOWN)
+                .map(|w| {
+                    let r = &w.report;
+                    WorkerView {
+                        id: w.hello.worker_id.0.clone(),
+                        gpu: w.hello.gpu_name.clone(),
+                        slots: w.hello.max_concurrent_jobs,
+                        running: w.running.len(),
+                        draining: w.draining,
+                        last_seen_s_ago: now.saturating_sub(w.last_seen_ms) as f64 / 1000.0,
+                        vram: r.vram_models.iter().map(|m| m.0.clone()).collect(),
+                        disk: r
+                            .disk_models
+                            .iter()
+                            .filter(|d| !d.preloaded)
+                            .map(|d| d.model_id.0.clone())
+                            .collect(),
+                        preloaded: r
+                            .disk_models
+                            .iter()
+                            .filter(|d| d.preloaded)
+                            .map(|d| d.model_id.0.clone())
+                            .collect(),
+                        downloading: r
+                            .downloads
+                            .iter()
+                            .map(|d| (d.model_id.0.clone(), d.bytes_done, d.bytes_total))
+                            .collect(),
+                    }
+                })
+                .collect();
+            (
+                s.workers().count(),
+                workers,
+                s.model_status(),
+                s.queued_len(),
+            )
+        };
+        let models: Vec<ModelView> = status
+            .into_iter()
+            .map(|m| ModelView {
+                id: m.model.0,
+                queued: m.queued,
+                running: m.running,
+                workers_vram: m.workers_vram,
+                workers_disk: m.workers_disk,
+                workers_downloading: m.workers_downloading,
+            })
+            .collect();
+        let m = metrics::coord();
+        let totals = serde_json::json!({
+            "submitted": m.jobs_submitted.get(),
+            "completed": m.jobs_completed.get(),
+            "failed": m.jobs_failed.total(),
+            "cancelled": m.jobs_cancelled.get(),
+            "requeues": m.requeues.get(),
+            "workers_expired": m.workers_expired.get(),
+            "queued": queued,
+        });
+        ClusterView {
+            at_ms: unix_ms(),
+            workers_total,
+            workers,
+            models,
+            totals,
+            samples: history.samples(queued as u64, workers_total as u64),
+        }
+    }
+
+    /// The Prometheus text: counters, then gauges read from the state now.
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::with_capacity(16 << 10);
+        metrics::coord().render(&mut out);
+        let (workers, draining, slots, busy, status, unfinished) = {
+            let s = self.sched();
+            let mut draining = 0u64;
+            let (mut slots, mut busy) = (0u64, 0u64);
+            for w in s.workers() {
+                draining += u64::from(w.draining);
+                slots += u64::from(w.hello.max_concurrent_jobs);
+                busy += w.running.len() as u64;
+            }
+            (
+                s.workers().count(),
+                draining,
+                slots,
+                busy,
+                s.model_status(),
+                s.job_count(),
+            )
+        };
+        header(
+            &mut out,
+            "corral_workers",
+            "gauge",
+            "Workers connected now.",
+        );
+        sample(&mut out, "corral_workers", "", workers);
+        header(
+            &mut out,
+            "corral_workers_draining",
+            "gauge",
+            "Connected workers taking no new jobs.",
+        );
+        sample(&mut out, "corral_workers_draining", "", draining);
+        header(
+            &mut out,
+            "corral_worker_slots",
+            "gauge",
+            "Job slots of connected workers.",
+        );
+        sample(&mut out, "corral_worker_slots", "", slots);
+        header(
+            &mut out,
+            "corral_worker_slots_busy",
+            "gauge",
+            "Job slots running an attempt.",
+        );
+        sample(&mut out, "corral_worker_slots_busy", "", busy);
+        header(
+            &mut out,
+            "corral_jobs_unfinished",
+            "gauge",
+            "Jobs queued or running.",
+        );
+        sample(&mut out, "corral_jobs_unfinished", "", unfinished);
+        header(
+            &mut out,
+            "corral_worker_streams",
+            "gauge",
+            "Open worker streams.",
+        );
+        sample(&mut out, "corral_worker_streams", "", self.links.len());
+        for (name, help) in [
+            ("corral_queue_depth", "Jobs queued, by model."),
+            ("corral_jobs_running", "Jobs running, by model."),
+            (
+                "corral_model_workers",
+                "Workers holding the model, by model and tier (vram, disk, downloading).",
+            ),
+        ] {
+            header(&mut out, name, "gauge", help);
+            for m in &status {
+                let model = label(&m.model.0);
+                let l = format!("model=\"{model}\"");
+                match name {
+                    "corral_queue_depth" => sample(&mut out, name, &l, m.queued),
+                    "corral_jobs_running" => sample(&mut out, name, &l, m.running),
+                    _ => {
+                        for (tier, v) in [
+                            ("vram", m.workers_vram),
+                            ("disk", m.workers_disk),
+                            ("downloading", m.workers_downloading),
+                        ] {
+                            sample(&mut out, name, &format!("{l},tier=\"{tier}\""), v);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_buffer_keeps_the_last_samples_and_a_partial_one() {
+        let h = History::new(3);
+        for _ in 0..5 {
+            h.record(1, 2);
+        }
+        let s = h.samples(1, 2);
+        assert_eq!(s.len(), 4);
+        assert!(s[..3].iter().all(|x| !x.partial));
+        assert!(s[3].partial);
+        assert_eq!(s[3].queued, 1);
+        assert_eq!(s[3].workers, 2);
+    }
+}
