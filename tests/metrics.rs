@@ -14,6 +14,7 @@ async fn coordinator_with_http() -> (String, String, oneshot::Sender<()>, tempfi
     let data = tmp();
     let mut cfg = fast_config();
     cfg.data_dir = data.path().to_path_buf();
+    cfg.auth = Some(corral::config::AuthConfig::disabled());
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", grpc.local_addr().unwrap());

@@ -370,6 +370,7 @@ impl Coordinator {
             r.error.clear();
         });
         self.durable.finished(&job);
+        self.observe_completed(&job, &timings);
         self.publish(&job, now, JobEventKind::Completed(output));
         info!(job_id = %job, worker_id = %worker, tier = timings.tier.map_or("?", |t| t.as_str()), "completed");
         Ok(())
