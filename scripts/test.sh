@@ -13,3 +13,9 @@ cargo nextest run --no-fail-fast
 target/debug/corral demo --out "$(mktemp -d)/demo" --jobs 4
 # The README's grpcurl examples, as written.
 scripts/grpcurl-smoke.sh target/debug/corral
+# The cluster page in headless Chromium (Debian's chromium package).
+if command -v chromium >/dev/null; then
+  CORRAL=target/debug/corral scripts/page-test.sh
+else
+  echo "chromium not installed: skipping scripts/page-test.sh (apt-get install chromium)"
+fi
