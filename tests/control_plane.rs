@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::raw::RawWorker;
 use common::*;
 use corral::pb;
 use tonic::Code;
@@ -136,94 +137,6 @@ async fn killed_worker_job_is_reassigned_and_completes_once() {
     assert!(kinds.contains(&"requeued"), "{kinds:?}");
     rescuer.stop().await;
     c.stop().await;
-}
-
-/// A raw worker stream, to play a misbehaving or zombie worker.
-struct RawWorker {
-    tx: tokio::sync::mpsc::Sender<pb::WorkerMessage>,
-    rx: tonic::Streaming<pb::CoordinatorMessage>,
-}
-
-impl RawWorker {
-    async fn connect(url: &str, id: &str, running: Vec<pb::RunningJob>) -> Self {
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tx.send(pb::WorkerMessage {
-            msg: Some(pb::worker_message::Msg::Hello(pb::Hello {
-                worker_id: id.into(),
-                max_concurrent_jobs: 1,
-                cache_max_bytes: 1 << 30,
-                state: Some(pb::Heartbeat {
-                    running_jobs: running,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap();
-        let mut client = pb::workers_client::WorkersClient::new(channel(url).await);
-        let mut rx = client
-            .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        let first = rx.message().await.unwrap().unwrap();
-        assert!(matches!(
-            first.msg,
-            Some(pb::coordinator_message::Msg::Welcome(_))
-        ));
-        Self { tx, rx }
-    }
-
-    /// Heartbeats every 100 ms, reporting `running`, until dropped.
-    fn heartbeat(&self, running: Vec<pb::RunningJob>) {
-        let weak = self.tx.downgrade();
-        tokio::spawn(async move {
-            while let Some(tx) = weak.upgrade() {
-                let hb = pb::WorkerMessage {
-                    msg: Some(pb::worker_message::Msg::Heartbeat(pb::Heartbeat {
-                        running_jobs: running.clone(),
-                        ..Default::default()
-                    })),
-                };
-                if tx.send(hb).await.is_err() {
-                    return;
-                }
-                drop(tx);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-    }
-
-    async fn next_assign(&mut self) -> pb::Assign {
-        loop {
-            let m = tokio::time::timeout(Duration::from_secs(10), self.rx.message())
-                .await
-                .expect("an assignment within 10 s")
-                .unwrap()
-                .unwrap();
-            if let Some(pb::coordinator_message::Msg::Assign(a)) = m.msg {
-                return a;
-            }
-        }
-    }
-
-    async fn send(&self, msg: pb::worker_message::Msg) {
-        self.tx
-            .send(pb::WorkerMessage { msg: Some(msg) })
-            .await
-            .unwrap();
-    }
-
-    async fn result(&self, job: &str, attempt: u32, image: &[u8]) {
-        self.send(pb::worker_message::Msg::Result(pb::JobResult {
-            job_id: job.into(),
-            attempt,
-            images: vec![image.to_vec()],
-            timings: None,
-        }))
-        .await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
