@@ -15,6 +15,8 @@
 //! - `pipeline`: the Stable Diffusion pipeline on ONNX Runtime (`ort`).
 //! - `metrics`: Prometheus counters and histograms (coordinator and worker).
 //! - `bench`: `corral bench`, load on the control plane over loopback gRPC.
+//! - `config`: the TOML file, flags and environment; `cli`: the command line;
+//!   `demo`: `corral demo`, the main job end to end.
 
 pub mod auth;
 pub mod bench;
