@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::sync::broadcast;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use super::journal::{scoped_key, Journal, Loaded, StoredJob, StoredResult};
@@ -203,12 +202,11 @@ impl Coordinator {
                 s.restore_job(sj.id.clone(), spec, sj.created_ms, sj.attempt, sj.failures);
                 self.durable.own(&sj.id, &sj.client);
             }
-            let (events, _) = broadcast::channel(256);
             self.jobs.insert(
                 sj.id,
                 JobSlot {
                     record: rec,
-                    events,
+                    events: None,
                 },
             );
         }

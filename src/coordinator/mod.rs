@@ -47,7 +47,9 @@ struct WorkerLink {
 
 struct JobSlot {
     record: JobRecord,
-    events: broadcast::Sender<JobEvent>,
+    /// Created by the first watcher and dropped when the job ends, so a
+    /// job nobody watches costs no channel.
+    events: Option<broadcast::Sender<JobEvent>>,
 }
 
 pub struct Coordinator {
@@ -257,13 +259,23 @@ impl Coordinator {
     }
 
     fn publish(&self, job: &JobId, now: Millis, kind: JobEventKind) {
-        if let Some(slot) = self.jobs.get(job) {
-            // No receivers is fine: nobody is watching.
-            let _ = slot.events.send(JobEvent {
-                job_id: job.clone(),
-                at_ms: now,
+        if let Some(mut slot) = self.jobs.get_mut(job) {
+            let terminal = matches!(
                 kind,
-            });
+                JobEventKind::Completed(_) | JobEventKind::Failed { .. } | JobEventKind::Cancelled
+            );
+            if let Some(tx) = &slot.events {
+                // Watchers that went away are fine.
+                let _ = tx.send(JobEvent {
+                    job_id: job.clone(),
+                    at_ms: now,
+                    kind,
+                });
+            }
+            if terminal {
+                // Later watchers see the final state in their snapshot.
+                slot.events = None;
+            }
         }
     }
 
@@ -308,9 +320,14 @@ impl Coordinator {
                 error: String::new(),
                 output: None,
             };
-            let (events, _) = broadcast::channel(256);
             self.durable.own(&id, client);
-            self.jobs.insert(id.clone(), JobSlot { record, events });
+            self.jobs.insert(
+                id.clone(),
+                JobSlot {
+                    record,
+                    events: None,
+                },
+            );
             crate::metrics::coord().job_accepted(&id);
             match s.submit(id.clone(), spec.clone(), now) {
                 Ok(effects) => {
@@ -352,11 +369,19 @@ impl Coordinator {
 
     /// The record now and a receiver of later events.
     pub fn watch(&self, id: &JobId) -> Result<(JobRecord, broadcast::Receiver<JobEvent>)> {
-        let slot = self
+        let mut slot = self
             .jobs
-            .get(id)
+            .get_mut(id)
             .ok_or_else(|| Error::UnknownJob(id.clone()))?;
-        Ok((slot.record.clone(), slot.events.subscribe()))
+        let rx = if slot.record.state.is_terminal() {
+            // Nothing more will happen: a receiver that ends at once.
+            broadcast::channel(1).1
+        } else {
+            slot.events
+                .get_or_insert_with(|| broadcast::channel(256).0)
+                .subscribe()
+        };
+        Ok((slot.record.clone(), rx))
     }
 
     pub fn cancel(&self, id: &JobId) -> Result<JobRecord> {
