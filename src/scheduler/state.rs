@@ -735,6 +735,21 @@ impl Scheduler {
         graceful: bool,
         now: Millis,
     ) -> Vec<Effect> {
+        let mut effects = self.drop_worker(worker, reason, graceful, now);
+        effects.extend(self.schedule(now));
+        effects
+    }
+
+    /// Removes a worker and requeues (or fails) its attempts, without
+    /// matching: callers removing several workers match once at the end,
+    /// so that no job is given to a worker about to be removed.
+    fn drop_worker(
+        &mut self,
+        worker: &WorkerId,
+        reason: &str,
+        graceful: bool,
+        now: Millis,
+    ) -> Vec<Effect> {
         let Some(w) = self.remove_worker(worker) else {
             return Vec::new();
         };
@@ -748,7 +763,6 @@ impl Scheduler {
                 effects.extend(self.requeue_or_fail(&job, &why, true, !graceful));
             }
         }
-        effects.extend(self.schedule(now));
         effects
     }
 
@@ -760,10 +774,14 @@ impl Scheduler {
             .filter(|(_, w)| now.saturating_sub(w.last_seen_ms) > self.cfg.heartbeat_timeout_ms)
             .map(|(id, _)| id.clone())
             .collect();
+        if dead.is_empty() {
+            return Vec::new();
+        }
         let mut effects = Vec::new();
         for id in dead {
-            effects.extend(self.disconnect(&id, "missed its heartbeats", false, now));
+            effects.extend(self.drop_worker(&id, "missed its heartbeats", false, now));
         }
+        effects.extend(self.schedule(now));
         effects
     }
 

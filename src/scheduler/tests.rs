@@ -432,3 +432,21 @@ fn image_plan_is_an_optimal_knapsack() {
     assert!((plan.hit_share - 0.6 / 1.1).abs() < 1e-9);
     assert!(plan.table().contains("| 1 | s1 |"));
 }
+
+#[test]
+fn expiring_several_workers_never_assigns_to_one_of_them() {
+    let mut s = sched();
+    s.connect(hello("w1", 1, &["a"], &[]), 0);
+    s.connect(hello("w2", 2, &["a"], &[]), 0);
+    s.submit("j1".into(), spec("a", 0), 0).unwrap();
+    s.submit("j2".into(), spec("a", 0), 0).unwrap();
+    // w2 has a free slot when w1's job is requeued. Both go silent; a
+    // third worker stays alive.
+    let t = s.config().heartbeat_timeout_ms;
+    s.connect(hello("w3", 2, &["a"], &[]), t);
+    let e = s.expire_workers(t + 1);
+    for (w, _, _) in assigned(&e) {
+        assert_eq!(w, "w3", "{e:?}");
+    }
+    assert!(s.worker(&"w1".into()).is_none() && s.worker(&"w2".into()).is_none());
+}
