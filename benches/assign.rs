@@ -16,20 +16,7 @@ const QUEUED: u64 = 100_000;
 const GB: u64 = 1_000_000_000;
 
 fn spec(model: u64) -> Arc<JobSpec> {
-    Arc::new(JobSpec {
-        model_id: ModelId(format!("m{model}")),
-        prompt: String::new(),
-        negative_prompt: String::new(),
-        width: 512,
-        height: 512,
-        steps: 20,
-        guidance_scale: 7.0,
-        seed: 0,
-        num_images: 1,
-        scheduler: String::new(),
-        priority: 0,
-        idempotency_key: String::new(),
-    })
+    Arc::new(JobSpec::for_model(ModelId(format!("m{model}"))))
 }
 
 fn lcg(x: u64) -> u64 {

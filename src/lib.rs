@@ -27,6 +27,7 @@ pub mod convert;
 pub mod coordinator;
 pub mod demo;
 pub mod error;
+pub mod http;
 pub mod manifest;
 pub mod metrics;
 pub mod pb;

@@ -105,6 +105,27 @@ pub struct JobSpec {
     pub idempotency_key: String,
 }
 
+impl JobSpec {
+    /// An empty-prompt 512x512, 20-step job for `model`: what the simulator
+    /// and the scheduling benchmark submit, where only the model matters.
+    pub fn for_model(model_id: ModelId) -> Self {
+        Self {
+            model_id,
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            width: 512,
+            height: 512,
+            steps: 20,
+            guidance_scale: 7.0,
+            seed: 0,
+            num_images: 1,
+            scheduler: String::new(),
+            priority: 0,
+            idempotency_key: String::new(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum JobState {
     Queued,

@@ -14,8 +14,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{info, info_span, Instrument};
 
 use super::cluster::{History, SAMPLE_PERIOD_S};
 use super::Coordinator;
@@ -32,11 +31,7 @@ struct HttpState {
     history: History,
 }
 
-/// Stops the HTTP server when dropped.
-pub struct HttpGuard {
-    _stop: oneshot::Sender<()>,
-    pub addr: SocketAddr,
-}
+pub use crate::http::HttpGuard;
 
 /// Binds `addr` if given (startup fails on a bad address rather than later).
 pub async fn bind(addr: Option<SocketAddr>) -> Result<Option<TcpListener>> {
@@ -58,7 +53,6 @@ pub fn spawn(listener: TcpListener, coord: &Arc<Coordinator>) -> Result<HttpGuar
         coord: Arc::downgrade(coord),
         history: History::new(HISTORY_SAMPLES),
     });
-    let (stop, stopped) = oneshot::channel::<()>();
     let app = axum::Router::new()
         .route("/", get(page))
         .route("/metrics", get(metrics))
@@ -81,20 +75,7 @@ pub fn spawn(listener: TcpListener, coord: &Arc<Coordinator>) -> Result<HttpGuar
         }
         .instrument(info_span!("http_sampler")),
     );
-    tokio::spawn(
-        async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-            if let Err(e) = served {
-                warn!(error = %e, "HTTP server failed");
-            }
-        }
-        .instrument(info_span!("http", %addr)),
-    );
-    Ok(HttpGuard { _stop: stop, addr })
+    crate::http::serve(listener, app)
 }
 
 fn gone() -> Response {

@@ -440,20 +440,9 @@ impl<'w> Sim<'w> {
     // ---- jobs --------------------------------------------------------------
 
     fn spec(&self, job: u32) -> Arc<JobSpec> {
-        Arc::new(JobSpec {
-            model_id: self.model_ids[self.jobs[job as usize].arr.model as usize].clone(),
-            prompt: String::new(),
-            negative_prompt: String::new(),
-            width: 512,
-            height: 512,
-            steps: 20,
-            guidance_scale: 7.0,
-            seed: 0,
-            num_images: 1,
-            scheduler: String::new(),
-            priority: 0,
-            idempotency_key: String::new(),
-        })
+        Arc::new(JobSpec::for_model(
+            self.model_ids[self.jobs[job as usize].arr.model as usize].clone(),
+        ))
     }
 
     fn arrival(&mut self, j: u32) -> Result<()> {

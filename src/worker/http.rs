@@ -10,8 +10,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::info;
 
 use super::Worker;
 use crate::error::{Error, Result};
@@ -74,11 +73,7 @@ pub fn metrics_text(worker: &Worker) -> String {
     out
 }
 
-/// Stops the HTTP server when dropped.
-pub struct HttpGuard {
-    _stop: oneshot::Sender<()>,
-    pub addr: SocketAddr,
-}
+pub use crate::http::HttpGuard;
 
 /// Binds `addr` and serves `/metrics` until the guard drops.
 pub async fn start(addr: SocketAddr, worker: &Arc<Worker>) -> Result<HttpGuard> {
@@ -96,22 +91,8 @@ pub fn serve(listener: TcpListener, worker: &Arc<Worker>) -> Result<HttpGuard> {
     let app = axum::Router::new()
         .route("/metrics", get(handler))
         .with_state(Arc::downgrade(worker));
-    let (stop, stopped) = oneshot::channel::<()>();
     info!(%addr, "worker HTTP listening (/metrics)");
-    tokio::spawn(
-        async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-            if let Err(e) = served {
-                warn!(error = %e, "HTTP server failed");
-            }
-        }
-        .instrument(info_span!("http", %addr)),
-    );
-    Ok(HttpGuard { _stop: stop, addr })
+    crate::http::serve(listener, app)
 }
 
 async fn handler(State(w): State<Weak<Worker>>) -> Response {
