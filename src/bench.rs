@@ -415,7 +415,7 @@ fn vm_mib(pid: Option<u32>, key: &str) -> Option<f64> {
 // ---- the benchmark ------------------------------------------------------------
 
 async fn connected_workers(url: &str) -> Result<u32> {
-    let mut admin = crate::cli::admin_client(&crate::cli::ClientArgs::local(url)).await?;
+    let mut admin = crate::client::admin_client(&crate::client::ClientArgs::local(url)).await?;
     Ok(admin
         .cluster_status(pb::ClusterStatusRequest {})
         .await
@@ -471,7 +471,7 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport> {
         &format!("file://{}", preloaded.join(MODEL).display()),
     )
     .await?;
-    crate::cli::admin_client(&crate::cli::ClientArgs::local(&url))
+    crate::client::admin_client(&crate::client::ClientArgs::local(&url))
         .await?
         .register_model(pb::RegisterModelRequest {
             model: Some(manifest.into()),
@@ -613,7 +613,7 @@ async fn submit_all(url: &str, args: &BenchArgs, done0: u64) -> Result<()> {
     let start = tokio::time::Instant::now();
     let mut clients = Vec::with_capacity(args.clients);
     for _ in 0..args.clients {
-        let mut client = crate::cli::jobs_client(&crate::cli::ClientArgs::local(url)).await?;
+        let mut client = crate::client::jobs_client(&crate::client::ClientArgs::local(url)).await?;
         let (permits, next, jobs, rate, steps) = (
             permits.clone(),
             next.clone(),

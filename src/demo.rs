@@ -13,7 +13,9 @@ use std::time::Instant;
 use clap::Args;
 use tokio::sync::oneshot;
 
-use crate::cli::{self, Finished};
+use crate::client::{
+    admin_client, follow, jobs_client, print, tier_word, write_images, ClientArgs, Finished,
+};
 use crate::config::{CoordinatorConfig, EngineKind, WorkerConfig};
 use crate::error::{Error, Result};
 use crate::pb;
@@ -79,7 +81,7 @@ impl Running {
 }
 
 async fn start_worker(id: &str, cfg: WorkerConfig) -> Result<Running> {
-    let engine = cli::engine(&cfg)?;
+    let engine = crate::worker::engine::from_config(&cfg)?;
     let (w, outbox) = crate::worker::Worker::new(cfg, id.into(), engine).await?;
     let (stop, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(crate::worker::run(w, outbox, async move {
@@ -166,7 +168,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         manifest.files.len(),
         manifest.total_bytes()
     );
-    cli::admin_client(&cli::ClientArgs::local(&url))
+    admin_client(&ClientArgs::local(&url))
         .await?
         .register_model(pb::RegisterModelRequest {
             model: Some(manifest.into()),
@@ -183,7 +185,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         let (steps, size) = (a.steps, a.size);
         let scheduler = ["euler_a", "dpmpp_2m_karras", "ddim", "euler"][i as usize % 4];
         handles.push(tokio::spawn(async move {
-            let mut client = cli::jobs_client(&cli::ClientArgs::local(&url)).await?;
+            let mut client = jobs_client(&ClientArgs::local(&url)).await?;
             let job = client
                 .submit_job(pb::SubmitJobRequest {
                     spec: Some(pb::JobSpec {
@@ -204,7 +206,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
                 .into_inner()
                 .job
                 .ok_or_else(|| Error::Internal("no job returned".into()))?;
-            let done = cli::follow(&mut client, &job.id, false).await?;
+            let done = follow(&mut client, &job.id, false).await?;
             Ok::<_, Error>((i, job.id, prompt, scheduler, done))
         }));
     }
@@ -227,13 +229,13 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         match done {
             Finished::Completed(out) => {
                 let file = images_dir.join(format!("{:02}-{}.png", i + 1, &id[..10.min(id.len())]));
-                let paths = cli::write_images(&file, &out.images)?;
+                let paths = write_images(&file, &out.images)?;
                 let t = out.timings.unwrap_or_default();
                 println!(
                     "{:<4} {:<9} {:<9} {:>7.2} {:>7.2} {:>8.2}s  {:<16} {}",
                     i + 1,
                     out.worker_id,
-                    cli::tier_word(t.tier),
+                    tier_word(t.tier),
                     t.load_s,
                     t.inference_s,
                     t.download_s,
@@ -252,7 +254,13 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         }
     }
     println!();
-    cli::workers(cli::ClientArgs::local(&url)).await?;
+    print::workers(
+        &admin_client(&ClientArgs::local(&url))
+            .await?
+            .list_workers(pb::ListWorkersRequest {})
+            .await?
+            .into_inner(),
+    );
     wa.stop().await?;
     wb.stop().await?;
     coordinator.stop().await?;
@@ -273,7 +281,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
 
 async fn wait_for_workers(url: &str, n: usize) -> Result<()> {
     let deadline = Instant::now() + std::time::Duration::from_secs(30);
-    let mut admin = cli::admin_client(&cli::ClientArgs::local(url)).await?;
+    let mut admin = admin_client(&ClientArgs::local(url)).await?;
     loop {
         let w = admin
             .list_workers(pb::ListWorkersRequest {})

@@ -79,7 +79,7 @@ async fn counters_move_after_a_job() {
     let worker_http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let worker_http_url = format!("http://{}", worker_http.local_addr().unwrap());
     wcfg.http_listen = None;
-    let engine = corral::cli::engine(&wcfg).unwrap();
+    let engine = corral::worker::engine::from_config(&wcfg).unwrap();
     let (w, outbox) = corral::worker::Worker::new(wcfg, "w-metrics".into(), engine)
         .await
         .unwrap();

@@ -32,6 +32,21 @@ pub trait LoadedModel: Send + Sync + 'static {
     ) -> Result<Vec<Vec<u8>>>;
 }
 
+/// Builds the engine a worker was configured with.
+pub fn from_config(cfg: &crate::config::WorkerConfig) -> Result<Arc<dyn Engine>> {
+    match cfg.engine {
+        crate::config::EngineKind::Synthetic => {
+            tracing::warn!(
+                "using the synthetic engine: images are test patterns, not Stable Diffusion"
+            );
+            Ok(Arc::new(SyntheticEngine {
+                step_ms: cfg.synthetic_step_ms,
+            }))
+        }
+        crate::config::EngineKind::Onnx => Ok(Arc::new(crate::worker::onnx::OnnxEngine::new(cfg)?)),
+    }
+}
+
 /// The error a cancelled generation returns.
 pub fn cancelled() -> Error {
     Error::Unavailable("cancelled".into())

@@ -91,7 +91,7 @@ pub fn worker_config(url: &str, cache_dir: &Path) -> WorkerConfig {
 }
 
 pub async fn worker(id: &str, cfg: WorkerConfig) -> WorkerProc {
-    let engine = corral::cli::engine(&cfg).unwrap();
+    let engine = corral::worker::engine::from_config(&cfg).unwrap();
     let (w, outbox) = corral::worker::Worker::new(cfg, id.into(), engine)
         .await
         .unwrap();
@@ -135,7 +135,7 @@ pub fn make_model(dir: &Path, name: &str) -> ModelManifest {
 }
 
 pub async fn channel(url: &str) -> Channel {
-    corral::cli::channel(url).await.unwrap()
+    corral::client::channel(url).await.unwrap()
 }
 
 pub async fn jobs(url: &str) -> pb::jobs_client::JobsClient<Channel> {
