@@ -3,10 +3,13 @@
 //!
 //! - `args`: argument types, and how flags, `CORRAL_*` variables and the
 //!   config file combine into a coordinator's or worker's config.
+//! - `overrides`: one flag and `CORRAL_*` variable per config key, generated
+//!   from the config structs.
 //! - `commands`: the client commands (models, submit, jobs, workers, status).
 
 mod args;
 mod commands;
+pub mod overrides;
 
 pub use args::*;
 
