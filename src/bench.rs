@@ -292,7 +292,10 @@ async fn spawn_workers(
     scratch: &Path,
     stop: watch::Receiver<bool>,
 ) -> Result<Vec<tokio::task::JoinHandle<Result<()>>>> {
-    let payload = Arc::new((0..payload_bytes).map(|i| i as u8).collect::<Vec<u8>>());
+    // The PNG signature, then filler: the coordinator checks results are PNGs.
+    let mut payload: Vec<u8> = b"\x89PNG\r\n\x1a\n".to_vec();
+    payload.extend((8..payload_bytes.max(8)).map(|i| i as u8));
+    let payload = Arc::new(payload);
     let engine: Arc<dyn Engine> = Arc::new(PayloadEngine { payload });
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {

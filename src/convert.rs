@@ -429,19 +429,17 @@ pub fn required_model(m: Option<pb::Model>) -> Result<ModelManifest> {
 
 // ---- coordinator records and events -------------------------------------------
 
-fn output_to_pb(o: &JobOutput, include_images: bool) -> pb::JobOutput {
+fn output_to_pb(o: &JobOutput, images: Option<&Images>) -> pb::JobOutput {
     pb::JobOutput {
-        images: if include_images {
-            o.images.clone()
-        } else {
-            Vec::new()
-        },
+        images: images.map(|i| i.to_vec()).unwrap_or_default(),
         timings: Some(o.timings.into()),
         worker_id: o.worker_id.0.clone(),
+        image_count: o.image_count,
     }
 }
 
-pub fn job_to_pb(r: &JobRecord, include_images: bool, estimated_start_s: f64) -> pb::Job {
+/// A job for the wire; `images` only when asked for and completed.
+pub fn job_to_pb(r: &JobRecord, images: Option<&Images>, estimated_start_s: f64) -> pb::Job {
     pb::Job {
         id: r.id.0.clone(),
         spec: Some(r.spec.as_ref().into()),
@@ -452,7 +450,7 @@ pub fn job_to_pb(r: &JobRecord, include_images: bool, estimated_start_s: f64) ->
         created_at_ms: r.created_ms,
         updated_at_ms: r.updated_ms,
         error: r.error.clone(),
-        output: r.output.as_ref().map(|o| output_to_pb(o, include_images)),
+        output: r.output.as_ref().map(|o| output_to_pb(o, images)),
         estimated_start_s,
     }
 }
@@ -485,8 +483,8 @@ pub fn event_to_pb(e: &JobEvent) -> pb::JobEvent {
             step: *step,
             total_steps: *total_steps,
         }),
-        JobEventKind::Completed(o) => Event::Completed(pb::Completed {
-            output: Some(output_to_pb(o, true)),
+        JobEventKind::Completed { output, images } => Event::Completed(pb::Completed {
+            output: Some(output_to_pb(output, Some(images))),
         }),
         JobEventKind::Failed { reason } => Event::Failed(pb::Failed {
             reason: reason.clone(),
@@ -507,26 +505,79 @@ pub fn event_to_pb(e: &JobEvent) -> pb::JobEvent {
     }
 }
 
-pub fn worker_to_pb(w: &crate::scheduler::WorkerEntry, now_ms: Millis) -> pb::WorkerInfo {
+pub fn worker_to_pb(w: &crate::coordinator::WorkerSummary, now_ms: Millis) -> pb::WorkerInfo {
     let mut state: pb::Heartbeat = (&w.report).into();
     state.running_jobs = w
         .running
         .iter()
-        .map(|(j, a)| pb::RunningJob {
-            job_id: j.0.clone(),
-            attempt: *a,
+        .map(|r| pb::RunningJob {
+            job_id: r.job_id.0.clone(),
+            attempt: r.attempt,
         })
         .collect();
     pb::WorkerInfo {
-        worker_id: w.hello.worker_id.0.clone(),
-        version: w.hello.version.clone(),
-        gpu_name: w.hello.gpu_name.clone(),
-        vram_bytes: w.hello.vram_bytes,
-        cache_max_bytes: w.hello.cache_max_bytes,
-        max_concurrent_jobs: w.hello.max_concurrent_jobs,
+        worker_id: w.worker_id.0.clone(),
+        version: w.version.clone(),
+        gpu_name: w.gpu_name.clone(),
+        vram_bytes: w.vram_bytes,
+        cache_max_bytes: w.cache_max_bytes,
+        max_concurrent_jobs: w.max_concurrent_jobs,
         state: Some(state),
         last_seen_s_ago: now_ms.saturating_sub(w.last_seen_ms) as f64 / 1000.0,
         draining: w.draining,
+    }
+}
+
+pub fn model_summary_to_pb(m: &crate::coordinator::ModelSummary) -> pb::ModelStatus {
+    pb::ModelStatus {
+        model_id: m.status.model.0.clone(),
+        queued_jobs: m.status.queued,
+        running_jobs: m.status.running,
+        workers_vram: m.status.workers_vram,
+        workers_disk: m.status.workers_disk,
+        workers_downloading: m.status.workers_downloading,
+        demand_per_s: m.demand_per_s,
+        replica_target: m.replica_target,
+        bytes: m.bytes,
+    }
+}
+
+impl From<crate::coordinator::ToWorker> for pb::CoordinatorMessage {
+    fn from(m: crate::coordinator::ToWorker) -> Self {
+        use crate::coordinator::ToWorker;
+        use pb::coordinator_message::Msg;
+        let msg = match m {
+            ToWorker::Welcome {
+                heartbeat_interval_ms,
+                heartbeat_timeout_ms,
+                max_message_bytes,
+            } => Msg::Welcome(pb::Welcome {
+                heartbeat_interval_ms,
+                heartbeat_timeout_ms,
+                max_message_bytes,
+            }),
+            ToWorker::Assign {
+                job,
+                attempt,
+                spec,
+                model,
+                queued_ms,
+            } => Msg::Assign(pb::Assign {
+                job_id: job.0,
+                attempt,
+                spec: Some(spec.as_ref().into()),
+                model: Some(model.as_ref().clone().into()),
+                queued_s: queued_ms as f64 / 1000.0,
+            }),
+            ToWorker::Cancel { job, attempt } => Msg::Cancel(pb::Cancel {
+                job_id: job.0,
+                attempt,
+            }),
+            ToWorker::Prefetch(models) => Msg::Prefetch(pb::Prefetch {
+                models: models.iter().map(|m| m.as_ref().clone().into()).collect(),
+            }),
+        };
+        pb::CoordinatorMessage { msg: Some(msg) }
     }
 }
 

@@ -368,6 +368,8 @@ pub struct CoordMetrics {
     pub workers_connected: Counter,
     pub workers_disconnected: Counter,
     pub workers_expired: Counter,
+    /// Commits that failed (the store was then reopened).
+    pub store_failures: Counter,
     pub download_bytes: Counter,
     pub messages_received: Counter,
     pub messages_sent: Counter,
@@ -391,6 +393,7 @@ static COORD: LazyLock<CoordMetrics> = LazyLock::new(|| CoordMetrics {
     workers_connected: Counter::default(),
     workers_disconnected: Counter::default(),
     workers_expired: Counter::default(),
+    store_failures: Counter::default(),
     download_bytes: Counter::default(),
     messages_received: Counter::default(),
     messages_sent: Counter::default(),
@@ -452,7 +455,7 @@ impl CoordMetrics {
     /// Renders the counters; `gauges` (state read from the coordinator) is
     /// appended by the caller.
     pub fn render(&self, out: &mut String) {
-        let counters: [(&str, &str, &Counter); 11] = [
+        let counters: [(&str, &str, &Counter); 12] = [
             (
                 "corral_jobs_submitted_total",
                 "Jobs accepted into the queue.",
@@ -492,6 +495,11 @@ impl CoordMetrics {
                 "corral_workers_expired_total",
                 "Workers dropped for missing their heartbeats.",
                 &self.workers_expired,
+            ),
+            (
+                "corral_store_failures_total",
+                "Store commits that failed; each made the coordinator reopen its store and reload.",
+                &self.store_failures,
             ),
             (
                 "corral_download_bytes_total",

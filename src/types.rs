@@ -238,13 +238,17 @@ pub enum JobPhase {
     Denoising { step: u32, total_steps: u32 },
 }
 
-/// A finished job's output.
+/// A finished job's output. The images themselves live in the store (and
+/// travel as [`Images`]); records carry only how many there are.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobOutput {
-    pub images: Vec<Vec<u8>>,
+    pub image_count: u32,
     pub timings: Timings,
     pub worker_id: WorkerId,
 }
+
+/// PNG files of one job, shared by every reader without copying.
+pub type Images = std::sync::Arc<[bytes::Bytes]>;
 
 /// Something that happened to a job, for `WatchJob`.
 #[derive(Clone, Debug, PartialEq)]
@@ -266,7 +270,10 @@ pub enum JobEventKind {
         step: u32,
         total_steps: u32,
     },
-    Completed(std::sync::Arc<JobOutput>),
+    Completed {
+        output: std::sync::Arc<JobOutput>,
+        images: Images,
+    },
     Failed {
         reason: String,
     },

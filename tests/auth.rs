@@ -287,7 +287,7 @@ async fn a_worker_cannot_report_for_another_workers_job() {
     let out = done.output.unwrap();
     assert_eq!(
         (out.worker_id.as_str(), out.images),
-        ("honest", vec![b"real".to_vec()])
+        ("honest", vec![common::raw::png_like(b"real").into()])
     );
     c.stop().await;
 }

@@ -160,8 +160,8 @@ async fn a_cancelled_job_is_counted() {
     let cancelled0 = value(&before, "corral_jobs_cancelled_total");
     // No worker: the job stays queued, then is cancelled.
     let job = submit(&url, spec("sd-idle", 1)).await;
-    let (_, _, queued) = fetch(&format!("{http}/metrics")).await;
-    assert_eq!(value(&queued, "corral_queue_depth{model=\"sd-idle\"}"), 1.0);
+    // Gauges come from the snapshot the ticker refreshes (at most a tick old).
+    wait_for_gauge(&http, "corral_queue_depth{model=\"sd-idle\"}", 1.0).await;
     jobs(&url)
         .await
         .cancel_job(pb::CancelJobRequest { job_id: job.id })
@@ -172,6 +172,23 @@ async fn a_cancelled_job_is_counted() {
         value(&after, "corral_jobs_cancelled_total"),
         cancelled0 + 1.0
     );
-    assert_eq!(value(&after, "corral_queue_depth{model=\"sd-idle\"}"), 0.0);
+    wait_for_gauge(&http, "corral_queue_depth{model=\"sd-idle\"}", 0.0).await;
     let _ = stop.send(());
+}
+
+/// Waits until `/metrics` shows `series` at `want`.
+async fn wait_for_gauge(http: &str, series: &str, want: f64) {
+    let (http, series) = (http.to_owned(), series.to_owned());
+    wait_until(10, &format!("{series} to be {want}"), || {
+        let (http, series) = (http.clone(), series.clone());
+        async move {
+            let (_, _, text) = fetch(&format!("{http}/metrics")).await;
+            let v = text
+                .lines()
+                .find_map(|l| l.strip_prefix(series.as_str())?.strip_prefix(' '))
+                .and_then(|v| v.parse::<f64>().ok());
+            v == Some(want)
+        }
+    })
+    .await;
 }

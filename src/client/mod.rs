@@ -80,7 +80,7 @@ pub fn tier_word(v: i32) -> &'static str {
 }
 
 /// Writes a job's images next to `out`; returns the paths.
-pub fn write_images(out: &Path, images: &[Vec<u8>]) -> Result<Vec<PathBuf>> {
+pub fn write_images(out: &Path, images: &[impl AsRef<[u8]>]) -> Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
     for (i, png) in images.iter().enumerate() {
         let p = if images.len() == 1 {
@@ -92,7 +92,7 @@ pub fn write_images(out: &Path, images: &[Vec<u8>]) -> Result<Vec<PathBuf>> {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
-        std::fs::write(&p, png).map_err(|e| Error::io(&p, e))?;
+        std::fs::write(&p, png.as_ref()).map_err(|e| Error::io(&p, e))?;
         paths.push(p);
     }
     Ok(paths)

@@ -32,8 +32,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::RegisterModelRequest>,
     ) -> Result<Response<pb::Model>, Status> {
         let m = convert::required_model(req.into_inner().model)?;
-        let m = self.0.register_model(m);
-        self.0.sync().await?;
+        let m = self.0.register_model(m).await?;
         Ok(Response::new(m.into()))
     }
 
@@ -51,8 +50,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::RemoveModelRequest>,
     ) -> Result<Response<pb::RemoveModelResponse>, Status> {
         let id = convert::model_id(req.into_inner().model_id, "model_id")?;
-        self.0.remove_model(&id)?;
-        self.0.sync().await?;
+        self.0.remove_model(&id).await?;
         Ok(Response::new(pb::RemoveModelResponse {}))
     }
 
@@ -67,8 +65,13 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let snap = self.0.snapshot();
         Ok(Response::new(pb::ListWorkersResponse {
-            workers: self.0.workers_pb(),
+            workers: snap
+                .workers
+                .iter()
+                .map(|w| convert::worker_to_pb(w, snap.at_ms))
+                .collect(),
         }))
     }
 
@@ -76,6 +79,17 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        Ok(Response::new(self.0.cluster_status()))
+        let snap = self.0.snapshot();
+        let models: Vec<pb::ModelStatus> = snap
+            .models
+            .iter()
+            .map(convert::model_summary_to_pb)
+            .collect();
+        Ok(Response::new(pb::ClusterStatusResponse {
+            workers: snap.workers.len() as u32,
+            queued_jobs: models.iter().map(|m| m.queued_jobs).sum(),
+            running_jobs: models.iter().map(|m| m.running_jobs).sum(),
+            models,
+        }))
     }
 }

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::Coordinator;
 use crate::metrics::{self, header, label, sample, Histogram};
-use crate::types::{CacheTier, JobId, Timings};
+use crate::types::{CacheTier, JobSpec, Timings};
 
 /// Workers listed in `/api/cluster` at most (the page is a grid; a few
 /// thousand rows help nobody). The counts are always complete.
@@ -187,78 +187,70 @@ pub struct ClusterView {
 impl Coordinator {
     /// Queued jobs and connected workers, for a sample.
     pub(super) fn load_now(&self) -> (u64, u64) {
-        let s = self.sched();
-        (s.queued_len() as u64, s.workers().count() as u64)
+        let snap = self.snapshot();
+        (snap.queued as u64, snap.workers.len() as u64)
     }
 
     /// A result arrived: its timings, and the model's bytes if it was downloaded.
-    pub(super) fn observe_completed(&self, job: &JobId, t: &Timings) {
+    pub(super) fn observe_completed(&self, spec: &JobSpec, t: &Timings) {
         let bytes = if t.tier == Some(CacheTier::Download) {
-            self.jobs
-                .get(job)
-                .map(|slot| slot.record.spec.model_id.clone())
-                .and_then(|m| self.models.get(&m).map(|m| m.total_bytes()))
-                .unwrap_or(0)
+            self.models
+                .get(&spec.model_id)
+                .map_or(0, |m| m.total_bytes())
         } else {
             0
         };
         metrics::coord().job_completed(t, bytes);
     }
 
-    /// The document behind the cluster page.
+    /// The document behind the cluster page (from the snapshot).
     pub fn cluster_view(&self, history: &History) -> ClusterView {
-        let now = self.now_ms();
-        let (workers_total, workers, status, queued) = {
-            let s = self.sched();
-            let workers: Vec<WorkerView> = s
-                .workers()
-                .take(MAX_WORKERS_SHOWN)
-                .map(|w| {
-                    let r = &w.report;
-                    WorkerView {
-                        id: w.hello.worker_id.0.clone(),
-                        gpu: w.hello.gpu_name.clone(),
-                        slots: w.hello.max_concurrent_jobs,
-                        running: w.running.len(),
-                        draining: w.draining,
-                        last_seen_s_ago: now.saturating_sub(w.last_seen_ms) as f64 / 1000.0,
-                        vram: r.vram_models.iter().map(|m| m.0.clone()).collect(),
-                        disk: r
-                            .disk_models
-                            .iter()
-                            .filter(|d| !d.preloaded)
-                            .map(|d| d.model_id.0.clone())
-                            .collect(),
-                        preloaded: r
-                            .disk_models
-                            .iter()
-                            .filter(|d| d.preloaded)
-                            .map(|d| d.model_id.0.clone())
-                            .collect(),
-                        downloading: r
-                            .downloads
-                            .iter()
-                            .map(|d| (d.model_id.0.clone(), d.bytes_done, d.bytes_total))
-                            .collect(),
-                    }
-                })
-                .collect();
-            (
-                s.workers().count(),
-                workers,
-                s.model_status(),
-                s.queued_len(),
-            )
-        };
-        let models: Vec<ModelView> = status
-            .into_iter()
+        let snap = self.snapshot();
+        let now = snap.at_ms;
+        let workers: Vec<WorkerView> = snap
+            .workers
+            .iter()
+            .take(MAX_WORKERS_SHOWN)
+            .map(|w| {
+                let r = &w.report;
+                WorkerView {
+                    id: w.worker_id.0.clone(),
+                    gpu: w.gpu_name.clone(),
+                    slots: w.max_concurrent_jobs,
+                    running: w.running.len(),
+                    draining: w.draining,
+                    last_seen_s_ago: now.saturating_sub(w.last_seen_ms) as f64 / 1000.0,
+                    vram: r.vram_models.iter().map(|m| m.0.clone()).collect(),
+                    disk: r
+                        .disk_models
+                        .iter()
+                        .filter(|d| !d.preloaded)
+                        .map(|d| d.model_id.0.clone())
+                        .collect(),
+                    preloaded: r
+                        .disk_models
+                        .iter()
+                        .filter(|d| d.preloaded)
+                        .map(|d| d.model_id.0.clone())
+                        .collect(),
+                    downloading: r
+                        .downloads
+                        .iter()
+                        .map(|d| (d.model_id.0.clone(), d.bytes_done, d.bytes_total))
+                        .collect(),
+                }
+            })
+            .collect();
+        let models: Vec<ModelView> = snap
+            .models
+            .iter()
             .map(|m| ModelView {
-                id: m.model.0,
-                queued: m.queued,
-                running: m.running,
-                workers_vram: m.workers_vram,
-                workers_disk: m.workers_disk,
-                workers_downloading: m.workers_downloading,
+                id: m.status.model.0.clone(),
+                queued: m.status.queued,
+                running: m.status.running,
+                workers_vram: m.status.workers_vram,
+                workers_disk: m.status.workers_disk,
+                workers_downloading: m.status.workers_downloading,
             })
             .collect();
         let m = metrics::coord();
@@ -269,15 +261,15 @@ impl Coordinator {
             "cancelled": m.jobs_cancelled.get(),
             "requeues": m.requeues.get(),
             "workers_expired": m.workers_expired.get(),
-            "queued": queued,
+            "queued": snap.queued,
         });
         ClusterView {
             at_ms: unix_ms(),
-            workers_total,
+            workers_total: snap.workers.len(),
             workers,
             models,
             totals,
-            samples: history.samples(queued as u64, workers_total as u64),
+            samples: history.samples(snap.queued as u64, snap.workers.len() as u64),
         }
     }
 
@@ -285,24 +277,15 @@ impl Coordinator {
     pub fn metrics_text(&self) -> String {
         let mut out = String::with_capacity(16 << 10);
         metrics::coord().render(&mut out);
-        let (workers, draining, slots, busy, status, unfinished) = {
-            let s = self.sched();
-            let mut draining = 0u64;
-            let (mut slots, mut busy) = (0u64, 0u64);
-            for w in s.workers() {
-                draining += u64::from(w.draining);
-                slots += u64::from(w.hello.max_concurrent_jobs);
-                busy += w.running.len() as u64;
-            }
-            (
-                s.workers().count(),
-                draining,
-                slots,
-                busy,
-                s.model_status(),
-                s.job_count(),
-            )
-        };
+        let snap = self.snapshot();
+        let (workers, unfinished) = (snap.workers.len(), snap.unfinished);
+        let (mut draining, mut slots, mut busy) = (0u64, 0u64, 0u64);
+        for w in &snap.workers {
+            draining += u64::from(w.draining);
+            slots += u64::from(w.max_concurrent_jobs);
+            busy += w.running.len() as u64;
+        }
+        let status: Vec<_> = snap.models.iter().map(|m| &m.status).collect();
         header(
             &mut out,
             "corral_workers",
@@ -345,6 +328,18 @@ impl Coordinator {
             "Open worker streams.",
         );
         sample(&mut out, "corral_worker_streams", "", self.links.len());
+        header(
+            &mut out,
+            "corral_store_up",
+            "gauge",
+            "1 while the store takes writes; 0 while it is failing and being reopened.",
+        );
+        sample(
+            &mut out,
+            "corral_store_up",
+            "",
+            u8::from(self.store.failed().is_none()),
+        );
         for (name, help) in [
             ("corral_queue_depth", "Jobs queued, by model."),
             ("corral_jobs_running", "Jobs running, by model."),

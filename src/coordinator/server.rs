@@ -27,14 +27,48 @@ pub struct Services {
 }
 
 impl Services {
+    /// The services around a coordinator with an in-memory store.
     pub fn new(cfg: CoordinatorConfig, clock: Arc<dyn Clock>) -> Self {
-        let coordinator = Coordinator::new(cfg, clock);
+        Self::around(Coordinator::new(cfg, clock))
+    }
+
+    /// The services around a coordinator restored from `cfg.data_dir`.
+    pub fn open(cfg: CoordinatorConfig, clock: Arc<dyn Clock>) -> Result<Self> {
+        Ok(Self::around(Coordinator::open(cfg, clock)?))
+    }
+
+    fn around(coordinator: Arc<Coordinator>) -> Self {
         Self {
             jobs: JobsService(coordinator.clone()),
             admin: AdminService(coordinator.clone()),
             coordinator,
         }
     }
+}
+
+/// Every Corral service SERVING or NOT_SERVING (the store is failing).
+pub(super) async fn set_health(h: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    h.set_service_status("", status).await;
+    h.set_service_status(
+        <pb::jobs_server::JobsServer<JobsService> as tonic::server::NamedService>::NAME,
+        status,
+    )
+    .await;
+    h.set_service_status(
+        <pb::workers_server::WorkersServer<WorkersService> as tonic::server::NamedService>::NAME,
+        status,
+    )
+    .await;
+    h.set_service_status(
+        <pb::admin_server::AdminServer<AdminService> as tonic::server::NamedService>::NAME,
+        status,
+    )
+    .await;
 }
 
 /// Ticks the scheduler (liveness, time-dependent matching) until the
@@ -87,19 +121,12 @@ pub async fn run_with_http(
     let services = Services::open(cfg, Arc::new(SystemClock))?;
     let coord = services.coordinator.clone();
     spawn_ticker(Arc::downgrade(&coord), tick);
-    super::durable::spawn_sweeper(Arc::downgrade(&coord), retention_s);
+    super::recovery::spawn_sweeper(Arc::downgrade(&coord), retention_s);
     let _http = http.map(|l| super::http::spawn(l, &coord)).transpose()?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<pb::jobs_server::JobsServer<JobsService>>()
-        .await;
-    health
-        .set_serving::<pb::workers_server::WorkersServer<WorkersService>>()
-        .await;
-    health
-        .set_serving::<pb::admin_server::AdminServer<AdminService>>()
-        .await;
+    set_health(&health, true).await;
+    super::recovery::spawn_watchdog(Arc::downgrade(&coord), health.clone());
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
         b.register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

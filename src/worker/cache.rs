@@ -279,40 +279,7 @@ fn same_files(a: &ModelManifest, b: &ModelManifest) -> bool {
 
 /// An owned copy of an error shared between the waiters of one download.
 fn dup_error(e: &Error) -> Error {
-    match e {
-        Error::InvalidArgument { field, reason } => Error::InvalidArgument {
-            field,
-            reason: reason.clone(),
-        },
-        Error::UnknownModel(m) => Error::UnknownModel(m.clone()),
-        Error::UnknownJob(j) => Error::UnknownJob(j.clone()),
-        Error::UnknownWorker(w) => Error::UnknownWorker(w.clone()),
-        Error::FailedPrecondition(s) => Error::FailedPrecondition(s.clone()),
-        Error::ResourceExhausted(s) => Error::ResourceExhausted(s.clone()),
-        Error::Unauthenticated(s) => Error::Unauthenticated(s.clone()),
-        Error::PermissionDenied(s) => Error::PermissionDenied(s.clone()),
-        Error::Unavailable(s) => Error::Unavailable(s.clone()),
-        Error::Remote { code, message } => Error::Remote {
-            code: *code,
-            message: message.clone(),
-        },
-        Error::Checksum {
-            path,
-            expected,
-            actual,
-        } => Error::Checksum {
-            path: path.clone(),
-            expected: expected.clone(),
-            actual: actual.clone(),
-        },
-        Error::Io { path, source } => Error::Io {
-            path: path.clone(),
-            source: std::io::Error::new(source.kind(), source.to_string()),
-        },
-        Error::Config(s) => Error::Config(s.clone()),
-        Error::Pipeline(s) => Error::Pipeline(s.clone()),
-        Error::Internal(s) => Error::Internal(s.clone()),
-    }
+    e.duplicate()
 }
 
 fn join_err(e: tokio::task::JoinError) -> Error {

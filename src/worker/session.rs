@@ -251,7 +251,7 @@ impl Worker {
                 self.send(Up::Result(pb::JobResult {
                     job_id: job.0,
                     attempt,
-                    images,
+                    images: images.into_iter().map(bytes::Bytes::from).collect(),
                     timings: Some(timings.into()),
                 }));
             }
