@@ -460,10 +460,13 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport> {
             .map_err(|e| Error::io("listener", e))?
     );
     let (stop_coord, stopped) = oneshot::channel::<()>();
-    let coord_task = tokio::spawn(crate::coordinator::run_with_http(
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::io(&cfg.data_dir, e))?;
+    let services = crate::coordinator::Services::open(cfg, Arc::new(crate::clock::SystemClock))?;
+    let coordinator = services.coordinator.clone();
+    let coord_task = tokio::spawn(crate::coordinator::serve(
+        services,
         listener,
         None,
-        cfg,
         async move {
             let _ = stopped.await;
         },
@@ -539,7 +542,7 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let m = metrics::coord();
+    let m = coordinator.metrics().clone();
     let fleet_pid = fleet.pid();
     let (done0, msgs0, assign0) = (
         m.jobs_completed.get(),
@@ -558,7 +561,7 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport> {
         };
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     } else {
-        submit_all(&url, &args, done0).await?;
+        submit_all(&url, &args, &m, done0).await?;
     }
 
     let elapsed = t0.elapsed().as_secs_f64();
@@ -604,8 +607,12 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport> {
 
 /// K clients submit M jobs, paced by `--rate` or by the in-flight window;
 /// returns when all M have completed.
-async fn submit_all(url: &str, args: &BenchArgs, done0: u64) -> Result<()> {
-    let m = metrics::coord();
+async fn submit_all(
+    url: &str,
+    args: &BenchArgs,
+    m: &metrics::CoordMetrics,
+    done0: u64,
+) -> Result<()> {
     let window = if args.window > 0 {
         args.window
     } else {

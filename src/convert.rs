@@ -186,6 +186,30 @@ pub fn job_state_filter(v: i32) -> Result<Option<JobState>> {
     })
 }
 
+pub fn failure_kind_from_pb(v: i32) -> FailureKind {
+    match pb::FailureKind::try_from(v) {
+        Ok(pb::FailureKind::Download) => FailureKind::Download,
+        Ok(pb::FailureKind::Load) => FailureKind::Load,
+        Ok(pb::FailureKind::Inference) => FailureKind::Inference,
+        Ok(pb::FailureKind::Cancelled) => FailureKind::Cancelled,
+        Ok(pb::FailureKind::Invalid) => FailureKind::Invalid,
+        Ok(pb::FailureKind::Result) => FailureKind::Result,
+        _ => FailureKind::Other,
+    }
+}
+
+pub fn failure_kind_to_pb(k: FailureKind) -> pb::FailureKind {
+    match k {
+        FailureKind::Download => pb::FailureKind::Download,
+        FailureKind::Load => pb::FailureKind::Load,
+        FailureKind::Inference => pb::FailureKind::Inference,
+        FailureKind::Cancelled => pb::FailureKind::Cancelled,
+        FailureKind::Invalid => pb::FailureKind::Invalid,
+        FailureKind::Result => pb::FailureKind::Result,
+        _ => pb::FailureKind::Unspecified,
+    }
+}
+
 pub fn tier_to_pb(t: Option<CacheTier>) -> pb::CacheTier {
     match t {
         None => pb::CacheTier::Unspecified,

@@ -171,6 +171,62 @@ impl CacheTier {
     }
 }
 
+/// Why an attempt or a job failed: a bounded set, for metrics and for the
+/// wire (`FailureKind` in workers.proto). The reason text says the rest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum FailureKind {
+    #[default]
+    Other,
+    /// The coordinator asked for it (a client cancelled the job).
+    Cancelled,
+    /// The worker's stream ended, or it could not be reached.
+    WorkerLost,
+    /// The worker stopped heartbeating.
+    HeartbeatMissed,
+    /// The attempt ran past its deadline.
+    Deadline,
+    /// Fetching a model failed (network, checksum, disk).
+    Download,
+    /// Loading a model failed.
+    Load,
+    /// Generating failed (including running out of memory).
+    Inference,
+    /// The request can never run (bad spec or model files).
+    Invalid,
+    /// The result could not be delivered or was not what the job asked for.
+    Result,
+}
+
+impl FailureKind {
+    pub const ALL: [FailureKind; 10] = [
+        Self::Other,
+        Self::Cancelled,
+        Self::WorkerLost,
+        Self::HeartbeatMissed,
+        Self::Deadline,
+        Self::Download,
+        Self::Load,
+        Self::Inference,
+        Self::Invalid,
+        Self::Result,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Other => "other",
+            Self::Cancelled => "cancelled",
+            Self::WorkerLost => "worker_lost",
+            Self::HeartbeatMissed => "heartbeat_missed",
+            Self::Deadline => "deadline",
+            Self::Download => "download",
+            Self::Load => "load",
+            Self::Inference => "inference",
+            Self::Invalid => "invalid",
+            Self::Result => "result",
+        }
+    }
+}
+
 /// Where the time of one job went, as the worker measured it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {

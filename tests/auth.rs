@@ -267,6 +267,7 @@ async fn a_worker_cannot_report_for_another_workers_job() {
             attempt: a.attempt,
             reason: "forged".into(),
             retryable: false,
+            ..Default::default()
         }))
         .await;
     // Messages on one stream are handled in order: once mallory's

@@ -407,6 +407,7 @@ async fn an_unrecorded_attempt_is_never_reused() {
         attempt: 1,
         reason: "cancelled".into(),
         retryable: false,
+        kind: pb::FailureKind::Cancelled as i32,
     }))
     .await;
     w.result(&job.id, 2, b"img").await;

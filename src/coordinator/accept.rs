@@ -83,10 +83,10 @@ impl Coordinator {
             .await
         {
             self.records.release(client, key.as_deref());
-            crate::metrics::coord().job_rejected(&id);
+            self.metrics.job_rejected();
             return Err(e);
         }
-        crate::metrics::coord().job_accepted(&id);
+        self.metrics.job_accepted(&id);
         self.records.insert(&stored, None);
         let spec = Arc::new(spec);
         let scheduled = self.with_sched(|s, now| {
@@ -234,7 +234,7 @@ impl Coordinator {
         })?;
         self.store.barrier().await?;
         info!(job_id = %id, "cancelled");
-        crate::metrics::coord().job_cancelled(id);
+        self.metrics.job_cancelled(id);
         self.view(id)
     }
 

@@ -72,7 +72,7 @@ impl Coordinator {
         let ok = link.tx.try_send(msg).is_ok();
         drop(link);
         if ok {
-            crate::metrics::coord().messages_sent.inc();
+            self.metrics.messages_sent.inc();
         } else {
             warn!(worker_id = %worker, "outbound channel closed or full; dropping the worker");
             self.links.remove(worker);
@@ -104,7 +104,7 @@ impl Coordinator {
                 warn!(worker_id = %id, "a silent stream is replaced by a new connection");
             }
             info!(worker_id = %id, conn, slots = hello.max_concurrent_jobs, "worker connected");
-            crate::metrics::coord().workers_connected.inc();
+            self.metrics.workers_connected.inc();
             // Replace any older stream first, so its effects go nowhere.
             self.links.insert(id.clone(), WorkerLink { conn, tx });
             let mut effects = self.refuse_reported(s, &id, &rejected, now);
@@ -171,8 +171,10 @@ impl Coordinator {
             return; // a newer stream replaced this one, or it was dropped already
         }
         info!(worker_id = %worker, reason, graceful, "worker gone");
-        crate::metrics::coord().workers_disconnected.inc();
-        let _ = self.with_sched(|s, now| Ok(((), s.disconnect(worker, reason, graceful, now))));
+        self.metrics.workers_disconnected.inc();
+        let _ = self.with_sched_as(FailureKind::WorkerLost, |s, now| {
+            Ok(((), s.disconnect(worker, reason, graceful, now)))
+        });
     }
 
     /// One message from a worker's stream. Errors are the worker's fault
@@ -184,7 +186,7 @@ impl Coordinator {
         msg: pb::worker_message::Msg,
     ) -> Result<()> {
         use pb::worker_message::Msg;
-        crate::metrics::coord().messages_received.inc();
+        self.metrics.messages_received.inc();
         self.check_stream(worker, conn)?;
         match msg {
             Msg::Hello(_) => Err(Error::invalid("msg", "Hello may only be sent once")),
@@ -222,12 +224,13 @@ impl Coordinator {
             Msg::Failed(f) => {
                 let job = crate::convert::job_id(f.job_id)?;
                 let reason = f.reason.clone();
-                self.with_sched(|s, now| {
+                let kind = crate::convert::failure_kind_from_pb(f.kind);
+                self.with_sched_as(kind, |s, now| {
                     let effects =
                         s.fail(worker, &job, f.attempt, &reason, f.retryable, now)?;
                     // Counted only once accepted: a stale report changes nothing.
-                    warn!(job_id = %job, worker_id = %worker, attempt = f.attempt, %reason, retryable = f.retryable, "attempt failed");
-                    crate::metrics::coord().attempt_failed(&reason);
+                    warn!(job_id = %job, worker_id = %worker, attempt = f.attempt, %reason, retryable = f.retryable, kind = kind.as_str(), "attempt failed");
+                    self.metrics.attempt_failed(kind);
                     Ok(((), effects))
                 })
             }
@@ -257,10 +260,10 @@ impl Coordinator {
             .ok_or_else(|| Error::UnknownJob(job.clone()))?;
         if let Err(problem) = check_images(&spec, &images) {
             let reason = format!("invalid result from worker {worker}: {problem}");
-            return self.with_sched(|s, now| {
+            return self.with_sched_as(FailureKind::Result, |s, now| {
                 let effects = s.fail(worker, &job, attempt, &reason, true, now)?;
                 warn!(job_id = %job, worker_id = %worker, attempt, %reason, "result refused");
-                crate::metrics::coord().attempt_failed(&reason);
+                self.metrics.attempt_failed(FailureKind::Result);
                 Ok(((), effects))
             });
         }

@@ -37,7 +37,7 @@ pub mod store;
 mod workers;
 
 pub use fleet::ToWorker;
-pub use server::{run, run_with_http, Services};
+pub use server::{run, run_with_http, serve, Services};
 pub use snapshot::{ModelSummary, Snapshot, WorkerSummary};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -65,6 +65,7 @@ pub struct Coordinator {
     store: Store,
     /// False while the store is failing: every operation is refused.
     serving: AtomicBool,
+    metrics: Arc<crate::metrics::CoordMetrics>,
     snapshot: RwLock<Arc<Snapshot>>,
 }
 
@@ -89,7 +90,10 @@ impl Coordinator {
         store: Store,
         loaded: store::Loaded,
     ) -> Arc<Self> {
-        let c = Arc::new(Self {
+        let c = Arc::new_cyclic(|me: &std::sync::Weak<Self>| Self {
+            metrics: Arc::new(crate::metrics::CoordMetrics::new(Some(Box::new(
+                cluster::Gauges(me.clone()),
+            )))),
             sched: Mutex::new(Scheduler::new(cfg.scheduler())),
             cfg,
             clock,
@@ -114,6 +118,11 @@ impl Coordinator {
         self.clock.now_ms()
     }
 
+    /// This coordinator's counters and histograms.
+    pub fn metrics(&self) -> &Arc<crate::metrics::CoordMetrics> {
+        &self.metrics
+    }
+
     fn sched(&self) -> MutexGuard<'_, Scheduler> {
         // A panic while holding the lock is a bug; the state is still
         // consistent enough to keep serving, so recover the guard.
@@ -136,11 +145,21 @@ impl Coordinator {
         &self,
         op: impl FnOnce(&mut Scheduler, Millis) -> Result<(T, Vec<Effect>)>,
     ) -> Result<T> {
+        self.with_sched_as(FailureKind::Other, op)
+    }
+
+    /// [`with_sched`](Self::with_sched) for an operation whose requeues and
+    /// failures have a known cause (a worker's report, a lost stream).
+    fn with_sched_as<T>(
+        &self,
+        cause: FailureKind,
+        op: impl FnOnce(&mut Scheduler, Millis) -> Result<(T, Vec<Effect>)>,
+    ) -> Result<T> {
         self.check_serving()?;
         let now = self.now_ms();
         let mut s = self.sched();
         let (out, effects) = op(&mut s, now)?;
-        self.apply(&mut s, effects, now);
+        self.apply(&mut s, effects, cause, now);
         Ok(out)
     }
 
@@ -150,7 +169,7 @@ impl Coordinator {
         if !self.serving.load(Ordering::Acquire) {
             return;
         }
-        let expired = self.with_sched(|s, now| {
+        let expired = self.with_sched_as(FailureKind::HeartbeatMissed, |s, now| {
             let before: Vec<WorkerId> = s.workers().map(|w| w.hello.worker_id.clone()).collect();
             let mut e = s.expire_workers(now);
             let expired: Vec<WorkerId> = before
@@ -163,7 +182,7 @@ impl Coordinator {
             Ok((expired, e))
         });
         for w in expired.unwrap_or_default() {
-            crate::metrics::coord().workers_expired.inc();
+            self.metrics.workers_expired.inc();
             // Its stream ends, so that a worker that was only paused
             // reconnects (and has its running attempts vetted) instead of
             // heartbeating into a stream nobody listens to.
@@ -175,9 +194,12 @@ impl Coordinator {
     }
 
     /// Carries out a scheduler operation's effects (scheduler locked).
-    fn apply(&self, s: &mut Scheduler, effects: Vec<Effect>, now: Millis) {
-        let mut work: std::collections::VecDeque<Effect> = effects.into();
-        while let Some(effect) = work.pop_front() {
+    /// `cause` is why any requeue or failure among them happened.
+    fn apply(&self, s: &mut Scheduler, effects: Vec<Effect>, cause: FailureKind, now: Millis) {
+        let mut work: std::collections::VecDeque<(Effect, FailureKind)> =
+            effects.into_iter().map(|e| (e, cause)).collect();
+        let lost = |e: Vec<Effect>| e.into_iter().map(|e| (e, FailureKind::WorkerLost));
+        while let Some((effect, cause)) = work.pop_front() {
             match effect {
                 Effect::Assign {
                     worker,
@@ -193,7 +215,7 @@ impl Coordinator {
                         continue;
                     };
                     info!(job_id = %job, worker_id = %worker, attempt, tier = tier.as_str(), "assigned");
-                    crate::metrics::coord().job_assigned(&job, tier);
+                    self.metrics.job_assigned(&job, tier);
                     self.records
                         .set_current(&job, Some((worker.clone(), attempt)));
                     let w = worker.clone();
@@ -216,7 +238,12 @@ impl Coordinator {
                         queued_ms,
                     };
                     if !self.send(&worker, msg) {
-                        work.extend(s.disconnect(&worker, "could not be reached", false, now));
+                        work.extend(lost(s.disconnect(
+                            &worker,
+                            "could not be reached",
+                            false,
+                            now,
+                        )));
                     }
                 }
                 Effect::Cancel {
@@ -226,7 +253,12 @@ impl Coordinator {
                 } => {
                     info!(job_id = %job, worker_id = %worker, attempt, "cancel sent");
                     if !self.send(&worker, ToWorker::Cancel { job, attempt }) {
-                        work.extend(s.disconnect(&worker, "could not be reached", false, now));
+                        work.extend(lost(s.disconnect(
+                            &worker,
+                            "could not be reached",
+                            false,
+                            now,
+                        )));
                     }
                 }
                 Effect::Prefetch { worker, model } => {
@@ -235,7 +267,12 @@ impl Coordinator {
                     };
                     info!(worker_id = %worker, model_id = %model, "prefetch");
                     if !self.send(&worker, ToWorker::Prefetch(vec![m])) {
-                        work.extend(s.disconnect(&worker, "could not be reached", false, now));
+                        work.extend(lost(s.disconnect(
+                            &worker,
+                            "could not be reached",
+                            false,
+                            now,
+                        )));
                     }
                 }
                 Effect::Requeued {
@@ -243,8 +280,8 @@ impl Coordinator {
                     next_attempt,
                     reason,
                 } => {
-                    warn!(job_id = %job, next_attempt, %reason, "requeued");
-                    crate::metrics::coord().requeues.inc();
+                    warn!(job_id = %job, next_attempt, %reason, kind = cause.as_str(), "requeued");
+                    self.metrics.requeues.inc();
                     self.records.set_current(&job, None);
                     self.transition(s, &job, now, Vec::new(), move |r| {
                         r.state = JobState::Queued;
@@ -258,8 +295,8 @@ impl Coordinator {
                     });
                 }
                 Effect::Failed { job, reason } => {
-                    warn!(job_id = %job, %reason, "failed");
-                    crate::metrics::coord().job_failed(&job, &reason);
+                    warn!(job_id = %job, %reason, kind = cause.as_str(), "failed");
+                    self.metrics.job_failed(&job, cause);
                     self.records.set_current(&job, None);
                     self.transition(s, &job, now, Vec::new(), move |r| {
                         r.state = JobState::Failed;

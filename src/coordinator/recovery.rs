@@ -86,7 +86,7 @@ impl Coordinator {
     async fn recover(&self, health: &tonic_health::server::HealthReporter) {
         let why = self.store.failed().unwrap_or_default();
         error!(error = %why, "the store failed: not serving until it is reopened");
-        crate::metrics::coord().store_failures.inc();
+        self.metrics.store_failures.inc();
         self.serving.store(false, Ordering::Release);
         super::server::set_health(health, false).await;
         self.close_worker_streams();

@@ -108,6 +108,19 @@ pub async fn run_with_http(
 ) -> Result<()> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::io(&cfg.data_dir, e))?;
+    let services = Services::open(cfg, Arc::new(SystemClock))?;
+    serve(services, listener, http, shutdown).await
+}
+
+/// Serves `services` (restored already) until `shutdown` resolves.
+pub async fn serve(
+    services: Services,
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let cfg = services.coordinator.config().clone();
+    cfg.validate()?;
     let max = cfg.max_message_bytes;
     let tick = Duration::from_millis((cfg.heartbeat_interval_ms() / 5).clamp(50, 1000));
     let retention_s = cfg.result_retention_s;
@@ -118,7 +131,6 @@ pub async fn run_with_http(
     ));
     let guard = |s: Service| Guard::new(auth.clone(), s);
     let tls = super::auth::server_tls(&cfg)?;
-    let services = Services::open(cfg, Arc::new(SystemClock))?;
     let coord = services.coordinator.clone();
     spawn_ticker(Arc::downgrade(&coord), tick);
     super::recovery::spawn_sweeper(Arc::downgrade(&coord), retention_s);

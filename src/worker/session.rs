@@ -45,6 +45,9 @@ pub struct Worker {
     running: Mutex<BTreeMap<JobId, Running>>,
     draining: AtomicBool,
     outbox: mpsc::UnboundedSender<Up>,
+    /// The largest message the coordinator takes (its Welcome says).
+    max_message_bytes: std::sync::atomic::AtomicU64,
+    metrics: crate::metrics::WorkerMetrics,
 }
 
 impl Worker {
@@ -64,8 +67,10 @@ impl Worker {
         .await?;
         let (outbox, rx) = mpsc::unbounded_channel();
         let resident = Residency::new(cfg.vram_budget(), cfg.max_loaded_models);
-        Ok((
-            Arc::new(Self {
+        let worker = Arc::new_cyclic(|me| {
+            let metrics = crate::metrics::WorkerMetrics::new();
+            metrics.add_collector(Box::new(super::http::Gauges(me.clone())));
+            Self {
                 cfg,
                 id,
                 cache,
@@ -74,13 +79,20 @@ impl Worker {
                 running: Mutex::new(BTreeMap::new()),
                 draining: AtomicBool::new(false),
                 outbox,
-            }),
-            rx,
-        ))
+                max_message_bytes: std::sync::atomic::AtomicU64::new(64 << 20),
+                metrics,
+            }
+        });
+        Ok((worker, rx))
     }
 
     pub fn id(&self) -> &WorkerId {
         &self.id
+    }
+
+    /// This worker's counters and histograms.
+    pub fn metrics(&self) -> &crate::metrics::WorkerMetrics {
+        &self.metrics
     }
 
     /// The disk cache, for its counters on `/metrics`.
@@ -240,6 +252,25 @@ impl Worker {
             info!("superseded by a newer assignment of this job; outcome dropped");
             return;
         }
+        // A result the coordinator would refuse is a failure that says why.
+        let limit = self.max_message_bytes.load(Ordering::Relaxed);
+        let outcome = outcome.and_then(|(images, timings)| {
+            let bytes: u64 = images.iter().map(|i| i.len() as u64).sum();
+            // Room for the rest of the message.
+            if bytes + (64 << 10) > limit {
+                return Err((
+                    FailureKind::Result,
+                    Error::invalid(
+                        "result",
+                        format!(
+                            "the images are {bytes} bytes, more than the coordinator's \
+                             max_message_bytes ({limit}) allows"
+                        ),
+                    ),
+                ));
+            }
+            Ok((images, timings))
+        });
         match outcome {
             Ok((images, timings)) => {
                 info!(
@@ -247,7 +278,7 @@ impl Worker {
                     inference_s = timings.inference_s,
                     "done"
                 );
-                crate::metrics::worker().job_done(&timings);
+                self.metrics.job_done(&timings);
                 self.send(Up::Result(pb::JobResult {
                     job_id: job.0,
                     attempt,
@@ -255,11 +286,16 @@ impl Worker {
                     timings: Some(timings.into()),
                 }));
             }
-            Err(e) => {
+            Err((kind, e)) => {
                 let cancelled = cancel.load(Ordering::SeqCst);
+                let kind = if cancelled {
+                    FailureKind::Cancelled
+                } else {
+                    kind
+                };
                 let retryable = !cancelled && e.is_retryable();
-                warn!(error = %e, retryable, cancelled, "job failed");
-                crate::metrics::worker().job_failed(cancelled, &e.to_string());
+                warn!(error = %e, retryable, kind = kind.as_str(), "job failed");
+                self.metrics.job_failed(kind);
                 self.send(Up::Failed(pb::JobFailed {
                     job_id: job.0,
                     attempt,
@@ -269,6 +305,7 @@ impl Worker {
                         e.to_string()
                     },
                     retryable,
+                    kind: convert::failure_kind_to_pb(kind) as i32,
                 }));
             }
         }
@@ -285,7 +322,10 @@ impl Worker {
         model: &ModelManifest,
         queued_s: f64,
         cancel: &Arc<AtomicBool>,
-    ) -> Result<(Vec<Vec<u8>>, Timings)> {
+    ) -> std::result::Result<(Vec<Vec<u8>>, Timings), (FailureKind, Error)> {
+        let download = |e: Error| (FailureKind::Download, e);
+        let load = |e: Error| (FailureKind::Load, e);
+        let generating = |e: Error| (FailureKind::Inference, e);
         let mut t = Timings {
             queue_s: queued_s,
             ..Default::default()
@@ -321,12 +361,12 @@ impl Worker {
                 fetched = self.cache.ensure(model, &progress).await;
             }
         }
-        let (guard, tier) = fetched?;
+        let (guard, tier) = fetched.map_err(download)?;
         if tier == CacheTier::Download {
             t.download_s = started.elapsed().as_secs_f64();
         }
         if cancel.load(Ordering::SeqCst) {
-            return Err(super::engine::cancelled());
+            return Err((FailureKind::Cancelled, super::engine::cancelled()));
         }
         // 2. The model in memory, loaded once and kept.
         let loading = Instant::now();
@@ -347,7 +387,8 @@ impl Worker {
                 })
         })
         .await
-        .map_err(|e| Error::Internal(format!("load task: {e}")))??;
+        .map_err(|e| load(Error::Internal(format!("load task: {e}"))))?
+        .map_err(load)?;
         let loaded: Loaded = loaded.as_ref().clone();
         t.load_s = if was_resident {
             0.0
@@ -375,7 +416,8 @@ impl Worker {
             })
         })
         .await
-        .map_err(|e| Error::Internal(format!("generate task: {e}")))??;
+        .map_err(|e| generating(Error::Internal(format!("generate task: {e}"))))?
+        .map_err(generating)?;
         t.inference_s = inference.elapsed().as_secs_f64();
         Ok((images, t))
     }
@@ -478,6 +520,11 @@ async fn connect_once(
         Err(s) => return Err(Error::Unavailable(format!("Connect: {}", s.message()))),
     };
     info!(coordinator = %url, heartbeat_ms = welcome.heartbeat_interval_ms, "connected");
+    if welcome.max_message_bytes > 0 {
+        worker
+            .max_message_bytes
+            .store(welcome.max_message_bytes, Ordering::Relaxed);
+    }
     let mut heartbeat =
         tokio::time::interval(Duration::from_millis(welcome.heartbeat_interval_ms.max(50)));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
