@@ -4,13 +4,18 @@
 //! fixed payload at once (a child process by default, so that this
 //! process's CPU and memory are the coordinator's and the clients'), a
 //! tiny model every worker holds preloaded, and K clients submitting M
-//! jobs. Figures come from the coordinator's own metrics
-//! ([`crate::metrics::coord`]): completions, accept-to-assign latency and
-//! worker-stream messages; CPU and memory from `/proc`.
+//! jobs. Figures come from the coordinator's own metrics: completions,
+//! accept-to-assign latency and worker-stream messages; CPU and memory from
+//! `/proc`.
 //!
-//! `--idle` connects the workers and measures the coordinator at rest.
+//! `--ceiling` runs the same load against the minimal exchange
+//! (`ceiling.rs`) first and prints Corral's ratio to it. `--idle` connects
+//! the workers and measures the coordinator at rest.
 
-use std::path::{Path, PathBuf};
+mod ceiling;
+mod fleet;
+
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,12 +25,13 @@ use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::{oneshot, watch, Semaphore};
 
-use crate::config::{CoordinatorConfig, EngineKind, WorkerConfig};
+use crate::config::CoordinatorConfig;
 use crate::error::{Error, Result};
 use crate::metrics::{self, Histogram};
 use crate::pb;
-use crate::types::{JobSpec, ModelId, ModelManifest};
-use crate::worker::engine::{Engine, LoadedModel};
+use crate::types::ModelId;
+use ceiling::Ceiling;
+use fleet::{cpu_s, spawn_workers, vm_mib, write_bundle, Fleet, Scratch, MODEL};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -73,6 +79,13 @@ pub struct BenchArgs {
     /// Run the workers in this process instead of a child process.
     #[arg(long)]
     pub inline: bool,
+    /// Also run the ceiling (the minimal exchange with the same workers and
+    /// clients, no scheduling, no store) and print Corral's ratio to it.
+    #[arg(long)]
+    pub ceiling: bool,
+    /// With --ceiling: how many times to run each, alternating.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u32,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
     /// Internal: be the worker fleet for the coordinator at this URL.
@@ -98,6 +111,8 @@ impl Default for BenchArgs {
             idle: false,
             idle_s: 0.0,
             inline: true,
+            ceiling: false,
+            rounds: 1,
             format: Format::Table,
             fleet_of: None,
             fleet_preloaded: None,
@@ -107,6 +122,8 @@ impl Default for BenchArgs {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
+    /// "corral", or "ceiling" (the minimal exchange, no scheduling or store).
+    pub target: &'static str,
     pub mode: &'static str,
     pub fleet: &'static str,
     pub workers: usize,
@@ -134,27 +151,65 @@ pub struct BenchReport {
     pub fleet_peak_rss_mib: Option<f64>,
 }
 
-/// The CLI entry: the fleet role or the benchmark, printed.
+/// The CLI entry: the fleet role, or the benchmark (and the ceiling
+/// beside it), printed.
 pub async fn run_cli(args: BenchArgs) -> Result<()> {
     if let Some(url) = args.fleet_of.clone() {
-        return fleet_main(&args, &url).await;
+        return fleet::fleet_main(&args, &url).await;
     }
     let format = args.format;
-    let report = run(args).await?;
+    let mut reports = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        if args.ceiling {
+            reports.push(run_target(args.clone(), Target::Ceiling).await?);
+        }
+        reports.push(run_target(args.clone(), Target::Corral).await?);
+    }
     match format {
         Format::Json => println!(
             "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?
+            serde_json::to_string_pretty(&reports).map_err(|e| Error::Internal(e.to_string()))?
         ),
-        Format::Table => print_table(&report),
+        Format::Table => {
+            for r in &reports {
+                print_table(r);
+            }
+            if args.ceiling {
+                print_ratio(&reports);
+            }
+        }
     }
     Ok(())
+}
+
+/// Corral's throughput over the ceiling's, run by run.
+fn print_ratio(reports: &[BenchReport]) {
+    let of = |t: &str| -> Vec<f64> {
+        reports
+            .iter()
+            .filter(|r| r.target == t)
+            .map(|r| r.jobs_per_s)
+            .collect()
+    };
+    let (corral, ceiling) = (of("corral"), of("ceiling"));
+    let ratios: Vec<String> = corral
+        .iter()
+        .zip(&ceiling)
+        .map(|(c, x)| format!("{:.2}", c / x.max(1e-9)))
+        .collect();
+    println!(
+        "corral / ceiling jobs/s: {} (corral {:?}, ceiling {:?})",
+        ratios.join(", "),
+        corral.iter().map(|v| v.round()).collect::<Vec<_>>(),
+        ceiling.iter().map(|v| v.round()).collect::<Vec<_>>()
+    );
 }
 
 fn print_table(r: &BenchReport) {
     let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3} ms"));
     println!(
-        "mode {} | {} workers x {} slots ({} fleet) | {} jobs from {} clients{} | payload {} B",
+        "{} | mode {} | {} workers x {} slots ({} fleet) | {} jobs from {} clients{} | payload {} B",
+        r.target,
         r.mode,
         r.workers,
         r.slots,
@@ -198,225 +253,6 @@ fn print_table(r: &BenchReport) {
         println!("  memory (worker fleet)   peak {m:.1} MiB");
     }
 }
-
-// ---- the engine -------------------------------------------------------------
-
-/// Returns `payload` at once: the control plane's cost alone.
-struct PayloadEngine {
-    payload: Arc<Vec<u8>>,
-}
-
-struct PayloadModel {
-    payload: Arc<Vec<u8>>,
-}
-
-impl Engine for PayloadEngine {
-    fn name(&self) -> &'static str {
-        "bench"
-    }
-    fn load(&self, _m: &ModelManifest, _dir: &Path) -> Result<Arc<dyn LoadedModel>> {
-        Ok(Arc::new(PayloadModel {
-            payload: self.payload.clone(),
-        }))
-    }
-}
-
-impl LoadedModel for PayloadModel {
-    fn resident_bytes(&self) -> u64 {
-        1
-    }
-    fn generate(
-        &self,
-        spec: &JobSpec,
-        on_step: &mut dyn FnMut(u32, u32) -> bool,
-    ) -> Result<Vec<Vec<u8>>> {
-        for step in 1..=spec.steps {
-            if !on_step(step, spec.steps) {
-                return Err(crate::worker::engine::cancelled());
-            }
-        }
-        Ok((0..spec.num_images)
-            .map(|_| self.payload.as_ref().clone())
-            .collect())
-    }
-}
-
-// ---- the fleet --------------------------------------------------------------
-
-/// A scratch directory under the system temp dir, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(what: &str) -> Result<Self> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let p = std::env::temp_dir().join(format!("corral-{what}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).map_err(|e| Error::io(&p, e))?;
-        Ok(Self(p))
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-const MODEL: &str = "bench-model";
-
-/// Writes the tiny bundle into `dir/MODEL`; returns `dir` (the preloaded dir).
-fn write_bundle(dir: &Path) -> Result<PathBuf> {
-    let root = dir.join(MODEL);
-    std::fs::create_dir_all(root.join("unet")).map_err(|e| Error::io(&root, e))?;
-    for (p, bytes) in [
-        ("model_index.json", b"{\"name\":\"bench\"}".to_vec()),
-        ("unet/model.onnx", vec![7u8; 4096]),
-    ] {
-        let path = root.join(p);
-        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
-    }
-    Ok(dir.to_path_buf())
-}
-
-/// Starts `n` workers for `url`; they stop when `stop` changes.
-async fn spawn_workers(
-    url: &str,
-    n: usize,
-    slots: u32,
-    payload_bytes: usize,
-    preloaded: &Path,
-    scratch: &Path,
-    stop: watch::Receiver<bool>,
-) -> Result<Vec<tokio::task::JoinHandle<Result<()>>>> {
-    // The PNG signature, then filler: the coordinator checks results are PNGs.
-    let mut payload: Vec<u8> = b"\x89PNG\r\n\x1a\n".to_vec();
-    payload.extend((8..payload_bytes.max(8)).map(|i| i as u8));
-    let payload = Arc::new(payload);
-    let engine: Arc<dyn Engine> = Arc::new(PayloadEngine { payload });
-    let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
-        let cfg = WorkerConfig {
-            coordinator: url.to_owned(),
-            cache_dir: scratch.join(format!("w{i}")),
-            cache_max_bytes: 1 << 30,
-            preloaded_dir: Some(preloaded.to_path_buf()),
-            max_concurrent_jobs: slots,
-            engine: EngineKind::Synthetic,
-            shutdown_grace_s: 5,
-            ..WorkerConfig::default()
-        };
-        let id = crate::types::WorkerId(format!("bench-w{i:05}"));
-        let (w, outbox) = crate::worker::Worker::new(cfg, id, engine.clone()).await?;
-        let mut stop = stop.clone();
-        tasks.push(tokio::spawn(crate::worker::run(w, outbox, async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })));
-    }
-    Ok(tasks)
-}
-
-/// The child process: workers until stdin closes.
-async fn fleet_main(args: &BenchArgs, url: &str) -> Result<()> {
-    let scratch = Scratch::new("fleet")?;
-    let preloaded = args
-        .fleet_preloaded
-        .clone()
-        .ok_or_else(|| Error::Config("--fleet-preloaded is required with --fleet-of".into()))?;
-    let (stop, rx) = watch::channel(false);
-    let tasks = spawn_workers(
-        url,
-        args.workers,
-        args.slots,
-        args.payload_bytes,
-        &preloaded,
-        scratch.path(),
-        rx,
-    )
-    .await?;
-    println!("ready");
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    while let Ok(Some(_)) = lines.next_line().await {}
-    let _ = stop.send(true);
-    for t in tasks {
-        let _ = t.await;
-    }
-    Ok(())
-}
-
-enum Fleet {
-    Inline {
-        stop: watch::Sender<bool>,
-        tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
-    },
-    Process(tokio::process::Child),
-}
-
-impl Fleet {
-    fn pid(&self) -> Option<u32> {
-        match self {
-            Fleet::Process(c) => c.id(),
-            Fleet::Inline { .. } => None,
-        }
-    }
-
-    async fn stop(self) {
-        match self {
-            Fleet::Inline { stop, tasks } => {
-                let _ = stop.send(true);
-                for t in tasks {
-                    let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-                }
-            }
-            Fleet::Process(mut child) => {
-                // Closing its stdin asks it to stop; then it is killed if slow.
-                drop(child.stdin.take());
-                if tokio::time::timeout(Duration::from_secs(10), child.wait())
-                    .await
-                    .is_err()
-                {
-                    let _ = child.kill().await;
-                }
-            }
-        }
-    }
-}
-
-// ---- process figures ----------------------------------------------------------
-
-/// CPU seconds (user + system) of a process from /proc.
-fn cpu_s(pid: Option<u32>) -> Option<f64> {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/stat"),
-        None => "/proc/self/stat".into(),
-    };
-    let text = std::fs::read_to_string(path).ok()?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = &text[text.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let (utime, stime): (f64, f64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((utime + stime) / ticks.max(1.0))
-}
-
-/// A `Vm*` line of /proc/PID/status, in MiB.
-fn vm_mib(pid: Option<u32>, key: &str) -> Option<f64> {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/status"),
-        None => "/proc/self/status".into(),
-    };
-    let text = std::fs::read_to_string(path).ok()?;
-    let line = text.lines().find(|l| l.starts_with(key))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-// ---- the benchmark ------------------------------------------------------------
-
 async fn connected_workers(url: &str) -> Result<u32> {
     let mut admin = crate::client::admin_client(&crate::client::ClientArgs::local(url)).await?;
     Ok(admin
@@ -427,8 +263,58 @@ async fn connected_workers(url: &str) -> Result<u32> {
         .workers)
 }
 
-/// Runs the benchmark and returns its figures.
+/// What the benchmark loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Corral,
+    Ceiling,
+}
+
+/// The server under load, and how to read its counters.
+enum Server {
+    Corral(Arc<crate::coordinator::Coordinator>),
+    Ceiling(Arc<Ceiling>),
+}
+
+impl Server {
+    fn completed(&self) -> u64 {
+        match self {
+            Server::Corral(c) => c.metrics().jobs_completed.get(),
+            Server::Ceiling(c) => c.completed.load(Ordering::Relaxed),
+        }
+    }
+
+    fn messages(&self) -> u64 {
+        match self {
+            Server::Corral(c) => {
+                c.metrics().messages_received.get() + c.metrics().messages_sent.get()
+            }
+            Server::Ceiling(c) => c.messages.load(Ordering::Relaxed),
+        }
+    }
+
+    fn assign_counts(&self) -> Option<Vec<u64>> {
+        match self {
+            Server::Corral(c) => Some(c.metrics().assign_latency.snapshot()),
+            Server::Ceiling(_) => None,
+        }
+    }
+
+    async fn workers(&self, url: &str) -> u32 {
+        match self {
+            Server::Corral(_) => connected_workers(url).await.unwrap_or(0),
+            Server::Ceiling(c) => c.workers.load(Ordering::Relaxed) as u32,
+        }
+    }
+}
+
+/// Runs the benchmark against Corral and returns its figures.
 pub async fn run(args: BenchArgs) -> Result<BenchReport> {
+    run_target(args, Target::Corral).await
+}
+
+/// Runs the benchmark against `target` and returns its figures.
+pub async fn run_target(args: BenchArgs, target: Target) -> Result<BenchReport> {
     if args.workers == 0 || args.clients == 0 || args.slots == 0 {
         return Err(Error::Config(
             "--workers, --clients and --slots must be at least 1".into(),
@@ -460,30 +346,47 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport> {
             .map_err(|e| Error::io("listener", e))?
     );
     let (stop_coord, stopped) = oneshot::channel::<()>();
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::io(&cfg.data_dir, e))?;
-    let services = crate::coordinator::Services::open(cfg, Arc::new(crate::clock::SystemClock))?;
-    let coordinator = services.coordinator.clone();
-    let coord_task = tokio::spawn(crate::coordinator::serve(
-        services,
-        listener,
-        None,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-
+    let stopped = async move {
+        let _ = stopped.await;
+    };
     let manifest = crate::manifest::manifest_from_source(
         &ModelId(MODEL.into()),
         &format!("file://{}", preloaded.join(MODEL).display()),
     )
     .await?;
-    crate::client::admin_client(&crate::client::ClientArgs::local(&url))
-        .await?
-        .register_model(pb::RegisterModelRequest {
-            model: Some(manifest.into()),
-        })
-        .await
-        .map_err(Error::from)?;
+    let (server, coord_task) = match target {
+        Target::Corral => {
+            std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::io(&cfg.data_dir, e))?;
+            let services =
+                crate::coordinator::Services::open(cfg, Arc::new(crate::clock::SystemClock))?;
+            let coordinator = services.coordinator.clone();
+            let task = tokio::spawn(crate::coordinator::serve(services, listener, None, stopped));
+            crate::client::admin_client(&crate::client::ClientArgs::local(&url))
+                .await?
+                .register_model(pb::RegisterModelRequest {
+                    model: Some(manifest.into()),
+                })
+                .await
+                .map_err(Error::from)?;
+            (Server::Corral(coordinator), task)
+        }
+        Target::Ceiling => {
+            let ceiling = Ceiling::new(manifest.into());
+            let (jobs, workers) = ceiling.services();
+            let task = tokio::spawn(async move {
+                tonic::transport::Server::builder()
+                    .add_service(jobs)
+                    .add_service(workers)
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        stopped,
+                    )
+                    .await
+                    .map_err(|e| Error::Internal(format!("ceiling server: {e}")))
+            });
+            (Server::Ceiling(ceiling), task)
+        }
+    };
 
     // The workers.
     let fleet = if args.inline {
@@ -529,7 +432,7 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport> {
     };
     let deadline = Instant::now() + Duration::from_secs(120 + args.workers as u64 / 50);
     loop {
-        let n = connected_workers(&url).await.unwrap_or(0) as usize;
+        let n = server.workers(&url).await as usize;
         if n >= args.workers {
             break;
         }
@@ -542,12 +445,11 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let m = coordinator.metrics().clone();
     let fleet_pid = fleet.pid();
     let (done0, msgs0, assign0) = (
-        m.jobs_completed.get(),
-        m.messages_received.get() + m.messages_sent.get(),
-        m.assign_latency.snapshot(),
+        server.completed(),
+        server.messages(),
+        server.assign_counts(),
     );
     let fleet_cpu = || fleet_pid.and_then(|p| cpu_s(Some(p)));
     let (cpu0, fcpu0) = (cpu_s(None), fleet_cpu());
@@ -561,22 +463,27 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport> {
         };
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     } else {
-        submit_all(&url, &args, &m, done0).await?;
+        submit_all(&url, &args, &server, done0).await?;
     }
 
     let elapsed = t0.elapsed().as_secs_f64();
     let (cpu1, fcpu1) = (cpu_s(None), fleet_cpu());
-    let completed = m.jobs_completed.get() - done0;
-    let msgs = m.messages_received.get() + m.messages_sent.get() - msgs0;
-    let assign: Vec<u64> = m
-        .assign_latency
-        .snapshot()
-        .iter()
-        .zip(&assign0)
-        .map(|(b, a)| b - a)
-        .collect();
-    let q = |q| Histogram::quantile_of(metrics::ASSIGN_BUCKETS_S, &assign, q).map(|s| s * 1000.0);
+    let completed = server.completed() - done0;
+    let msgs = server.messages() - msgs0;
+    let assign: Option<Vec<u64>> = server
+        .assign_counts()
+        .zip(assign0)
+        .map(|(now, then)| now.iter().zip(&then).map(|(b, a)| b - a).collect());
+    let q = |q| {
+        assign.as_ref().and_then(|a| {
+            Histogram::quantile_of(metrics::ASSIGN_BUCKETS_S, a, q).map(|s| s * 1000.0)
+        })
+    };
     let report = BenchReport {
+        target: match target {
+            Target::Corral => "corral",
+            Target::Ceiling => "ceiling",
+        },
         mode: if args.idle { "idle" } else { "load" },
         fleet: if args.inline { "inline" } else { "process" },
         workers: args.workers,
@@ -607,12 +514,7 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport> {
 
 /// K clients submit M jobs, paced by `--rate` or by the in-flight window;
 /// returns when all M have completed.
-async fn submit_all(
-    url: &str,
-    args: &BenchArgs,
-    m: &metrics::CoordMetrics,
-    done0: u64,
-) -> Result<()> {
+async fn submit_all(url: &str, args: &BenchArgs, server: &Server, done0: u64) -> Result<()> {
     let window = if args.window > 0 {
         args.window
     } else {
@@ -669,7 +571,7 @@ async fn submit_all(
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut seen = 0u64;
     loop {
-        let done = m.jobs_completed.get() - done0;
+        let done = server.completed() - done0;
         if done > seen {
             permits.add_permits((done - seen) as usize);
             seen = done;
