@@ -34,6 +34,7 @@ pub mod pb;
 pub mod pipeline;
 pub mod scheduler;
 pub mod sim;
+pub mod source;
 pub mod types;
 pub mod worker;
 

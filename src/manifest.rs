@@ -1,7 +1,7 @@
 //! Building a model's manifest (its files, sizes and SHA-256 digests) from its source.
 //!
 //! A source is a local directory (plain path or `file://`), an `http(s)://` prefix, or an
-//! object-store URL (`s3://`, `gs://`, `az://`, mapped to HTTPS by `worker::fetch::Source`).
+//! object-store URL (`s3://`, `gs://`, `az://`, mapped to HTTPS by `crate::source::Source`).
 //! A directory published over HTTP carries a `corral-manifest.json` (a JSON list of
 //! [`ModelFile`]) written by [`write_manifest_file`]; a local directory without one is walked
 //! and hashed. Every path in a manifest is checked by [`validate_relative_path`], because
@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::source::Source;
 use crate::types::{ModelFile, ModelId, ModelKind, ModelManifest};
-use crate::worker::fetch::Source;
 
 /// The file a published bundle directory carries: a JSON list of its files.
 pub const MANIFEST_FILE: &str = "corral-manifest.json";
@@ -183,7 +183,7 @@ pub async fn manifest_from_source(id: &ModelId, source: &str) -> Result<ModelMan
         Source::Local(dir) => local_files(dir).await?,
         Source::Http { .. } => {
             let url = src.locate(MANIFEST_FILE);
-            let client = crate::worker::fetch::http_client()?;
+            let client = crate::source::http_client()?;
             let resp = client
                 .get(&url)
                 .send()
@@ -191,7 +191,7 @@ pub async fn manifest_from_source(id: &ModelId, source: &str) -> Result<ModelMan
                 .map_err(|e| Error::Unavailable(format!("GET {url}: {e}")))?;
             let status = resp.status();
             if !status.is_success() {
-                return Err(crate::worker::fetch::status_error(&url, status));
+                return Err(crate::source::status_error(&url, status));
             }
             let body = resp
                 .bytes()
