@@ -32,6 +32,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod pb;
 pub mod pipeline;
+pub mod redact;
 pub mod scheduler;
 pub mod sim;
 pub mod source;

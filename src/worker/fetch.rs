@@ -1,5 +1,5 @@
 //! Downloads of single bundle files into the cache's temporary directory, from a
-//! [`Source`] (see `crate::source` for the schemes).
+//! resolved [`Source`] (an [`Endpoint`]; see `crate::source` for the schemes).
 //!
 //! Bytes are hashed while they arrive: the async side only moves `Bytes` from the network (or
 //! the source file) into a bounded channel; a `spawn_blocking` sink hashes and writes them, so
@@ -22,8 +22,9 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
-use crate::source::status_error;
-pub use crate::source::{http_client, Source};
+use crate::redact;
+pub use crate::source::{http_client, Endpoint, Source};
+use crate::source::{status_error, transport_error, unavailable};
 use crate::types::ModelFile;
 
 /// Chunks in flight between the network and the hashing sink.
@@ -182,7 +183,7 @@ impl Fetcher {
     /// mismatch `dest` is deleted and `Error::Checksum` names `file.path`.
     pub async fn fetch_file(
         &self,
-        source: &Source,
+        source: &Endpoint,
         file: &ModelFile,
         dest: &Path,
         progress: &(dyn Fn(u64) + Send + Sync),
@@ -193,18 +194,18 @@ impl Fetcher {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => return Err(Error::io(dest, e)),
         };
-        if keep > size || matches!(source, Source::Local(_)) {
+        if keep > size || matches!(source, Endpoint::Local(_)) {
             keep = 0; // longer than it should be, or a cheap local copy: start over
         }
         let sink = Sink::spawn(Some(dest.to_path_buf()), keep);
         let started = Instant::now();
         let stopped = match source {
-            Source::Http { .. } => {
+            Endpoint::Http { .. } => {
                 let url = source.locate(&file.path);
                 self.produce_http(&url, &file.path, size, keep, &sink.tx, progress)
                     .await
             }
-            Source::Local(_) => {
+            Endpoint::Local(_) => {
                 let path = PathBuf::from(source.locate(&file.path));
                 produce_local(&path, size, &sink.tx, progress).await
             }
@@ -262,9 +263,10 @@ impl Fetcher {
             let attempt = self.http_attempt(url, rel, size, &mut offset, tx, progress);
             let err = match attempt.await {
                 Ok(()) if offset >= size => return Ok(()),
-                Ok(()) => Error::Unavailable(format!(
-                    "GET {url}: connection closed at byte {offset} of {size}"
-                )),
+                Ok(()) => unavailable(
+                    url,
+                    &format!("connection closed at byte {offset} of {size}"),
+                ),
                 Err(Stop::Err(e)) if e.is_retryable() => e,
                 Err(stop) => return Err(stop),
             };
@@ -280,7 +282,7 @@ impl Fetcher {
                 .base_backoff
                 .saturating_mul(1 << (failures - 1).min(5))
                 .min(Duration::from_secs(8));
-            tracing::warn!(%url, offset, size, error = %err, ?backoff, "download interrupted, retrying");
+            tracing::warn!(url = %redact::url(url), offset, size, error = %err, ?backoff, "download interrupted, retrying");
             tokio::time::sleep(backoff).await;
         }
         Ok(())
@@ -295,13 +297,14 @@ impl Fetcher {
         tx: &mpsc::Sender<Bytes>,
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<(), Stop> {
-        let unavailable =
-            |e: &dyn std::fmt::Display| Stop::Err(Error::Unavailable(format!("GET {url}: {e}")));
         let mut req = self.client.get(url);
         if *offset > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={}-", *offset));
         }
-        let resp = req.send().await.map_err(|e| unavailable(&e))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Stop::Err(transport_error(url, e)))?;
         let status = resp.status();
         // A server that ignores Range answers 200 with the whole body: skip what we have.
         let mut skip = match status.as_u16() {
@@ -314,10 +317,13 @@ impl Fetcher {
                     .and_then(|v| v.split('-').next())
                     .and_then(|v| v.parse::<u64>().ok());
                 if start != Some(*offset) {
-                    return Err(Stop::Err(Error::Unavailable(format!(
-                        "GET {url}: asked for bytes from {}, got Content-Range from {start:?}",
-                        *offset
-                    ))));
+                    return Err(Stop::Err(unavailable(
+                        url,
+                        &format!(
+                            "asked for bytes from {}, got Content-Range from {start:?}",
+                            *offset
+                        ),
+                    )));
                 }
                 0
             }
@@ -329,9 +335,9 @@ impl Fetcher {
         loop {
             let next = tokio::time::timeout(self.retry.read_timeout, body.next())
                 .await
-                .map_err(|_| unavailable(&"read timed out"))?;
+                .map_err(|_| Stop::Err(unavailable(url, &"read timed out")))?;
             let Some(chunk) = next else { return Ok(()) };
-            let mut chunk = chunk.map_err(|e| unavailable(&e))?;
+            let mut chunk = chunk.map_err(|e| Stop::Err(transport_error(url, e)))?;
             if skip > 0 {
                 let n = skip.min(chunk.len() as u64);
                 chunk = chunk.slice(n as usize..);
@@ -402,7 +408,7 @@ pub async fn bench_download(url: &str, dest: Option<&Path>) -> Result<BenchRepor
         .get(url)
         .send()
         .await
-        .map_err(|e| Error::Unavailable(format!("GET {url}: {e}")))?;
+        .map_err(|e| transport_error(url, e))?;
     if !resp.status().is_success() {
         return Err(status_error(url, resp.status()));
     }
@@ -417,7 +423,7 @@ pub async fn bench_download(url: &str, dest: Option<&Path>) -> Result<BenchRepor
                 }
             }
             Err(e) => {
-                failed = Some(Error::Unavailable(format!("GET {url}: {e}")));
+                failed = Some(transport_error(url, e));
                 break;
             }
         }
@@ -428,7 +434,7 @@ pub async fn bench_download(url: &str, dest: Option<&Path>) -> Result<BenchRepor
     }
     let seconds = started.elapsed().as_secs_f64();
     Ok(BenchReport {
-        url: url.to_owned(),
+        url: redact::url(url),
         bytes,
         seconds,
         mb_per_s: bytes as f64 / 1e6 / seconds.max(1e-9),
@@ -454,7 +460,7 @@ mod tests {
     async fn local_copy_verifies_and_deletes_on_mismatch() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("f"), b"hello").unwrap();
-        let src = Source::Local(d.path().to_path_buf());
+        let src = Endpoint::Local(d.path().to_path_buf());
         let f = Fetcher::new(RetryPolicy::default()).unwrap();
         let dest = d.path().join("out");
         let good = ModelFile {

@@ -95,6 +95,8 @@ pub struct ServerState {
     pub ignore_range: std::sync::atomic::AtomicBool,
     /// Every request: (path, Range header if any).
     pub log: Mutex<Vec<(String, Option<String>)>>,
+    /// Every request: (path, query string if any).
+    pub queries: Mutex<Vec<(String, Option<String>)>>,
 }
 
 pub struct TestServer {
@@ -187,12 +189,14 @@ async fn serve_conn(mut sock: tokio::net::TcpStream, st: Arc<ServerState>) {
     let text = String::from_utf8_lossy(&head).into_owned();
     let mut lines = text.split("\r\n");
     let first = lines.next().unwrap_or("");
-    let path = first
-        .split(' ')
-        .nth(1)
-        .unwrap_or("/")
-        .trim_start_matches('/')
-        .to_owned();
+    let target = first.split(' ').nth(1).unwrap_or("/");
+    // A query (a pre-signed URL's signature) is recorded, not part of the file's name.
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_owned())),
+        None => (target, None),
+    };
+    let path = path.trim_start_matches('/').to_owned();
+    st.queries.lock().unwrap().push((path.clone(), query));
     let range = lines
         .filter_map(|l| l.split_once(':'))
         .find(|(k, _)| k.eq_ignore_ascii_case("range"))

@@ -345,7 +345,7 @@ impl DiskCache {
         tx: &watch::Sender<Dl>,
         done: &AtomicU64,
     ) -> Result<()> {
-        let source = Source::parse(&m.source)?;
+        let source = Source::parse(&m.source)?.resolve()?;
         let _permit = self
             .0
             .downloads

@@ -229,8 +229,7 @@ pub(super) fn scan_preloaded_dir(dir: &Path) -> Result<HashMap<ModelId, Preloade
                         .ok_or_else(|| Error::invalid("preloaded dir", name.clone()))?;
                     let mf = path.join(MANIFEST_FILE);
                     let files = match std::fs::read(&mf) {
-                        Ok(b) => serde_json::from_slice(&b)
-                            .map_err(|e| Error::invalid("manifest", e.to_string()))?,
+                        Ok(b) => crate::manifest::parse_file_list(&b, &mf.display().to_string())?,
                         Err(_) => crate::manifest::scan_dir(&path)?,
                     };
                     ModelManifest {
