@@ -10,6 +10,7 @@
 //! This module writes only `.tmp-*` directories and the final rename; it asks `budget` for
 //! room and never picks victims itself.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use super::{bump, join_err, DiskCache};
 use crate::error::{Error, Result};
 use crate::manifest::validate_manifest;
 use crate::source::Source;
-use crate::types::{CacheTier, ModelManifest};
+use crate::types::{CacheTier, ModelId, ModelManifest};
 
 /// A shared download's state, watched by every `ensure` waiting for it.
 pub(super) enum Dl {
@@ -41,7 +42,7 @@ pub(super) struct InFlight {
 }
 
 /// Whether two manifests describe the same bytes (source and kind may differ).
-fn same_files(a: &ModelManifest, b: &ModelManifest) -> bool {
+pub(super) fn same_files(a: &ModelManifest, b: &ModelManifest) -> bool {
     let key = |m: &ModelManifest| {
         let mut v: Vec<_> = m
             .files
@@ -92,6 +93,19 @@ fn dup_error(e: &Error) -> Error {
     }
 }
 
+/// Most models queued for prefetch at once; more are refused (a coordinator's Prefetch list
+/// is not trusted to be small).
+pub const MAX_QUEUED_PREFETCHES: usize = 64;
+
+/// Removes a model from the prefetch queue when dropped.
+struct Dequeue<'a>(&'a DiskCache, &'a ModelId);
+
+impl Drop for Dequeue<'_> {
+    fn drop(&mut self) {
+        self.0.prefetch_queue().remove(self.1);
+    }
+}
+
 impl DiskCache {
     /// Makes `manifest`'s bundle present and returns it pinned, with where it was found:
     /// `Preloaded`, `Disk`, or `Download` (fetched by this call or one it joined).
@@ -104,12 +118,36 @@ impl DiskCache {
     }
 
     /// Downloads `manifest` in the background at low priority (one prefetch at a time, behind
-    /// `ensure` downloads). Ends with `Error::ResourceExhausted` if the budget cannot be freed.
+    /// `ensure` downloads). Ends with `Error::ResourceExhausted` if the budget cannot be freed,
+    /// or at once if [`MAX_QUEUED_PREFETCHES`] models are already queued; a model already
+    /// queued is not queued twice (its handle ends `Ok` at once). An invalid manifest ends
+    /// with `InvalidArgument` before anything is queued.
     pub fn prefetch(&self, manifest: ModelManifest) -> tokio::task::JoinHandle<Result<()>> {
         let this = self.clone();
         let span = tracing::info_span!("prefetch", model = %manifest.id);
+        let admitted = validate_manifest(&manifest).and_then(|()| {
+            let mut q = this.prefetch_queue();
+            if q.contains(&manifest.id) {
+                Ok(false)
+            } else if q.len() >= MAX_QUEUED_PREFETCHES {
+                Err(Error::ResourceExhausted(format!(
+                    "prefetch of model {} refused: {} prefetches already queued (the most)",
+                    manifest.id,
+                    q.len()
+                )))
+            } else {
+                q.insert(manifest.id.clone());
+                Ok(true)
+            }
+        });
         tokio::spawn(
             async move {
+                if !admitted? {
+                    tracing::debug!("already queued");
+                    return Ok(());
+                }
+                // Leaves the queue however this ends (even when the task is aborted).
+                let _queued = Dequeue(&this, &manifest.id);
                 // Queued prefetches hold no reservation: they reserve once it is their turn.
                 let _turn = this
                     .0
@@ -123,6 +161,13 @@ impl DiskCache {
             }
             .instrument(span),
         )
+    }
+
+    fn prefetch_queue(&self) -> std::sync::MutexGuard<'_, HashSet<ModelId>> {
+        self.0
+            .prefetch_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     async fn ensure_inner(

@@ -7,6 +7,7 @@
 //!   ([`BundleGuard`]) and eviction to tombstones.
 //! - `download`: `ensure` and `prefetch`, shared downloads, verification and the atomic rename
 //!   that publishes a bundle.
+//! - `batch`: `ensure_all`, the several bundles of one job pinned together.
 //!
 //! Disk safety (STYLE #10): download to `.tmp-<name>/`, verify, rename into place; evict by
 //! renaming to a tombstone under the lock and delete outside it; sweep leftovers at start-up.
@@ -15,18 +16,21 @@
 //! This module owns the cache directory and nothing else: it reads the preloaded directory and
 //! never writes to it, and it knows nothing of the wire or of VRAM.
 
+mod batch;
 mod budget;
 mod download;
 mod layout;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Semaphore;
 
+pub use batch::MAX_BUNDLES_PER_JOB;
 pub use budget::BundleGuard;
+pub use download::MAX_QUEUED_PREFETCHES;
 pub use layout::{bundle_dir_name, BUNDLE_MARKER, CACHE_MARKER};
 
 use crate::error::{Error, Result};
@@ -95,6 +99,8 @@ struct Inner {
     downloads: Semaphore,
     /// Prefetches run one at a time, and only then queue for a download slot.
     prefetches: Semaphore,
+    /// Models with a prefetch queued or running: bounded by [`MAX_QUEUED_PREFETCHES`].
+    prefetch_queue: Mutex<HashSet<ModelId>>,
     counters: Counters,
     tomb_seq: AtomicU64,
 }
@@ -156,6 +162,7 @@ impl DiskCache {
             fetcher: Fetcher::new(retry)?,
             downloads: Semaphore::new(cfg.max_concurrent_downloads),
             prefetches: Semaphore::new(1),
+            prefetch_queue: Mutex::new(HashSet::new()),
             cfg,
             preloaded,
             state: Mutex::new(st),
