@@ -336,6 +336,20 @@ impl fmt::Debug for Endpoint {
     }
 }
 
+/// For a command line: a relative local path (`./models/sd15`) made absolute against the
+/// current directory, with symlinks and `..` resolved (so it must exist); anything else comes
+/// back unchanged. [`Source::parse`] refuses relative paths, because a worker's current
+/// directory is not the client's.
+pub fn absolute_if_local(s: &str) -> Result<String> {
+    if split_scheme(s).is_some() || s.starts_with('/') || s.is_empty() {
+        return Ok(s.to_owned());
+    }
+    let abs = std::fs::canonicalize(s).map_err(|e| Error::io(s, e))?;
+    abs.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| Error::invalid("source", format!("{} is not UTF-8", abs.display())))
+}
+
 /// `scheme://rest` when `s` starts with a scheme token (RFC 3986: a letter, then letters,
 /// digits, `+`, `-`, `.`).
 fn split_scheme(s: &str) -> Option<(&str, &str)> {

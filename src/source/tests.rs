@@ -173,3 +173,28 @@ fn local_sources_follow_the_policy() {
         assert!(e.to_string().contains("outside the allowed root"), "{e}");
     }
 }
+
+#[test]
+fn command_lines_may_name_relative_directories() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("sd15")).unwrap();
+    // Relative to a directory we name, not the process's (tests share it).
+    let rel = d.path().join("sd15/../sd15");
+    let abs = absolute_if_local(rel.to_str().unwrap()).unwrap();
+    assert_eq!(abs, rel.to_str().unwrap(), "absolute input is left alone");
+    for same in ["s3://bkt/x", "https://h/x", "/abs", ""] {
+        assert_eq!(absolute_if_local(same).unwrap(), same);
+    }
+    // Tests run in the package root.
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .canonicalize()
+        .unwrap();
+    assert_eq!(
+        absolute_if_local("src/../src/source").unwrap(),
+        here.join("src/source").to_str().unwrap()
+    );
+    assert!(matches!(
+        absolute_if_local("no-such-dir-here/x"),
+        Err(Error::Io { .. })
+    ));
+}
