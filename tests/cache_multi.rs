@@ -4,8 +4,7 @@
 #[path = "cache_common/mod.rs"]
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -66,9 +65,9 @@ async fn a_checkpoint_and_three_loras_fit_a_tight_budget_together() {
     for m in &old {
         cache.ensure(m, &|_, _| {}).await.unwrap();
     }
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = StopOnDrop::new();
     let watcher = {
-        let (stop, cache) = (stop.clone(), cache.clone());
+        let (stop, cache) = (stop.0.clone(), cache.clone());
         tokio::task::spawn_blocking(move || {
             while !stop.load(Ordering::Relaxed) {
                 let r = cache.report();
@@ -88,7 +87,7 @@ async fn a_checkpoint_and_three_loras_fit_a_tight_budget_together() {
     )
     .await
     .unwrap();
-    stop.store(true, Ordering::Relaxed);
+    drop(stop);
     watcher.await.unwrap();
     assert_eq!(last.load(Ordering::Relaxed), need);
     assert_eq!(got.len(), 4);

@@ -82,6 +82,23 @@ pub async fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> 
     }
 }
 
+/// Stops a watcher thread when dropped, also when the test panics (a runtime waits for its
+/// blocking threads at shutdown, so a watcher left running hangs the test instead of failing
+/// it).
+pub struct StopOnDrop(pub Arc<std::sync::atomic::AtomicBool>);
+
+impl StopOnDrop {
+    pub fn new() -> Self {
+        Self(Arc::default())
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[derive(Default)]
 pub struct ServerState {
     pub files: Mutex<HashMap<String, Vec<u8>>>,

@@ -29,9 +29,14 @@ use crate::source::Source;
 use crate::types::{CacheTier, ModelId, ModelManifest};
 
 /// A shared download's state, watched by every `ensure` waiting for it.
+///
+/// `Done` carries no pin: a waiter pins the new bundle through the index, under the lock,
+/// like any hit. (A guard handed over in the channel stayed pinned until the download task
+/// had also dropped its sender, a moment after the waiter had returned: callers that had
+/// dropped their guard still found the bundle pinned and were refused room.)
 pub(super) enum Dl {
     Running { done: u64, total: u64 },
-    Done(std::result::Result<BundleGuard, Arc<Error>>),
+    Done(std::result::Result<(), Arc<Error>>),
 }
 
 /// A download in flight, in the index.
@@ -269,15 +274,10 @@ impl DiskCache {
                     return Ok((g, tier));
                 }
             };
+            // Done: look again; the index has the bundle (or another version of the model,
+            // if that was the download we joined), and `waited` makes it a `Download`.
             waited = true;
-            match wait_download(rx, progress).await? {
-                Some(g) if same_files(g.manifest(), manifest) => {
-                    return Ok((g, CacheTier::Download));
-                }
-                // We joined a download of another version of this model, or the download
-                // finished without a guard to share: look again; the index has the answer.
-                _ => {}
-            }
+            wait_download(rx, progress, manifest.total_bytes()).await?;
         }
     }
 
@@ -344,10 +344,9 @@ impl DiskCache {
                                 pins: Arc::new(AtomicUsize::new(0)),
                                 last_used: st.tick,
                             };
-                            let g = e.guard(&m.id);
                             st.used += total;
                             st.entries.insert(m.id.clone(), e);
-                            Ok(g)
+                            Ok(())
                         }
                         Err(e) => Err(Error::io(&dir, e)),
                     }
@@ -358,7 +357,7 @@ impl DiskCache {
         };
         drop(taken);
         let outcome = match outcome {
-            Ok(g) => {
+            Ok(()) => {
                 bump(&self.0.counters.bytes_downloaded, total);
                 let dir = self.0.cfg.dir.clone();
                 match tokio::task::spawn_blocking(move || fsync_dir(&dir)).await {
@@ -367,7 +366,7 @@ impl DiskCache {
                     Ok(Ok(())) => {}
                 }
                 tracing::info!("downloaded");
-                Ok(g)
+                Ok(())
             }
             Err(e) => {
                 if matches!(e, Error::Checksum { .. }) {
@@ -379,7 +378,6 @@ impl DiskCache {
                 Err(Arc::new(e))
             }
         };
-        // Receivers that are gone drop the guard here, outside any lock.
         let _ = tx.send(Dl::Done(outcome));
     }
 
@@ -476,37 +474,35 @@ async fn wait_done(mut rx: watch::Receiver<Dl>) {
     }
 }
 
-/// Follows a shared download, forwarding progress. `Ok(None)`: it finished without a guard
-/// to share; the caller looks in the index again.
+/// Follows a shared download to its end, forwarding progress (`total` until the download
+/// says its own).
 async fn wait_download(
     mut rx: watch::Receiver<Dl>,
     progress: &(dyn Fn(u64, u64) + Send + Sync),
-) -> Result<Option<BundleGuard>> {
+    mut total: u64,
+) -> Result<()> {
     loop {
-        let seen = {
-            let b = rx.borrow_and_update();
-            match &*b {
-                Dl::Running { done, total } => Ok((*done, *total)),
-                Dl::Done(Ok(g)) => Err(Ok(g.clone())),
-                Dl::Done(Err(e)) => Err(Err(dup_error(e))),
-            }
+        let seen = match &*rx.borrow_and_update() {
+            Dl::Running { done, total } => Ok((*done, *total)),
+            Dl::Done(Ok(())) => Err(Ok(())),
+            Dl::Done(Err(e)) => Err(Err(dup_error(e))),
         };
         match seen {
-            Ok((done, total)) => progress(done, total),
-            Err(Ok(g)) => {
-                let total = g.manifest().total_bytes();
+            Ok((d, t)) => {
+                total = t;
+                progress(d, t);
+            }
+            Err(Ok(())) => {
                 progress(total, total);
-                return Ok(Some(g));
+                return Ok(());
             }
             Err(Err(e)) => return Err(e),
         }
         if rx.changed().await.is_err() {
-            // Sender gone: the final value, if any, is still readable.
-            let b = rx.borrow();
-            return match &*b {
-                Dl::Done(Ok(g)) => Ok(Some(g.clone())),
+            // The sender is gone; its last value, if any, is still readable.
+            return match &*rx.borrow() {
                 Dl::Done(Err(e)) => Err(dup_error(e)),
-                Dl::Running { .. } => Ok(None),
+                _ => Ok(()),
             };
         }
     }
