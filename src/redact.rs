@@ -170,6 +170,30 @@ pub fn text(s: &str) -> String {
     ENV.get_or_init(Redactor::from_env).text(s)
 }
 
+/// A writer that redacts every write with [`text`]: a net for log lines from code that does
+/// not redact (a library's debug output). tracing-subscriber's fmt layer writes each event in
+/// one call, so a URL is never split between two writes. Use it as
+/// `tracing_subscriber::fmt().with_writer(redact::stderr)`. Costs one scan of each line.
+#[derive(Debug)]
+pub struct Redacting<W>(pub W);
+
+impl<W: std::io::Write> std::io::Write for Redacting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let line = String::from_utf8_lossy(buf);
+        self.0.write_all(text(&line).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Standard error through [`Redacting`], for `with_writer`.
+pub fn stderr() -> Redacting<std::io::Stderr> {
+    Redacting(std::io::stderr())
+}
+
 /// Finds `scheme://` in `s` and redacts each URL up to the next delimiter.
 fn redact_urls(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -349,5 +373,18 @@ mod tests {
         let once = text(&format!("GET https://u:p@h/x?sig={SIG}: HTTP 403"));
         assert_eq!(text(&once), once);
         assert_eq!(once, "GET https://REDACTED@h/x?sig=REDACTED: HTTP 403");
+    }
+
+    #[test]
+    fn the_log_writer_redacts_whole_events() {
+        use std::io::Write;
+        let mut w = Redacting(Vec::new());
+        let event = format!("{{\"msg\":\"GET https://h/x?X-Amz-Signature={SIG}\"}}\n");
+        w.write_all(event.as_bytes()).unwrap();
+        let out = String::from_utf8(w.0).unwrap();
+        assert_eq!(
+            out,
+            "{\"msg\":\"GET https://h/x?X-Amz-Signature=REDACTED\"}\n"
+        );
     }
 }
