@@ -10,7 +10,7 @@
 //!   (see [`ENV_SECRETS`]), wherever they appear.
 //!
 //! Errors and log lines built by `source`, `manifest`, `worker::fetch` and `worker::cache`
-//! carry [`url`]'s form of a URL, never the raw one; [`text`] is the net for messages from
+//! carry [`url()`]'s form of a URL, never the raw one; [`text`] is the net for messages from
 //! elsewhere (a library's error, a worker's failure reason). Over-redaction is the accepted
 //! failure mode: a log line with too little in it is a nuisance, one with a key is an
 //! incident.
