@@ -33,9 +33,11 @@ pub mod manifest;
 pub mod metrics;
 pub mod pb;
 pub mod pipeline;
+pub mod redact;
 pub mod scheduler;
 pub mod shutdown;
 pub mod sim;
+pub mod source;
 pub mod types;
 pub mod worker;
 
