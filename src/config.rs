@@ -186,6 +186,13 @@ pub struct CoordinatorConfig {
     pub tls_key: Option<PathBuf>,
     /// HTTP address for `/metrics` and the cluster page `/`; none: no HTTP port. Default: none.
     pub http_listen: Option<SocketAddr>,
+    /// Local (`file://` or absolute path) model sources are accepted only
+    /// under this directory, unless `local_sources_anywhere`. Default: none.
+    pub local_source_root: Option<PathBuf>,
+    /// Accept local model sources anywhere. Default: true with
+    /// authentication disabled, false with it on (a client with an admin
+    /// token could otherwise make workers read any directory).
+    pub local_sources_anywhere: Option<bool>,
     pub limits: JobLimits,
     /// The file's `[auth]` table (or `--insecure-no-auth`); required.
     #[serde(skip)]
@@ -207,6 +214,8 @@ impl Default for CoordinatorConfig {
             tls_cert: None,
             tls_key: None,
             http_listen: None,
+            local_source_root: None,
+            local_sources_anywhere: None,
             limits: JobLimits::default(),
             auth: None,
         }
@@ -248,6 +257,12 @@ impl CoordinatorConfig {
             )),
             Some(a) => a.validate(),
         }
+    }
+
+    /// Whether local model sources are accepted outside `local_source_root`.
+    pub fn local_sources_anywhere(&self) -> bool {
+        self.local_sources_anywhere
+            .unwrap_or_else(|| self.auth.as_ref().is_none_or(|a| a.disabled))
     }
 
     pub fn heartbeat_interval_ms(&self) -> u64 {

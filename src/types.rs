@@ -73,12 +73,24 @@ pub struct ModelFile {
 }
 
 /// A catalogue entry: the files of one pipeline and where they come from.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Its `Debug` redacts the source (a pre-signed URL carries credentials).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelManifest {
     pub id: ModelId,
     pub kind: ModelKind,
     pub source: String,
     pub files: Vec<ModelFile>,
+}
+
+impl fmt::Debug for ModelManifest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModelManifest")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("source", &crate::redact::url(&self.source))
+            .field("files", &self.files)
+            .finish()
+    }
 }
 
 impl ModelManifest {

@@ -120,6 +120,12 @@ pub enum ModelsCmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Hash a bundle directory and write its corral-manifest.json, so that
+    /// it can be uploaded and registered with an http(s)://, s3://, gs://
+    /// or az:// source; prints what to upload and how.
+    Publish {
+        dir: PathBuf,
+    },
     /// Download models into a directory as verified bundles (to bake a
     /// preloaded directory into a worker image): `ID=SOURCE` pairs.
     Fetch {

@@ -65,6 +65,7 @@ pub async fn models(cmd: ModelsCmd) -> Result<()> {
     match cmd {
         ModelsCmd::Add { id, source, client } => {
             let id = crate::convert::model_id(id, "id")?;
+            let source = crate::source::absolute_if_local(&source)?;
             let manifest = crate::manifest::manifest_from_source(&id, &source).await?;
             let total = manifest.total_bytes();
             let files = manifest.files.len();
@@ -77,7 +78,8 @@ pub async fn models(cmd: ModelsCmd) -> Result<()> {
                 .into_inner();
             println!(
                 "registered {} ({files} files, {total} bytes) from {}",
-                m.id, m.source
+                m.id,
+                crate::redact::url(&m.source)
             );
         }
         ModelsCmd::List(client) => {
@@ -94,7 +96,7 @@ pub async fn models(cmd: ModelsCmd) -> Result<()> {
                     m.id,
                     bytes,
                     m.files.len(),
-                    m.source
+                    crate::redact::url(&m.source)
                 );
             }
         }
@@ -106,6 +108,12 @@ pub async fn models(cmd: ModelsCmd) -> Result<()> {
                 })
                 .await?;
             println!("removed {id}");
+        }
+        ModelsCmd::Publish { dir } => {
+            let p = tokio::task::spawn_blocking(move || crate::manifest::publish_dir(&dir))
+                .await
+                .map_err(|e| Error::Internal(format!("publish task: {e}")))??;
+            println!("{}", p.instructions());
         }
         ModelsCmd::Fetch { dir, models } => {
             let cache = crate::worker::cache::DiskCache::open(crate::worker::cache::CacheConfig {
@@ -120,7 +128,8 @@ pub async fn models(cmd: ModelsCmd) -> Result<()> {
                     Error::invalid("models", format!("{pair:?} is not ID=SOURCE"))
                 })?;
                 let id = crate::convert::model_id(id.to_owned(), "models")?;
-                let manifest = crate::manifest::manifest_from_source(&id, source).await?;
+                let source = crate::source::absolute_if_local(source)?;
+                let manifest = crate::manifest::manifest_from_source(&id, &source).await?;
                 let (guard, tier) = cache.ensure(&manifest, &|_, _| {}).await?;
                 println!(
                     "{id}: {} bytes at {} ({})",

@@ -32,6 +32,12 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::RegisterModelRequest>,
     ) -> Result<Response<pb::Model>, Status> {
         let m = convert::required_model(req.into_inner().model)?;
+        crate::manifest::validate_manifest(&m)?;
+        let cfg = self.0.config();
+        crate::source::Source::parse(&m.source)?.check_local_policy(
+            cfg.local_source_root.as_deref(),
+            cfg.local_sources_anywhere(),
+        )?;
         let m = self.0.register_model(m).await?;
         Ok(Response::new(m.into()))
     }

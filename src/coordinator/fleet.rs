@@ -223,7 +223,9 @@ impl Coordinator {
             Msg::Result(r) => self.worker_result(worker, r),
             Msg::Failed(f) => {
                 let job = crate::convert::job_id(f.job_id)?;
-                let reason = f.reason.clone();
+                // A third-party worker may not redact: the reason reaches
+                // clients and logs.
+                let reason = crate::redact::text(&f.reason);
                 let kind = crate::convert::failure_kind_from_pb(f.kind);
                 self.with_sched_as(kind, |s, now| {
                     let effects =
@@ -235,11 +237,12 @@ impl Coordinator {
                 })
             }
             Msg::PrefetchFailed(p) => {
-                warn!(worker_id = %worker, model_id = %p.model_id, reason = %p.reason, "prefetch failed");
+                warn!(worker_id = %worker, model_id = %p.model_id, reason = %crate::redact::text(&p.reason), "prefetch failed");
                 Ok(())
             }
             Msg::GoingAway(g) => {
-                self.worker_gone(worker, conn, &format!("went away: {}", g.reason), true);
+                let reason = crate::redact::text(&g.reason);
+                self.worker_gone(worker, conn, &format!("went away: {reason}"), true);
                 Ok(())
             }
         }

@@ -187,6 +187,13 @@ impl Worker {
                 Ok(())
             }
             Msg::Prefetch(p) => {
+                let cap = super::cache::MAX_QUEUED_PREFETCHES;
+                if p.models.len() > cap {
+                    return Err(Error::invalid(
+                        "prefetch",
+                        format!("{} models in one Prefetch, more than {cap}", p.models.len()),
+                    ));
+                }
                 for m in p.models {
                     let m = ModelManifest::try_from(m)?;
                     let me = self.clone();
