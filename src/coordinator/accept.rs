@@ -49,7 +49,7 @@ impl Coordinator {
             if let Some(earlier) = self.records.key_owner(k) {
                 return self.deduplicated(client, &spec, earlier).await;
             }
-            if let Some(earlier) = self.store.find_key(k)? {
+            if let Some(earlier) = self.store.find_key(k).await? {
                 return self.deduplicated(client, &spec, earlier).await;
             }
         }
@@ -102,7 +102,7 @@ impl Coordinator {
             }
         }
         info!(job_id = %id, model_id = %spec.model_id, "accepted");
-        Ok((self.view(&id)?, false))
+        Ok((self.view(&id).await?, false))
     }
 
     /// The earlier job with the same key, once its submission is durable.
@@ -114,7 +114,7 @@ impl Coordinator {
     ) -> Result<(JobView, bool)> {
         // The earlier submission may still be committing.
         self.store.barrier().await?;
-        let v = self.view(&earlier).map_err(|_| {
+        let v = self.view(&earlier).await.map_err(|_| {
             Error::Unavailable(format!(
                 "an earlier submission with idempotency key {:?} did not complete; retry",
                 spec.idempotency_key
@@ -143,14 +143,14 @@ impl Coordinator {
 
     /// A job as clients see it: from the records if unfinished, else from
     /// the store.
-    pub fn view(&self, id: &JobId) -> Result<JobView> {
+    pub async fn view(&self, id: &JobId) -> Result<JobView> {
         if let Some((record, _, est)) = self.records.get(id) {
             return Ok(JobView {
                 record,
                 estimated_start_s: self.estimate_s(est),
             });
         }
-        match self.store.get(id)? {
+        match self.store.get(id).await? {
             Some(j) => Ok(JobView {
                 record: j.record(),
                 estimated_start_s: 0.0,
@@ -160,20 +160,19 @@ impl Coordinator {
     }
 
     /// Who submitted a job ("" when authentication is off).
-    pub fn owner(&self, id: &JobId) -> Result<Arc<str>> {
+    pub async fn owner(&self, id: &JobId) -> Result<Arc<str>> {
         if let Some(o) = self.records.owner(id) {
             return Ok(o);
         }
-        match self.store.get(id)? {
+        match self.store.get(id).await? {
             Some(j) => Ok(Arc::from(j.client.as_str())),
             None => Err(Error::UnknownJob(id.clone())),
         }
     }
 
-    /// A completed job's images, read from the store (blocking: call from
-    /// a blocking thread for large results).
-    pub fn images(&self, id: &JobId, n: u32) -> Result<Images> {
-        Ok(self.store.images(id, n as usize)?.into())
+    /// A completed job's images, read from the store.
+    pub async fn images(&self, id: &JobId, n: u32) -> Result<Images> {
+        Ok(self.store.images(id, n as usize).await?.into())
     }
 
     /// The job now, as an event, and a receiver of later events.
@@ -191,17 +190,13 @@ impl Coordinator {
         // Finished (or never known): the stored record is final.
         let j = self
             .store
-            .get(id)?
+            .get(id)
+            .await?
             .ok_or_else(|| Error::UnknownJob(id.clone()))?;
         let record = j.record();
         let images = match &record.output {
             Some(o) if record.state == JobState::Completed => {
-                let (me, id, n) = (self.clone(), id.clone(), o.image_count);
-                Some(
-                    tokio::task::spawn_blocking(move || me.images(&id, n))
-                        .await
-                        .map_err(|e| Error::Internal(format!("image reader: {e}")))??,
-                )
+                Some(self.images(id, o.image_count).await?)
             }
             _ => None,
         };
@@ -216,7 +211,7 @@ impl Coordinator {
 
     /// Cancels a queued or running job; answers once that is durable.
     pub async fn cancel(&self, id: &JobId) -> Result<JobView> {
-        let state = self.view(id)?.record.state;
+        let state = self.view(id).await?.record.state;
         if state.is_terminal() {
             return Err(Error::FailedPrecondition(format!(
                 "job {id} is already {}",
@@ -235,12 +230,12 @@ impl Coordinator {
         self.store.barrier().await?;
         info!(job_id = %id, "cancelled");
         self.metrics.job_cancelled(id);
-        self.view(id)
+        self.view(id).await
     }
 
     /// A page of jobs, oldest first, from the store (so only what is
     /// durable). `page_token` continues a listing; a page may be short.
-    pub fn list(
+    pub async fn list(
         &self,
         state: Option<JobState>,
         model: Option<ModelId>,
@@ -251,14 +246,17 @@ impl Coordinator {
         let after = (!page_token.is_empty())
             .then(|| Cursor::parse(page_token))
             .transpose()?;
-        let (jobs, next) = self.store.list(&ListQuery {
-            state,
-            model,
-            client: client.map(str::to_owned),
-            after,
-            limit,
-            max_scanned: 0,
-        })?;
+        let (jobs, next) = self
+            .store
+            .list(&ListQuery {
+                state,
+                model,
+                client: client.map(str::to_owned),
+                after,
+                limit,
+                max_scanned: 0,
+            })
+            .await?;
         Ok((
             jobs.iter().map(StoredJob::record).collect(),
             next.map(|c| c.token()).unwrap_or_default(),

@@ -105,26 +105,18 @@ impl JobsService {
     }
 
     /// Refuses (as not found) a job `caller` may not see.
-    fn check_owner(&self, caller: &Caller, id: &JobId) -> Result<()> {
-        if caller.sees_all() {
-            // Still a NotFound for an unknown job.
-            return self.0.owner(id).map(|_| ());
-        }
-        caller.check_owner(id, Some(&self.0.owner(id)?))
+    async fn check_owner(&self, caller: &Caller, id: &JobId) -> Result<()> {
+        let owner = self.0.owner(id).await?;
+        caller.check_owner(id, Some(&owner))
     }
 
     pub async fn get_inner(&self, caller: &Caller, req: pb::GetJobRequest) -> Result<pb::Job> {
         let id = convert::job_id(req.job_id)?;
-        self.check_owner(caller, &id)?;
-        let v = self.0.view(&id)?;
+        self.check_owner(caller, &id).await?;
+        let v = self.0.view(&id).await?;
         let images = match &v.record.output {
             Some(o) if req.include_images && v.record.state == JobState::Completed => {
-                let (c, id, n) = (self.0.clone(), id.clone(), o.image_count);
-                Some(
-                    tokio::task::spawn_blocking(move || c.images(&id, n))
-                        .await
-                        .map_err(|e| Error::Internal(format!("image reader: {e}")))??,
-                )
+                Some(self.0.images(&id, o.image_count).await?)
             }
             _ => None,
         };
@@ -135,7 +127,7 @@ impl JobsService {
         ))
     }
 
-    pub fn list_inner(
+    pub async fn list_inner(
         &self,
         caller: &Caller,
         req: pb::ListJobsRequest,
@@ -149,7 +141,10 @@ impl JobsService {
             n => n.min(1000) as usize,
         };
         let owner = (!caller.sees_all()).then(|| caller.client_name());
-        let (jobs, next) = self.0.list(state, model, owner, &req.page_token, limit)?;
+        let (jobs, next) = self
+            .0
+            .list(state, model, owner, &req.page_token, limit)
+            .await?;
         Ok(pb::ListJobsResponse {
             jobs: jobs
                 .iter()
@@ -197,7 +192,7 @@ impl pb::jobs_server::Jobs for JobsService {
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let caller = Caller::of(&req)?;
         let id = convert::job_id(req.into_inner().job_id)?;
-        self.check_owner(&caller, &id)?;
+        self.check_owner(&caller, &id).await?;
         let w = self.0.watch(&id).await?;
         Ok(Response::new(watch_stream(self.0.clone(), id, w)))
     }
@@ -208,7 +203,7 @@ impl pb::jobs_server::Jobs for JobsService {
     ) -> Result<Response<pb::Job>, Status> {
         let caller = Caller::of(&req)?;
         let id = convert::job_id(req.into_inner().job_id)?;
-        self.check_owner(&caller, &id)?;
+        self.check_owner(&caller, &id).await?;
         let v = self.0.cancel(&id).await?;
         Ok(Response::new(convert::job_to_pb(&v.record, None, 0.0)))
     }
@@ -218,7 +213,9 @@ impl pb::jobs_server::Jobs for JobsService {
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let caller = Caller::of(&req)?;
-        Ok(Response::new(self.list_inner(&caller, req.into_inner())?))
+        Ok(Response::new(
+            self.list_inner(&caller, req.into_inner()).await?,
+        ))
     }
 }
 

@@ -118,7 +118,7 @@ impl Coordinator {
             .saturating_sub(self.cfg.result_retention_s.saturating_mul(1000));
         let mut removed = 0;
         loop {
-            let old = match self.store.finished_before(cutoff, SWEEP_BATCH) {
+            let old = match self.store.finished_before(cutoff, SWEEP_BATCH).await {
                 Ok(v) => v,
                 Err(e) => {
                     warn!(error = %e, "retention sweep could not read the store");

@@ -178,7 +178,7 @@ pub type Page = (Vec<StoredJob>, Option<Cursor>);
 
 /// The store; see the module docs.
 pub struct Store {
-    backend: redb::RedbStore,
+    backend: std::sync::Arc<redb::RedbStore>,
 }
 
 impl Store {
@@ -186,13 +186,23 @@ impl Store {
     /// store written by an earlier version.
     pub fn open(data_dir: &Path) -> Result<(Self, Loaded)> {
         let (backend, loaded) = redb::RedbStore::open(data_dir)?;
-        Ok((Self { backend }, loaded))
+        Ok((
+            Self {
+                backend: std::sync::Arc::new(backend),
+            },
+            loaded,
+        ))
     }
 
     /// A store in memory, for tests.
     pub fn memory() -> Result<(Self, Loaded)> {
         let (backend, loaded) = redb::RedbStore::memory()?;
-        Ok((Self { backend }, loaded))
+        Ok((
+            Self {
+                backend: std::sync::Arc::new(backend),
+            },
+            loaded,
+        ))
     }
 
     /// Queues `ops` for the next commit; `done` runs after it, in commit
@@ -236,25 +246,29 @@ impl Store {
         self.backend.reopen().await
     }
 
-    pub fn get(&self, id: &JobId) -> Result<Option<StoredJob>> {
+    pub async fn get(&self, id: &JobId) -> Result<Option<StoredJob>> {
         self.backend.get(id)
     }
 
-    pub fn images(&self, id: &JobId, n: usize) -> Result<Vec<Bytes>> {
-        self.backend.images(id, n)
+    /// A completed job's images (read off the async runtime's threads).
+    pub async fn images(&self, id: &JobId, n: usize) -> Result<Vec<Bytes>> {
+        let (b, id) = (self.backend.clone(), id.clone());
+        tokio::task::spawn_blocking(move || b.images(&id, n))
+            .await
+            .map_err(|e| Error::Internal(format!("image reader: {e}")))?
     }
 
     /// The job an idempotency key (scoped, see [`scoped_key`]) names.
-    pub fn find_key(&self, scoped: &str) -> Result<Option<JobId>> {
+    pub async fn find_key(&self, scoped: &str) -> Result<Option<JobId>> {
         self.backend.find_key(scoped)
     }
 
-    pub fn list(&self, q: &ListQuery) -> Result<Page> {
+    pub async fn list(&self, q: &ListQuery) -> Result<Page> {
         self.backend.list(q)
     }
 
     /// Finished jobs last changed at or before `cutoff_ms`, oldest first.
-    pub fn finished_before(&self, cutoff_ms: Millis, limit: usize) -> Result<Vec<StoredJob>> {
+    pub async fn finished_before(&self, cutoff_ms: Millis, limit: usize) -> Result<Vec<StoredJob>> {
         self.backend.finished_before(cutoff_ms, limit)
     }
 

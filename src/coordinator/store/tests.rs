@@ -30,6 +30,10 @@ fn completed(id: &str, created_ms: u64, n: usize) -> StoredJob {
     j
 }
 
+fn block<T>(f: impl std::future::Future<Output = T>) -> T {
+    rt().block_on(f)
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -52,9 +56,15 @@ fn callbacks_run_after_commit_in_order() {
             })),
         );
     }
-    rt().block_on(s.barrier()).unwrap();
+    block(s.barrier()).unwrap();
     assert_eq!(*seen.lock().unwrap(), (0..50).collect::<Vec<_>>());
-    assert_eq!(s.get(&JobId("j7".into())).unwrap().unwrap().created_ms, 7);
+    assert_eq!(
+        block(s.get(&JobId("j7".into())))
+            .unwrap()
+            .unwrap()
+            .created_ms,
+        7
+    );
 }
 
 #[test]
@@ -63,7 +73,7 @@ fn keys_images_and_the_retention_sweep() {
     let mut keyed = job("a", "acme", 1, JobState::Queued);
     keyed.spec.idempotency_key = "k1".into();
     let png = Bytes::from_static(b"\x89PNG\r\n\x1a\nxx");
-    rt().block_on(async {
+    block(async {
         s.commit(vec![Op::PutJob(Box::new(keyed.clone()))])
             .await
             .unwrap();
@@ -86,36 +96,38 @@ fn keys_images_and_the_retention_sweep() {
         .unwrap();
     });
     let key = scoped_key("acme", "k1").unwrap();
-    assert_eq!(s.find_key(&key).unwrap(), Some(JobId("a".into())));
+    assert_eq!(block(s.find_key(&key)).unwrap(), Some(JobId("a".into())));
     assert_eq!(
         scoped_key("", "k1").unwrap(),
         "k1",
         "anonymous keys stay bare"
     );
-    assert!(s.find_key("k1").unwrap().is_none(), "keys are per client");
+    assert!(
+        block(s.find_key("k1")).unwrap().is_none(),
+        "keys are per client"
+    );
     assert_eq!(
-        s.images(&JobId("a".into()), 2).unwrap(),
+        block(s.images(&JobId("a".into()), 2)).unwrap(),
         vec![png.clone(), png]
     );
-    assert!(s.finished_before(9, 10).unwrap().is_empty());
-    let old = s.finished_before(10, 10).unwrap();
+    assert!(block(s.finished_before(9, 10)).unwrap().is_empty());
+    let old = block(s.finished_before(10, 10)).unwrap();
     assert_eq!(old.len(), 1);
-    rt().block_on(s.commit(vec![Op::DeleteJob {
+    block(s.commit(vec![Op::DeleteJob {
         job: JobId("a".into()),
         key: Some(key.clone()),
     }]))
     .unwrap();
-    assert!(s.get(&JobId("a".into())).unwrap().is_none());
-    assert!(s.find_key(&key).unwrap().is_none());
-    assert!(s.images(&JobId("a".into()), 1).is_err());
-    assert!(s
-        .list(&ListQuery {
-            limit: 10,
-            ..Default::default()
-        })
-        .unwrap()
-        .0
-        .is_empty());
+    assert!(block(s.get(&JobId("a".into()))).unwrap().is_none());
+    assert!(block(s.find_key(&key)).unwrap().is_none());
+    assert!(block(s.images(&JobId("a".into()), 1)).is_err());
+    assert!(block(s.list(&ListQuery {
+        limit: 10,
+        ..Default::default()
+    }))
+    .unwrap()
+    .0
+    .is_empty());
 }
 
 #[test]
@@ -136,18 +148,17 @@ fn listing_pages_through_every_job_once_with_filters() {
             state,
         ))));
     }
-    rt().block_on(s.commit(ops)).unwrap();
+    block(s.commit(ops)).unwrap();
     // Every job exactly once, in creation order, across pages of 7.
     let mut seen = Vec::new();
     let mut after = None;
     loop {
-        let (page, next) = s
-            .list(&ListQuery {
-                after: after.clone(),
-                limit: 7,
-                ..Default::default()
-            })
-            .unwrap();
+        let (page, next) = block(s.list(&ListQuery {
+            after: after.clone(),
+            limit: 7,
+            ..Default::default()
+        }))
+        .unwrap();
         assert!(page.len() <= 7);
         seen.extend(page.into_iter().map(|j| j.created_ms));
         match next {
@@ -160,16 +171,15 @@ fn listing_pages_through_every_job_once_with_filters() {
     let mut got = Vec::new();
     let mut after = None;
     loop {
-        let (page, next) = s
-            .list(&ListQuery {
-                state: Some(JobState::Failed),
-                client: Some("a".into()),
-                after: after.clone(),
-                limit: 100,
-                max_scanned: 4,
-                ..Default::default()
-            })
-            .unwrap();
+        let (page, next) = block(s.list(&ListQuery {
+            state: Some(JobState::Failed),
+            client: Some("a".into()),
+            after: after.clone(),
+            limit: 100,
+            max_scanned: 4,
+            ..Default::default()
+        }))
+        .unwrap();
         got.extend(page.into_iter().map(|j| j.created_ms));
         match next {
             Some(c) => after = Some(c),
@@ -185,17 +195,18 @@ fn listing_pages_through_every_job_once_with_filters() {
 #[test]
 fn only_unfinished_jobs_are_loaded_and_a_failed_commit_needs_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = rt();
+    let runtime = rt();
     {
         let (s, loaded) = Store::open(dir.path()).unwrap();
         assert!(loaded.unfinished.is_empty());
-        rt.block_on(s.commit(vec![
-            Op::PutJob(Box::new(job("q", "", 1, JobState::Queued))),
-            Op::PutJob(Box::new(completed("c", 2, 0))),
-        ]))
-        .unwrap();
+        runtime
+            .block_on(s.commit(vec![
+                Op::PutJob(Box::new(job("q", "", 1, JobState::Queued))),
+                Op::PutJob(Box::new(completed("c", 2, 0))),
+            ]))
+            .unwrap();
         s.fail_next_commit();
-        let err = rt
+        let err = runtime
             .block_on(s.commit(vec![Op::PutJob(Box::new(job(
                 "lost",
                 "",
@@ -206,7 +217,7 @@ fn only_unfinished_jobs_are_loaded_and_a_failed_commit_needs_a_reopen() {
         assert!(matches!(err, Error::ResourceExhausted(_)), "{err}");
         assert!(s.failed().is_some());
         // Later writes fail at once, until the store is reopened.
-        let err = rt
+        let err = runtime
             .block_on(s.commit(vec![Op::PutJob(Box::new(job(
                 "x",
                 "",
@@ -216,30 +227,31 @@ fn only_unfinished_jobs_are_loaded_and_a_failed_commit_needs_a_reopen() {
             .unwrap_err();
         assert!(err.to_string().contains("earlier commit failed"), "{err}");
         assert!(
-            s.get(&JobId("q".into())).is_err(),
+            block(s.get(&JobId("q".into()))).is_err(),
             "reads fail while failed"
         );
-        let loaded = rt.block_on(s.reopen()).unwrap();
+        let loaded = runtime.block_on(s.reopen()).unwrap();
         assert!(s.failed().is_none());
         let ids: Vec<_> = loaded.unfinished.iter().map(|j| j.id.0.as_str()).collect();
         assert_eq!(ids, vec!["q"]);
-        rt.block_on(s.commit(vec![Op::PutJob(Box::new(job(
-            "y",
-            "",
-            5,
-            JobState::Queued,
-        )))]))
-        .unwrap();
-        rt.block_on(s.close()).unwrap();
+        runtime
+            .block_on(s.commit(vec![Op::PutJob(Box::new(job(
+                "y",
+                "",
+                5,
+                JobState::Queued,
+            )))]))
+            .unwrap();
+        runtime.block_on(s.close()).unwrap();
     }
     let (s, loaded) = Store::open(dir.path()).unwrap();
     let ids: Vec<_> = loaded.unfinished.iter().map(|j| j.id.0.as_str()).collect();
     assert_eq!(ids, vec!["q", "y"]);
     assert_eq!(
-        s.get(&JobId("c".into())).unwrap().unwrap().state,
+        block(s.get(&JobId("c".into()))).unwrap().unwrap().state,
         JobState::Completed
     );
-    assert!(s.get(&JobId("lost".into())).unwrap().is_none());
+    assert!(block(s.get(&JobId("lost".into()))).unwrap().is_none());
 }
 
 /// A data dir written by Corral 0.1: a redb 2 file and result images as
@@ -288,26 +300,25 @@ fn a_store_written_by_corral_0_1_opens_and_keeps_everything() {
     assert_eq!(loaded.models, vec![model]);
     assert_eq!(loaded.unfinished.len(), 1);
     assert_eq!(loaded.unfinished[0], queued);
-    assert_eq!(s.find_key("key").unwrap(), Some(JobId("q".into())));
+    assert_eq!(block(s.find_key("key")).unwrap(), Some(JobId("q".into())));
     assert_eq!(
-        s.images(&JobId("done".into()), 2).unwrap(),
+        block(s.images(&JobId("done".into()), 2)).unwrap(),
         vec![Bytes::from_static(b"first"), Bytes::from_static(b"second")]
     );
-    let l = s.get(&JobId("lost".into())).unwrap().unwrap();
+    let l = block(s.get(&JobId("lost".into()))).unwrap().unwrap();
     assert_eq!(l.state, JobState::Failed);
     assert!(l.error.contains("lost"), "{}", l.error);
     assert!(!dir.path().join("results").exists());
-    let (all, _) = s
-        .list(&ListQuery {
-            limit: 10,
-            ..Default::default()
-        })
-        .unwrap();
+    let (all, _) = block(s.list(&ListQuery {
+        limit: 10,
+        ..Default::default()
+    }))
+    .unwrap();
     assert_eq!(all.len(), 3);
     // Opening again changes nothing.
-    rt().block_on(s.close()).unwrap();
+    block(s.close()).unwrap();
     drop(s);
     let (s, loaded) = Store::open(dir.path()).unwrap();
     assert_eq!(loaded.unfinished.len(), 1);
-    assert_eq!(s.images(&JobId("done".into()), 2).unwrap().len(), 2);
+    assert_eq!(block(s.images(&JobId("done".into()), 2)).unwrap().len(), 2);
 }
