@@ -10,6 +10,12 @@ Uses only onnx (onnx.helper) and numpy, so it runs anywhere the tests do. Two va
                           SD 2.x style pad token "!". The graph casts to fp32 inside so that ONNX
                           Runtime's CPU provider (which lacks most fp16 kernels on x86) can run it.
 
+Initializers are named as torch.onnx names them: parameters keep their PyTorch names (conv_in.weight),
+except the weights of MatMuls, which the exporter stores transposed as onnx::MatMul_<n>. Each
+text_encoder/ and unet/ gets the name_map.json (scripts/name_map.py) that maps them back, built by
+value from the PyTorch-layout tensors. fixtures/loras/ gets tiny LoRAs for these weights: the same
+LoRA in kohya and PEFT form, and a second one (fp16 tensors, a conv LoRA, the time embedding).
+
 The networks are random but shaped like the real ones (text_encoder: input_ids int32 [batch, 77]
 -> last_hidden_state [batch, 77, D] and pooler_output; unet: sample, timestep, encoder_hidden_states
 -> out_sample with dynamic height/width and a cross-attention so that the prompt matters;
@@ -24,6 +30,9 @@ import sys
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import name_map  # noqa: E402
 
 D = 32  # text hidden size
 C = 16  # unet channels
@@ -264,6 +273,58 @@ def to_fp16_io(graph, keep_inputs=()):
     return helper.make_graph(nodes, graph.name, inputs, outputs, inits)
 
 
+# Builder name -> (PyTorch parameter, permutation from the PyTorch to the ONNX layout).
+ATTN = "mid_block.attentions.0.transformer_blocks.0.attn2"
+UNET_PARAMS = {
+    "conv_in_w": ("conv_in.weight", None),
+    "conv_in_b": ("conv_in.bias", None),
+    "temb_w": ("time_embedding.linear_1.weight", [1, 0]),
+    "wq": (ATTN + ".to_q.weight", [1, 0]),
+    "wk": (ATTN + ".to_k.weight", [1, 0]),
+    "wv": (ATTN + ".to_v.weight", [1, 0]),
+    "conv_out_w": ("conv_out.weight", None),
+    "conv_out_b": ("conv_out.bias", None),
+}
+TE_PARAMS = {
+    "tok_emb": ("text_model.embeddings.token_embedding.weight", None),
+    "pos_emb": ("text_model.embeddings.position_embedding.weight", None),
+    "w1": ("text_model.encoder.layers.0.mlp.fc1.weight", [1, 0]),
+    "b1": ("text_model.encoder.layers.0.mlp.fc1.bias", None),
+    "ln_g": ("text_model.final_layer_norm.weight", None),
+    "ln_b": ("text_model.final_layer_norm.bias", None),
+}
+
+
+def export_names(graph, params, first_matmul):
+    """Renames the builder's initializers as torch.onnx would; returns the PyTorch state dict."""
+    renames, state = {}, {}
+    n = first_matmul
+    for init in graph.initializer:
+        if init.name not in params:
+            continue
+        torch_name, perm = params[init.name]
+        arr = numpy_helper.to_array(init)
+        if perm is None:
+            renames[init.name] = torch_name
+            state[torch_name] = arr
+        else:
+            renames[init.name] = f"onnx::MatMul_{n}"
+            n += 1
+            state[torch_name] = arr.transpose(np.argsort(perm))
+    for init in graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            node.input[k] = renames.get(name, name)
+    return state
+
+
+def write_name_map(path, state, component):
+    m, unmatched = name_map.build(onnx.load(path), state, component)
+    assert not unmatched, f"{path}: unmatched {unmatched}"
+    name_map.save(m, os.path.join(os.path.dirname(path), "name_map.json"))
+
+
 def save(graph, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="corral-make-tiny-sd")
@@ -281,12 +342,16 @@ def write_variant(root, fp16):
     te = text_encoder(rng, vocab_size)
     un = unet(rng, TensorProto.FLOAT16 if fp16 else TensorProto.INT64)
     vae = vae_decoder(rng)
+    te_state = export_names(te, TE_PARAMS, 201)
+    un_state = export_names(un, UNET_PARAMS, 2301)
     if fp16:
         te = to_fp16_io(te)
         un = to_fp16_io(un)
         vae = to_fp16_io(vae)
     save(te, os.path.join(out, "text_encoder", "model.onnx"))
     save(un, os.path.join(out, "unet", "model.onnx"))
+    write_name_map(os.path.join(out, "text_encoder", "model.onnx"), te_state, "text_encoder")
+    write_name_map(os.path.join(out, "unet", "model.onnx"), un_state, "unet")
     save(vae, os.path.join(out, "vae_decoder", "model.onnx"))
     with open(os.path.join(out, "vae_decoder", "config.json"), "w") as f:
         json.dump({"_class_name": "AutoencoderKL", "latent_channels": 4, "scaling_factor": 0.18215}, f, indent=2)
@@ -368,8 +433,81 @@ def write_io_variants(root):
     print("wrote", out)
 
 
+def save_safetensors(tensors, path, metadata=None):
+    """The safetensors layout: u64 header length, JSON header, then the tensors' bytes."""
+    header, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        arr = np.asarray(tensors[name])  # not ascontiguousarray: it turns 0-d alphas into [1]
+        dtype = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}[arr.dtype]
+        b = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for b in blobs:
+            f.write(b)
+
+
+def kohya_name(component, module):
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[component]
+    return prefix + module.replace(".", "_")
+
+
+def write_loras(root):
+    """fixtures/loras/: LoRA A (rank 4, alpha 2: scale 0.5) on the cross-attention q/k/v and the
+    text encoder's fc1, as kohya and as PEFT (lora_B pre-multiplied by the scale: power-of-two
+    factors, so both give bit-identical merged weights); LoRA B (rank 2, alpha 2, fp16 tensors)
+    on to_q, the time embedding and the 3x3 conv_out (a conv LoRA)."""
+    out = os.path.join(root, "loras")
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(777)
+
+    def lin(rank, n_out, n_in, s):
+        return (rng.standard_normal((n_out, rank)) * s).astype(np.float32), (rng.standard_normal((rank, n_in)) * s).astype(np.float32)
+
+    a_modules = {
+        ("unet", ATTN + ".to_q"): lin(4, C, C, 0.35),
+        ("unet", ATTN + ".to_k"): lin(4, C, D, 0.35),
+        ("unet", ATTN + ".to_v"): lin(4, C, D, 0.35),
+        ("text_encoder", "text_model.encoder.layers.0.mlp.fc1"): lin(4, D, D, 0.3),
+    }
+    kohya, peft = {}, {}
+    for (component, module), (up, down) in a_modules.items():
+        k = kohya_name(component, module)
+        kohya[k + ".lora_up.weight"] = up
+        kohya[k + ".lora_down.weight"] = down
+        kohya[k + ".alpha"] = np.array(2.0, np.float32)
+        p = f"{component}.{module}"
+        peft[p + ".lora_A.weight"] = down
+        peft[p + ".lora_B.weight"] = up * np.float32(0.5)
+    save_safetensors(kohya, os.path.join(out, "tiny-a.kohya.safetensors"), {"ss_network_dim": "4", "ss_network_alpha": "2"})
+    save_safetensors(peft, os.path.join(out, "tiny-a.peft.safetensors"))
+    b = {}
+    for module, (up, down) in {
+        ATTN + ".to_q": lin(2, C, C, 0.4),
+        "time_embedding.linear_1": lin(2, C, C, 0.4),
+    }.items():
+        k = kohya_name("unet", module)
+        b[k + ".lora_up.weight"] = up.astype(np.float16)
+        b[k + ".lora_down.weight"] = down.astype(np.float16)
+        b[k + ".alpha"] = np.array(2.0, np.float16)
+    k = kohya_name("unet", "conv_out")
+    b[k + ".lora_down.weight"] = (rng.standard_normal((2, C, 3, 3)) * 0.2).astype(np.float16)
+    b[k + ".lora_up.weight"] = (rng.standard_normal((4, 2, 1, 1)) * 0.2).astype(np.float16)
+    b[k + ".alpha"] = np.array(2.0, np.float16)
+    save_safetensors(b, os.path.join(out, "tiny-b.kohya.safetensors"))
+    print("wrote", out)
+
+
 if __name__ == "__main__":
     root = sys.argv[1] if len(sys.argv) > 1 else "fixtures"
     write_variant(root, fp16=False)
     write_variant(root, fp16=True)
     write_io_variants(root)
+    write_loras(root)

@@ -10,6 +10,15 @@ generator, and writes golden vectors that tests/pipeline.rs compares the Rust pi
   fixtures/golden/<fixture>/noise.f32            initial standard-normal noise [n,4,h/8,w/8]
   fixtures/golden/<fixture>/<sched>.latents.f32  final latents (before 1/scaling_factor)
   fixtures/golden/<fixture>/euler.image.f32      decoded image [n,3,h,w] in [-1, 1]
+  fixtures/golden/<fixture>/<set>.<sched>.latents.f32  final latents with a LoRA set (meta.json
+                                                 "lora_sets") merged into the weights
+
+LoRAs are merged the plain way: read the safetensors file, W += weight * alpha/rank * up @ down
+on the initializer that <component>/name_map.json names (in its layout), then build the sessions
+from the modified models. Those models also list the linear and conv weights of the name map as
+graph inputs (their merged values stay the defaults): Corral patches weights through such inputs,
+and ONNX Runtime picks other convolution kernels for a weight that is an input (no pre-packed
+NCHWc layout), whose rounding differs. Mirroring that keeps the comparison about the merge.
 
 All .f32 files are raw little-endian float32. Run once: python3 scripts/reference_sd.py
 With --print-schedules it prints the timesteps/sigmas used as constants in the Rust unit tests.
@@ -20,8 +29,10 @@ import os
 import sys
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import regex
+from onnx import numpy_helper
 
 MASK64 = (1 << 64) - 1
 ANCESTRAL_STREAM_KEY = 0xA5A5A5A5A5A5A5A5
@@ -281,11 +292,87 @@ def np_type(ort_type):
     return {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}[ort_type]
 
 
+# ---------------------------------------------------------------- LoRA merge
+def load_safetensors(path):
+    data = open(path, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        dt = {"F32": "<f4", "F16": "<f2"}[info["dtype"]]
+        out[name] = np.frombuffer(data[8 + n + a : 8 + n + b], dtype=dt).reshape(info["shape"]).astype(np.float32)
+    return out
+
+
+def lora_modules(path):
+    """{(component, module with '_' for '.'): {"up", "down", "alpha"}} of a kohya or PEFT file."""
+    mods = {}
+    for name, arr in load_safetensors(path).items():
+        if name.startswith("lora_unet_") or name.startswith("lora_te_"):
+            comp = "unet" if name.startswith("lora_unet_") else "text_encoder"
+            module, part = name[len("lora_unet_" if comp == "unet" else "lora_te_") :].split(".", 1)
+            part = {"lora_up.weight": "up", "lora_down.weight": "down", "alpha": "alpha"}[part]
+        else:
+            comp, rest = name.split(".", 1)
+            for suffix, part in ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".alpha", "alpha")):
+                if rest.endswith(suffix):
+                    module = rest[: -len(suffix)].replace(".", "_")
+                    break
+            else:
+                raise ValueError(f"{path}: unknown key {name}")
+        mods.setdefault((comp, module), {})[part] = arr
+    return mods
+
+
+def merged_model(d, component, loras):
+    """The component's ONNX model with the LoRAs merged into its initializers."""
+    model = onnx.load(os.path.join(d, component, "model.onnx"))
+    nm = json.load(open(os.path.join(d, component, "name_map.json")))["weights"]
+    by_key = {p[: -len(".weight")].replace(".", "_"): e for p, e in nm.items() if p.endswith(".weight")}
+    inits = {t.name: t for t in model.graph.initializer}
+    deltas = {}
+    for path, weight in loras:
+        for (comp, key), m in lora_modules(path).items():
+            if comp != component:
+                continue
+            e = by_key[key]
+            w = numpy_helper.to_array(inits[e["onnx"]])
+            perm = e.get("perm", list(range(w.ndim)))
+            torch_shape = [0] * w.ndim
+            for i, p in enumerate(perm):
+                torch_shape[p] = w.shape[i]
+            rank = m["down"].shape[0]
+            scale = float(m["alpha"]) / rank if "alpha" in m else 1.0
+            up = m["up"].reshape(m["up"].shape[0], rank).astype(np.float64)
+            down = m["down"].reshape(rank, -1).astype(np.float64)
+            # float64, rounded once: the same merged weights whatever the summation order.
+            delta = (float(np.float32(weight)) * scale * (up @ down)).reshape(torch_shape).transpose(perm)
+            deltas[e["onnx"]] = deltas.get(e["onnx"], 0) + delta
+    for name, delta in deltas.items():
+        w = numpy_helper.to_array(inits[name])
+        merged = (w.astype(np.float64) + delta).astype(np.float32).astype(w.dtype)
+        inits[name].CopyFrom(numpy_helper.from_array(merged, name))
+    declared = {i.name for i in model.graph.input}
+    for e in by_key.values():
+        t = inits[e["onnx"]]
+        if len(t.dims) in (2, 4) and t.name not in declared:
+            declared.add(t.name)
+            model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return model.SerializeToString()
+
+
 class Reference:
-    def __init__(self, d):
+    def __init__(self, d, loras=()):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
-        mk = lambda p: ort.InferenceSession(os.path.join(d, p, "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        opts.log_severity_level = 3
+
+        def mk(p):
+            src = merged_model(d, p, loras) if loras and p != "vae_decoder" else os.path.join(d, p, "model.onnx")
+            return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         self.te, self.unet, self.vae = mk("text_encoder"), mk("unet"), mk("vae_decoder")
         self.tok = ClipTokenizer(os.path.join(d, "tokenizer"))
         self.cfg = json.load(open(os.path.join(d, "scheduler", "scheduler_config.json")))
@@ -324,6 +411,10 @@ class Reference:
 
 
 SCHEDULERS = ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras"]
+LORA_SETS = {
+    "lora_a": [["tiny-a.kohya.safetensors", 0.8]],
+    "lora_ab": [["tiny-a.kohya.safetensors", 0.8], ["tiny-b.kohya.safetensors", -0.7]],
+}
 REQUEST = dict(prompt="a photo of an astronaut riding a horse on mars", negative_prompt="ugly, blurry", width=48, height=64, steps=8, guidance_scale=7.5, seed=42, num_images=2)
 
 
@@ -343,8 +434,15 @@ def write_golden(root, fixture):
         print(fixture, name, "latents mean abs", float(np.abs(x).mean()))
         if name == "euler":
             ref.decode(x).astype("<f4").tofile(os.path.join(out, "euler.image.f32"))
+    for set_name, loras in LORA_SETS.items():
+        lref = Reference(os.path.join(root, fixture), [(os.path.join(root, "loras", f), w) for f, w in loras])
+        _, lemb = lref.encode(r["prompt"], r["negative_prompt"])
+        for name in SCHEDULERS:
+            x = lref.denoise(lemb, noise, name, r["steps"], r["guidance_scale"], seeds)
+            x.astype("<f4").tofile(os.path.join(out, f"{set_name}.{name}.latents.f32"))
+        print(fixture, set_name, "done")
     meta = dict(REQUEST)
-    meta.update({"uncond_ids": ids[0].tolist(), "cond_ids": ids[1].tolist(), "schedulers": SCHEDULERS})
+    meta.update({"uncond_ids": ids[0].tolist(), "cond_ids": ids[1].tolist(), "schedulers": SCHEDULERS, "lora_sets": LORA_SETS})
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f)
 

@@ -2,8 +2,11 @@
 //! binding), VAE decoding and PNG encoding. Loading lives in `mod.rs`.
 
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::SessionInputValue;
 use ort::value::DynTensor;
 
+use super::lora::merge::PreparedLoras;
+use super::lora::Component;
 use super::schedulers::{Sampler, SchedulerKind};
 use super::tensors::{float_tensor, number_tensor, read_floats};
 use super::{lock, noise, png, Encoded, GenerateRequest, Image, Pipeline, PipelineError};
@@ -29,6 +32,15 @@ impl Pipeline {
         } else {
             &req.model_id
         };
+        let loras: Vec<png::LoraUse<'_>> = req
+            .loras
+            .iter()
+            .map(|l| png::LoraUse {
+                name: l.lora.name(),
+                weight: l.weight,
+                short_hash: l.lora.short_hash(),
+            })
+            .collect();
         let mut images = Vec::with_capacity(n);
         for (i, lat) in latents.chunks(per).enumerate() {
             let pixels = self.decode(lat, req.width, req.height)?;
@@ -44,6 +56,7 @@ impl Pipeline {
                 width: req.width,
                 height: req.height,
                 model,
+                loras: &loras,
             };
             let png = png::encode_rgb(req.width, req.height, &rgb, &params.to_a1111())?;
             images.push(Image { png, seed });
@@ -53,6 +66,16 @@ impl Pipeline {
 
     /// The text encoder's hidden states for each prompt, concatenated: `[texts.len(), seq, dim]`.
     pub fn encode_prompts(&self, texts: &[&str]) -> Result<(Vec<f32>, [usize; 2]), PipelineError> {
+        self.encode_prompts_with(texts, None)
+    }
+
+    /// As [`Pipeline::encode_prompts`], with the text-encoder weights of a LoRA set.
+    pub(crate) fn encode_prompts_with(
+        &self,
+        texts: &[&str],
+        loras: Option<&PreparedLoras>,
+    ) -> Result<(Vec<f32>, [usize; 2]), PipelineError> {
+        let patched = loras.map_or(&[][..], |l| l.for_component(Component::TextEncoder));
         let ids: Vec<Vec<u32>> = texts
             .iter()
             .map(|t| self.tokenizer.encode(t))
@@ -68,8 +91,11 @@ impl Pipeline {
         for chunk in ids.chunks(batch) {
             let flat: Vec<f64> = chunk.iter().flatten().map(|&i| i as f64).collect();
             let input = number_tensor(self.text_encoder.input.ty, &[chunk.len(), seq], &flat)?;
+            let mut feeds: Vec<(&str, SessionInputValue<'_>)> =
+                vec![(self.text_encoder.input.name.as_str(), input.into())];
+            feeds.extend(patched.iter().map(|(n, t)| (n.as_str(), t.into())));
             let mut outputs = session
-                .run(vec![(self.text_encoder.input.name.as_str(), input)])
+                .run(feeds)
                 .map_err(|e| PipelineError::Runtime(format!("text encoder: {e}")))?;
             let value = outputs
                 .remove(&self.text_encoder.output.name)
@@ -108,17 +134,22 @@ impl Pipeline {
                 n * per
             )));
         }
-        let emb = self.encode_request(req)?;
-        self.denoise_encoded(req, kind, &emb, noise, on_step)
+        let loras = self.prepare_loras(&req.loras)?;
+        let emb = self.encode_request(req, loras.as_deref())?;
+        self.denoise_encoded(req, kind, &emb, loras.as_deref(), noise, on_step)
     }
 
     /// The hidden states a request's UNet passes attend to: `[negative, prompt]` with guidance,
     /// `[prompt]` without (diffusers skips the unconditional pass when the scale is <= 1).
-    pub(crate) fn encode_request(&self, req: &GenerateRequest) -> Result<Encoded, PipelineError> {
+    pub(crate) fn encode_request(
+        &self,
+        req: &GenerateRequest,
+        loras: Option<&PreparedLoras>,
+    ) -> Result<Encoded, PipelineError> {
         let (data, dims) = if req.guidance_scale > 1.0 {
-            self.encode_prompts(&[&req.negative_prompt, &req.prompt])?
+            self.encode_prompts_with(&[&req.negative_prompt, &req.prompt], loras)?
         } else {
-            self.encode_prompts(&[&req.prompt])?
+            self.encode_prompts_with(&[&req.prompt], loras)?
         };
         Ok(Encoded { data, dims })
     }
@@ -129,9 +160,11 @@ impl Pipeline {
         req: &GenerateRequest,
         kind: SchedulerKind,
         emb: &Encoded,
+        loras: Option<&PreparedLoras>,
         noise: &[f32],
         on_step: &mut dyn FnMut(u32, u32) -> bool,
     ) -> Result<Vec<f32>, PipelineError> {
+        let patched = loras.map_or(&[][..], |l| l.for_component(Component::Unet));
         let n = req.num_images as usize;
         let per = self.latent_len(req.width, req.height);
         let (lh, lw) = (
@@ -193,6 +226,10 @@ impl Pipeline {
                 .map_err(rt)?;
             b.bind_output_to_device(self.unet.output.name.as_str(), &cpu)
                 .map_err(rt)?;
+            // A LoRA set's merged weights replace the base ones for the whole request.
+            for (name, w) in patched {
+                b.bind_input(name.as_str(), w).map_err(rt)?;
+            }
             bindings.push(b);
         }
         let t_shape: Vec<usize> = match self.unet.timestep.shape.as_slice() {
@@ -205,10 +242,10 @@ impl Pipeline {
         let mut model_out = Vec::with_capacity(total * per);
         let mut guided_out = vec![0f32; n * per];
         for i in 0..steps {
-            let scale = sampler.input_scale(i);
+            let div = sampler.input_divisor(i);
             for c in 0..copies {
                 for (d, s) in model_in[c * n * per..(c + 1) * n * per].iter_mut().zip(&x) {
-                    *d = s * scale;
+                    *d = s / div;
                 }
             }
             let t = sampler.timesteps()[i];
@@ -260,7 +297,7 @@ impl Pipeline {
     }
 
     /// On CUDA, a copy of `t` in GPU memory (bound once, read by every step); else `t`.
-    fn to_device(&self, t: DynTensor) -> DynTensor {
+    pub(crate) fn to_device(&self, t: DynTensor) -> DynTensor {
         #[cfg(feature = "cuda")]
         if let super::Device::Cuda { device_id } = self.device {
             match t.to(AllocationDevice::CUDA, device_id) {

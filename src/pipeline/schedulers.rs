@@ -445,13 +445,13 @@ impl Sampler {
         self.schedule.init_noise_sigma
     }
 
-    /// The factor the UNet input is multiplied by at step `i` (1/sqrt(sigma^2 + 1) for
-    /// sigma-based samplers).
-    pub fn input_scale(&self, i: usize) -> f32 {
+    /// What the UNet input is divided by at step `i` (sqrt(sigma^2 + 1) for sigma-based
+    /// samplers, as diffusers' `scale_model_input` divides; 1 for the others).
+    pub fn input_divisor(&self, i: usize) -> f32 {
         match self.kind {
             SchedulerKind::Euler | SchedulerKind::EulerAncestral => {
                 let s = self.schedule.sigmas[i] as f64;
-                1.0 / ((s * s + 1.0).sqrt() as f32)
+                (s * s + 1.0).sqrt() as f32
             }
             _ => 1.0,
         }
