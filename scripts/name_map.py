@@ -30,6 +30,7 @@ import sys
 import numpy as np
 
 FORMAT = "corral-name-map/1"
+NAME_MAP = "name_map.json"
 # Components a LoRA may target, and where diffusers keeps their PyTorch weights.
 COMPONENTS = {
     "unet": "unet/diffusion_pytorch_model.safetensors",
