@@ -1,7 +1,7 @@
 //! Runs `corral::pipeline::bench::bench_with`, as `corral bench-pipeline` does.
 //!
 //! cargo run --release --example bench_pipeline -- DIR [STEPS WIDTH HEIGHT RUNS] [--cuda] [--json]
-//!     [--lora FILE:WEIGHT]... [--lora-conv]
+//!     [--lora FILE:WEIGHT]... [--lora-conv] [--upscaler MODEL.onnx]
 
 use std::path::PathBuf;
 
@@ -9,13 +9,16 @@ use corral::pipeline::bench::{bench_with, BenchOptions};
 use corral::pipeline::{Device, PipelineConfig};
 
 const USAGE: &str = "usage: bench_pipeline DIR [STEPS WIDTH HEIGHT RUNS] [--cuda] [--json] \
-                     [--lora FILE:WEIGHT]... [--lora-conv]";
+                     [--lora FILE:WEIGHT]... [--lora-conv] [--upscaler MODEL.onnx]";
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let (mut flags, mut pos, mut loras) = (Vec::new(), Vec::new(), Vec::new());
+    let mut upscaler = None;
     while let Some(a) = args.next() {
-        if a == "--lora" {
+        if a == "--upscaler" {
+            upscaler = args.next().map(PathBuf::from);
+        } else if a == "--lora" {
             let spec = args.next().unwrap_or_default();
             let Some((file, w)) = spec.rsplit_once(':') else {
                 eprintln!("--lora takes FILE:WEIGHT, got {spec:?}\n{USAGE}");
@@ -53,6 +56,7 @@ fn main() {
         height: num(3, 512),
         runs: num(4, 3),
         loras,
+        upscaler,
     };
     match bench_with(&PathBuf::from(dir), &cfg, &opts) {
         Ok(r) if has("--json") => {

@@ -63,6 +63,7 @@ fn request(m: &Value, scheduler: &str, loras: Vec<LoraWeight>) -> GenerateReques
         num_images: m["num_images"].as_u64().unwrap() as u32,
         scheduler: scheduler.into(),
         loras,
+        ..Default::default()
     }
 }
 

@@ -16,9 +16,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::image::RgbImage;
 use super::lora::merge::PreparedLoras;
 use super::lora::{Component, Lora, LoraWeight};
 use super::schedulers::SchedulerKind;
+use super::upscale::Upscaler;
 use super::{noise, png, runtime, GenerateRequest, Pipeline, PipelineConfig, PipelineError};
 
 /// What to benchmark besides the model directory and the device.
@@ -31,6 +33,8 @@ pub struct BenchOptions {
     pub runs: u32,
     /// LoRA files and weights (`corral bench-pipeline --lora FILE:W`); empty = no LoRA rows.
     pub loras: Vec<(PathBuf, f32)>,
+    /// An upscaler (`.onnx` or a directory with model.onnx) run on the generated image.
+    pub upscaler: Option<PathBuf>,
 }
 
 impl Default for BenchOptions {
@@ -41,6 +45,7 @@ impl Default for BenchOptions {
             height: 512,
             runs: 3,
             loras: Vec::new(),
+            upscaler: None,
         }
     }
 }
@@ -119,7 +124,20 @@ pub struct BenchReport {
     pub vae_decode: Stat,
     pub png_encode: Stat,
     pub total: Stat,
+    /// Image-to-image: the VAE encoder on a `width` x `height` image (when the export has one).
+    pub vae_encode: Option<Stat>,
+    /// The upscaler on the generated image, tiled (with [`BenchOptions::upscaler`]).
+    pub upscale: Option<UpscaleBench>,
     pub lora: Option<LoraBench>,
+}
+
+/// The upscaler rows of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpscaleBench {
+    pub name: String,
+    pub scale: u32,
+    pub load_s: f64,
+    pub upscale: Stat,
 }
 
 fn ms(since: Instant) -> f64 {
@@ -140,7 +158,7 @@ pub fn bench(
         width,
         height,
         runs,
-        loras: Vec::new(),
+        ..Default::default()
     };
     bench_with(dir, cfg, &opts)
 }
@@ -179,11 +197,13 @@ fn time_runs(
         let noise = noise::initial_noise(req.seed, 1, p.latent_len(width, height));
         let mut last = Instant::now();
         let mut step_ms = Vec::new();
-        let latents = p.denoise_encoded(req, kind, &emb, loras, &noise, &mut |_, _| {
-            step_ms.push(ms(last));
-            last = Instant::now();
-            true
-        })?;
+        let size = (width, height);
+        let latents =
+            p.denoise_encoded(req, kind, size, &emb, loras, &noise, None, &mut |_, _| {
+                step_ms.push(ms(last));
+                last = Instant::now();
+                true
+            })?;
         let t = Instant::now();
         let pixels = p.decode(&latents, width, height)?;
         let vae_ms = ms(t);
@@ -256,6 +276,43 @@ pub fn bench_with(
     } else {
         Some(bench_loras(&p, cfg, &req, kind, opts)?)
     };
+    let image = RgbImage {
+        width,
+        height,
+        rgb: (0..width * height * 3).map(|i| (i % 251) as u8).collect(),
+    };
+    let vae_encode = if p.has_vae_encoder() {
+        let mut t = Vec::new();
+        for _ in 0..runs.max(1) {
+            let started = Instant::now();
+            p.vae
+                .encode(&image.to_chw_signed(), width, height, &[req.seed])?;
+            t.push(ms(started));
+        }
+        Some(Stat::of(&t))
+    } else {
+        None
+    };
+    let upscale = match &opts.upscaler {
+        None => None,
+        Some(path) => {
+            let started = Instant::now();
+            let up = Upscaler::load(path, cfg)?;
+            let load_s = started.elapsed().as_secs_f64();
+            let mut t = Vec::new();
+            for _ in 0..runs.max(1) {
+                let started = Instant::now();
+                up.upscale(&image)?;
+                t.push(ms(started));
+            }
+            Some(UpscaleBench {
+                name: up.name().to_string(),
+                scale: up.scale(),
+                load_s,
+                upscale: Stat::of(&t),
+            })
+        }
+    };
     Ok(BenchReport {
         model_dir: dir.display().to_string(),
         device: format!("{:?}", p.device()),
@@ -277,6 +334,8 @@ pub fn bench_with(
         vae_decode: Stat::of(&base.vae),
         png_encode: Stat::of(&base.pngs),
         total: Stat::of(&base.total),
+        vae_encode,
+        upscale,
         lora,
     })
 }
@@ -466,6 +525,25 @@ impl fmt::Display for BenchReport {
             ("total per image", self.total),
         ] {
             writeln!(f, "{name:<38} {:>10.2}ms {:>10.2}ms", s.mean_ms, s.min_ms)?;
+        }
+        if let Some(s) = self.vae_encode {
+            writeln!(
+                f,
+                "{:<38} {:>10.2}ms {:>10.2}ms",
+                "vae encode (img2img)", s.mean_ms, s.min_ms
+            )?;
+        }
+        if let Some(u) = &self.upscale {
+            secs(
+                f,
+                &format!("upscaler {} x{}: load", u.name, u.scale),
+                u.load_s,
+            )?;
+            writeln!(
+                f,
+                "{:<38} {:>10.2}ms {:>10.2}ms",
+                "upscale (tiled)", u.upscale.mean_ms, u.upscale.min_ms
+            )?;
         }
         if let Some(l) = &self.lora {
             writeln!(f)?;

@@ -13,15 +13,19 @@
 
 pub mod bench;
 mod generate;
+pub mod image;
 mod load;
 pub mod lora;
 pub mod noise;
 pub(crate) mod onnx_proto;
 pub mod png;
+mod request;
 pub mod runtime;
 pub mod schedulers;
 mod tensors;
 pub mod tokenizer;
+pub mod upscale;
+pub mod vae;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -30,10 +34,12 @@ use ort::session::Session;
 use serde::Serialize;
 
 use self::lora::merge::{ComponentWeights, LoraCache, PreparedLoras};
-use self::lora::LoraWeight;
+use self::lora::{Component, LoraWeight};
 use self::schedulers::{SchedulerConfig, SchedulerKind};
 use self::tensors::Port;
 use self::tokenizer::ClipTokenizer;
+use self::upscale::Upscaler;
+use self::vae::VaeModel;
 
 /// Where sessions run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -135,6 +141,18 @@ pub struct GenerateRequest {
     pub scheduler: String,
     /// LoRAs applied for this request, each with its weight (0 = not applied, but checked).
     pub loras: Vec<LoraWeight>,
+    /// Image-to-image: the input picture, PNG or JPEG bytes (at most
+    /// [`image::MAX_IMAGE_BYTES`], [`image::MAX_IMAGE_PIXELS`]). Its size must be the
+    /// request's (width and height 0 take the image's). None = text-to-image.
+    pub init_image: Option<Vec<u8>>,
+    /// Image-to-image: how much of the schedule is re-run, in (0, 1]; diffusers' `strength`
+    /// (`int(steps * strength)` steps are run). Ignored without `init_image`. Default: 0.8.
+    pub strength: f32,
+    /// A separate VAE replacing the checkpoint's own (decoding, and encoding when it has an
+    /// encoder). None = the checkpoint's.
+    pub vae: Option<Arc<VaeModel>>,
+    /// An upscaler run on each generated image before PNG encoding. None = none.
+    pub upscaler: Option<Arc<Upscaler>>,
 }
 
 impl Default for GenerateRequest {
@@ -151,6 +169,10 @@ impl Default for GenerateRequest {
             num_images: 1,
             scheduler: String::new(),
             loras: Vec::new(),
+            init_image: None,
+            strength: 0.8,
+            vae: None,
+            upscaler: None,
         }
     }
 }
@@ -204,9 +226,15 @@ pub const MAX_IMAGES: u32 = 16;
 pub const MAX_STEPS: u32 = 500;
 
 struct TextEncoder {
+    component: Component,
     session: Mutex<Session>,
+    tokenizer: ClipTokenizer,
     input: Port,
+    /// The hidden states the UNet attends to: `last_hidden_state`, or for SDXL the
+    /// penultimate layer's (`hidden_states.<N-1>`, as diffusers' `hidden_states[-2]`).
     output: Port,
+    /// SDXL's second encoder: the pooled, projected `text_embeds`.
+    pooled: Option<Port>,
 }
 
 struct Unet {
@@ -215,18 +243,18 @@ struct Unet {
     timestep: Port,
     hidden: Port,
     output: Port,
+    /// SDXL's added conditioning: the pooled prompt and the size/crop ids.
+    text_embeds: Option<Port>,
+    time_ids: Option<Port>,
 }
 
-struct Vae {
-    session: Mutex<Session>,
-    input: Port,
-    output: Port,
-}
-
-/// Prompt hidden states `[prompts, seq, dim]`.
+/// Prompt hidden states `[prompts, seq, dim]` and, for SDXL, the pooled prompts
+/// `[prompts, pooled_dim]`.
 pub(crate) struct Encoded {
     data: Vec<f32>,
     dims: [usize; 2],
+    pooled: Vec<f32>,
+    pooled_dim: usize,
 }
 
 /// Seconds spent loading, for the benchmark.
@@ -235,19 +263,36 @@ pub struct LoadTimings {
     pub sessions_s: f64,
 }
 
+/// Where a request's time went, in seconds (zero for stages it did not run).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct GenerateTimings {
+    /// Checking and merging its LoRA set (near 0 when cached or without LoRAs).
+    pub lora_prepare_s: f64,
+    pub text_encoder_s: f64,
+    /// Image-to-image: decoding the input and the VAE encoder.
+    pub vae_encode_s: f64,
+    pub denoise_s: f64,
+    pub vae_decode_s: f64,
+    pub upscale_s: f64,
+    pub png_encode_s: f64,
+}
+
 /// A loaded Stable Diffusion pipeline.
 pub struct Pipeline {
     model_id: String,
     device: Device,
     family: ModelFamily,
-    tokenizer: ClipTokenizer,
     scheduler: SchedulerConfig,
-    text_encoder: TextEncoder,
+    /// One (SD 1.x/2.x) or two (SDXL) text encoders, hidden states concatenated in this order.
+    text_encoders: Vec<TextEncoder>,
     unet: Unet,
-    vae: Vae,
-    scaling_factor: f32,
+    vae: VaeModel,
     vae_scale: usize,
     latent_channels: usize,
+    /// Width and height used when a request leaves them 0 (SDXL 1024, SD 1.x 512).
+    default_size: u32,
+    /// SDXL: an empty negative prompt is all zeros (diffusers' `force_zeros_for_empty_prompt`).
+    force_zeros_for_empty_prompt: bool,
     resident_bytes: u64,
     timings: LoadTimings,
     /// Per component with a name map: the weights LoRAs may patch.
@@ -263,6 +308,21 @@ impl Pipeline {
     /// The device the sessions run on (CPU after a permitted fallback).
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// True for an SDXL export (two text encoders, added conditioning).
+    pub fn is_xl(&self) -> bool {
+        self.text_encoders.len() > 1
+    }
+
+    /// The size a request with width and height 0 gets.
+    pub fn default_size(&self) -> u32 {
+        self.default_size
+    }
+
+    /// Whether image-to-image works without a separate VAE (the export has a `vae_encoder`).
+    pub fn has_vae_encoder(&self) -> bool {
+        self.vae.has_encoder()
     }
 
     /// Approximate memory the pipeline holds: the size of the model files plus the prepared
@@ -324,50 +384,18 @@ impl Pipeline {
             * (height as usize / self.vae_scale)
     }
 
-    /// Token ids the text encoder receives for a prompt (padded to the model's length).
+    /// Token ids the (first) text encoder receives for a prompt (padded to the model's length).
     pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, PipelineError> {
-        self.tokenizer.encode(text)
+        self.text_encoders[0].tokenizer.encode(text)
     }
 
-    /// Checks a request and resolves its scheduler.
+    /// Checks a request and resolves its scheduler (see also `request.rs`).
     pub fn validate(&self, req: &GenerateRequest) -> Result<SchedulerKind, PipelineError> {
+        self.plan(req).map(|p| p.kind)
+    }
+
+    fn scheduler_kind(&self, req: &GenerateRequest) -> Result<SchedulerKind, PipelineError> {
         let bad = |m: String| Err(PipelineError::InvalidRequest(m));
-        let s = self.vae_scale as u32;
-        for (name, v) in [("width", req.width), ("height", req.height)] {
-            if v == 0 || v % s != 0 || v > 4096 {
-                return bad(format!(
-                    "{name} {v} must be a positive multiple of {s}, at most 4096"
-                ));
-            }
-        }
-        if let (Some(h), Some(w)) = (self.unet.sample.fixed_dim(2), self.unet.sample.fixed_dim(3)) {
-            let (mh, mw) = (h as u32 * s, w as u32 * s);
-            if (req.width, req.height) != (mw, mh) {
-                return bad(format!(
-                    "size {}x{}: this model's UNet only takes {mw}x{mh}",
-                    req.width, req.height
-                ));
-            }
-        }
-        let max_steps = MAX_STEPS.min(self.scheduler.num_train_timesteps as u32);
-        if req.steps == 0 || req.steps > max_steps {
-            return bad(format!(
-                "steps {} must be between 1 and {max_steps}",
-                req.steps
-            ));
-        }
-        if req.num_images == 0 || req.num_images > MAX_IMAGES {
-            return bad(format!(
-                "num_images {} must be between 1 and {MAX_IMAGES}",
-                req.num_images
-            ));
-        }
-        if !req.guidance_scale.is_finite() || !(0.0..=100.0).contains(&req.guidance_scale) {
-            return bad(format!(
-                "guidance_scale {} must be between 0 and 100",
-                req.guidance_scale
-            ));
-        }
         if req.scheduler.is_empty() {
             return Ok(self.scheduler.default_kind());
         }

@@ -14,6 +14,10 @@ pub struct Parameters<'a> {
     pub height: u32,
     pub model: &'a str,
     pub loras: &'a [LoraUse<'a>],
+    /// Image-to-image: the strength (A1111's "Denoising strength").
+    pub denoising_strength: Option<f32>,
+    /// The upscaler run after generation and its scale (A1111's "Postprocess upscaler").
+    pub upscaler: Option<(&'a str, u32)>,
 }
 
 /// A LoRA as the `parameters` chunk records it.
@@ -47,6 +51,9 @@ impl Parameters<'_> {
             self.height,
             self.model
         ));
+        if let Some(d) = self.denoising_strength {
+            s.push_str(&format!(", Denoising strength: {d}"));
+        }
         if !self.loras.is_empty() {
             let hashes: Vec<String> = self
                 .loras
@@ -57,6 +64,12 @@ impl Parameters<'_> {
             s.push_str(&format!(
                 ", Lora hashes: {}",
                 serde_json::Value::String(hashes.join(", "))
+            ));
+        }
+        if let Some((name, by)) = self.upscaler {
+            s.push_str(&format!(
+                ", Postprocess upscaler: {}, Postprocess upscale by: {by}",
+                name.replace([',', ':'], "")
             ));
         }
         s
@@ -121,6 +134,8 @@ mod tests {
             height: 1,
             model: "sd15",
             loras: &[],
+            denoising_strength: None,
+            upscaler: None,
         };
         let text = p.to_a1111();
         assert_eq!(text, "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 2x1, Model: sd15");
@@ -139,11 +154,13 @@ mod tests {
         let with = Parameters {
             loras: &loras,
             negative_prompt: "",
+            denoising_strength: Some(0.6),
+            upscaler: Some(("x4plus", 4)),
             ..p
         };
         assert_eq!(
             with.to_a1111(),
-            "a cat <lora:ink:0.8> <lora:film:-0.5>\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 2x1, Model: sd15, Lora hashes: \"ink: 0123456789ab, film: ba9876543210\""
+            "a cat <lora:ink:0.8> <lora:film:-0.5>\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 2x1, Model: sd15, Denoising strength: 0.6, Lora hashes: \"ink: 0123456789ab, film: ba9876543210\", Postprocess upscaler: x4plus, Postprocess upscale by: 4"
         );
         let png = encode_rgb(2, 1, &[0, 0, 0, 255, 255, 255], &text).unwrap();
         let dec = png::Decoder::new(std::io::Cursor::new(png));
