@@ -13,7 +13,8 @@ it (the tiny fixtures are too small): N MatMul layers of H x H float32 weights (
                     weights that are inputs: no pre-packing)
   conv const / conv fed the same for 3x3 convolutions (NCHWc pre-packing lost)
 
-usage: python3 scripts/measure_lora_switch.py [N H]      needs: pip install onnx onnxruntime numpy
+usage: python3 scripts/measure_lora_switch.py [N H ROWS]  needs: pip install onnx onnxruntime numpy
+(ROWS: activations per MatMul, default 256; a 64x64-latent UNet batch of 2 has 8192 tokens)
 """
 import sys
 import time
@@ -78,13 +79,15 @@ def best(f, n=3):
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 40
     h = int(sys.argv[2]) if len(sys.argv) > 2 else 1024
+    rows = int(sys.argv[3]) if len(sys.argv) > 3 else 256
     base, ovr = matmul_model(n, h, False), matmul_model(n, h, True)
     cpu = ["CPUExecutionProvider"]
     weights = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(base).graph.initializer}
     patched = {k: v * np.float32(1.01) for k, v in list(weights.items())[: n // 2]}
-    x = np.random.default_rng(1).standard_normal((256, h)).astype(np.float32)
-    print(f"onnxruntime {ort.__version__}, {n} MatMuls of {h}x{h} ({len(base) / 1e6:.0f} MB), {len(patched)} patched")
+    x = np.random.default_rng(1).standard_normal((rows, h)).astype(np.float32)
+    print(f"onnxruntime {ort.__version__}, {n} MatMuls of {rows}x{h} by {h}x{h} ({len(base) / 1e6:.0f} MB), {len(patched)} patched")
     print(f"create            {best(lambda: ort.InferenceSession(base, opts(), providers=cpu)):.3f} s")
+    print(f"create overridable {best(lambda: ort.InferenceSession(ovr, opts(), providers=cpu)):.3f} s")
 
     def rebuild():
         o = opts()
@@ -99,6 +102,7 @@ def main():
     fed = dict(x=x, **patched)
     print(f"feed              0 s (binding inputs)")
     print(f"run const         {best(lambda: s_base.run(None, {'x': x}), 5):.3f} s")
+    print(f"run unfed         {best(lambda: s_ovr.run(None, {'x': x}), 5):.3f} s  (weights are inputs, defaults used)")
     print(f"run fed           {best(lambda: s_ovr.run(None, fed), 5):.3f} s")
     xc = np.random.default_rng(1).standard_normal((2, 128, 64, 64)).astype(np.float32)
     c_base = ort.InferenceSession(conv_model(False), opts(), providers=cpu)

@@ -9,6 +9,9 @@ The fused graphs use com.microsoft operators that only the CUDA provider impleme
 unfused export for CPU. Start from an fp32 export (optimizing an fp16 export trips two bugs in
 onnxruntime's Python fusions, both worked around below anyway).
 
+SDXL: text_encoder_2 is optimized like text_encoder; a VAE whose config.json says force_upcast
+(SDXL's, which overflows in float16) is fused but kept float32.
+
 LoRAs: a component with a name_map.json (scripts/name_map.py) keeps one. The packed QKV/KV
 attention fusions, which concatenate the q/k/v weights into one interleaved initializer, are then
 turned off so that each projection stays a weight a LoRA can patch (--no-lora keeps them and drops
@@ -140,7 +143,14 @@ def main():
         src = os.path.join(a.input, c, "model.onnx")
         if not os.path.exists(src):
             sys.exit(f"missing {src}")
-        optimize(c, src, os.path.join(a.output, c, "model.onnx"), a.keep_fp32, not a.no_lora)
+        keep_fp32 = a.keep_fp32
+        cfg_path = os.path.join(a.input, c, "config.json")
+        if c.startswith("vae") and os.path.exists(cfg_path):
+            import json
+
+            # SDXL's VAE overflows in float16 (its config says force_upcast): keep it float32.
+            keep_fp32 = keep_fp32 or bool(json.load(open(cfg_path)).get("force_upcast"))
+        optimize(c, src, os.path.join(a.output, c, "model.onnx"), keep_fp32, not a.no_lora)
 
 
 if __name__ == "__main__":

@@ -236,6 +236,89 @@ fn read_header(path: &Path) -> Result<(usize, Metadata, u64), PipelineError> {
     Ok((n as usize, meta, file_bytes))
 }
 
+/// kohya's SDXL (and some SD 1.x) files name UNet modules as the original (ldm/sgm) code did:
+/// `input_blocks_4_1_transformer_blocks_0_attn1_to_q`. This gives the diffusers name the name maps
+/// use (`down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`), for UNets with two layers
+/// per block (SD 1.x, 2.x, SDXL), as diffusers' own conversion does; None for other names.
+pub(crate) fn sgm_to_diffusers(key: &str) -> Option<String> {
+    const RESNET: [(&str, &str); 6] = [
+        ("in_layers_0", "norm1"),
+        ("in_layers_2", "conv1"),
+        ("emb_layers_1", "time_emb_proj"),
+        ("out_layers_0", "norm2"),
+        ("out_layers_3", "conv2"),
+        ("skip_connection", "conv_shortcut"),
+    ];
+    const FIXED: [(&str, &str); 7] = [
+        ("input_blocks_0_0", "conv_in"),
+        ("time_embed_0", "time_embedding_linear_1"),
+        ("time_embed_2", "time_embedding_linear_2"),
+        ("label_emb_0_0", "add_embedding_linear_1"),
+        ("label_emb_0_2", "add_embedding_linear_2"),
+        ("out_0", "conv_norm_out"),
+        ("out_2", "conv_out"),
+    ];
+    if let Some((_, d)) = FIXED.iter().find(|(k, _)| *k == key) {
+        return Some(d.to_string());
+    }
+    let resnet = |rest: &str| {
+        RESNET
+            .iter()
+            .find_map(|(k, d)| rest.strip_prefix(k).map(|r| format!("{d}{r}")))
+    };
+    // "<i>_<j>_<rest>" -> (i, j, rest)
+    let split = |s: &str| -> Option<(usize, usize, String)> {
+        let mut it = s.splitn(3, '_');
+        let i = it.next()?.parse().ok()?;
+        let j = it.next()?.parse().ok()?;
+        Some((i, j, it.next().unwrap_or("").to_string()))
+    };
+    if let Some(s) = key.strip_prefix("input_blocks_") {
+        let (i, j, rest) = split(s)?;
+        let (block, pos) = ((i.checked_sub(1)?) / 3, (i - 1) % 3);
+        return match (pos, j) {
+            (2, 0) => Some(format!(
+                "down_blocks_{block}_downsamplers_0_conv{}",
+                rest.strip_prefix("op")?
+            )),
+            (_, 0) => Some(format!(
+                "down_blocks_{block}_resnets_{pos}_{}",
+                resnet(&rest)?
+            )),
+            (_, 1) => Some(format!("down_blocks_{block}_attentions_{pos}_{rest}")),
+            _ => None,
+        };
+    }
+    if let Some(s) = key.strip_prefix("middle_block_") {
+        let (j, rest) = s.split_once('_')?;
+        return match j {
+            "0" | "2" => Some(format!(
+                "mid_block_resnets_{}_{}",
+                if j == "0" { 0 } else { 1 },
+                resnet(rest)?
+            )),
+            "1" => Some(format!("mid_block_attentions_0_{rest}")),
+            _ => None,
+        };
+    }
+    if let Some(s) = key.strip_prefix("output_blocks_") {
+        let (i, j, rest) = split(s)?;
+        let (block, pos) = (i / 3, i % 3);
+        if let Some(r) = rest.strip_prefix("conv") {
+            return Some(format!("up_blocks_{block}_upsamplers_0_conv{r}"));
+        }
+        return match j {
+            0 => Some(format!(
+                "up_blocks_{block}_resnets_{pos}_{}",
+                resnet(&rest)?
+            )),
+            1 => Some(format!("up_blocks_{block}_attentions_{pos}_{rest}")),
+            _ => None,
+        };
+    }
+    None
+}
+
 /// A tensor's shape and values.
 type Tensor = (Vec<usize>, Vec<f32>);
 
@@ -283,7 +366,7 @@ fn group<'a>(names: impl Iterator<Item = &'a str>) -> Result<(Grouped, LoraForma
 /// The base family from the modules' input widths: the cross-attention keys (`attn2.to_k`)
 /// read the text encoder's hidden states (768 SD 1.x, 1024 SD 2.x, 2048 SDXL); else a second
 /// text encoder means SDXL, and the first one's width tells SD 1.x (768) from SD 2.x (1024).
-fn family(modules: &[(Option<Component>, &str, Vec<usize>)]) -> Option<ModelFamily> {
+fn family(modules: &[(Option<Component>, String, Vec<usize>)]) -> Option<ModelFamily> {
     let width = |pred: &dyn Fn(&Option<Component>, &str) -> bool| {
         modules
             .iter()
@@ -329,7 +412,7 @@ pub fn inspect(path: &Path) -> Result<LoraInfo, PipelineError> {
         if let Some((_, name)) = parts.iter().find(|(p, _)| *p == Part::Down) {
             let shape = tensors[name].shape.clone();
             rank = rank.max(shape.first().copied().unwrap_or(0));
-            downs.push((*component, key.as_str(), shape));
+            downs.push((*component, key.clone(), shape));
         }
     }
     modules.sort();
@@ -417,8 +500,13 @@ impl Lora {
                     "{what}: up {up_shape:?} and down {down_shape:?} are not a rank-r pair"
                 )));
             }
+            let component = component.unwrap_or(Component::Unet);
+            let key = match component {
+                Component::Unet => sgm_to_diffusers(&key).unwrap_or(key),
+                _ => key,
+            };
             modules.push(LoraModule {
-                component: component.unwrap_or(Component::Unet),
+                component,
                 name: module,
                 key,
                 up_shape,
@@ -529,8 +617,45 @@ mod tests {
     }
 
     #[test]
+    fn sgm_unet_names_map_to_diffusers() {
+        for (sgm, diffusers) in [
+            (
+                "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+            ),
+            (
+                "input_blocks_2_0_in_layers_2",
+                "down_blocks_0_resnets_1_conv1",
+            ),
+            ("input_blocks_3_0_op", "down_blocks_0_downsamplers_0_conv"),
+            (
+                "input_blocks_8_0_skip_connection",
+                "down_blocks_2_resnets_1_conv_shortcut",
+            ),
+            ("middle_block_1_proj_in", "mid_block_attentions_0_proj_in"),
+            (
+                "middle_block_2_emb_layers_1",
+                "mid_block_resnets_1_time_emb_proj",
+            ),
+            (
+                "output_blocks_5_1_transformer_blocks_9_ff_net_2",
+                "up_blocks_1_attentions_2_transformer_blocks_9_ff_net_2",
+            ),
+            ("output_blocks_2_2_conv", "up_blocks_0_upsamplers_0_conv"),
+            (
+                "output_blocks_6_0_out_layers_3",
+                "up_blocks_2_resnets_0_conv2",
+            ),
+            ("label_emb_0_0", "add_embedding_linear_1"),
+        ] {
+            assert_eq!(sgm_to_diffusers(sgm).as_deref(), Some(diffusers), "{sgm}");
+        }
+        assert_eq!(sgm_to_diffusers("down_blocks_0_attentions_0_proj_in"), None);
+    }
+
+    #[test]
     fn family_from_widths() {
-        let m = |c, k: &'static str, w| (Some(c), k, vec![4, w]);
+        let m = |c, k: &'static str, w| (Some(c), k.to_string(), vec![4, w]);
         use Component::*;
         assert_eq!(
             family(&[m(Unet, "x_attn2_to_k", 768)]),
