@@ -778,6 +778,24 @@ def write_loras(root):
     b[k + ".lora_up.weight"] = (rng.standard_normal((4, 2, 1, 1)) * 0.2).astype(np.float16)
     b[k + ".alpha"] = np.array(2.0, np.float16)
     save_safetensors(b, os.path.join(out, "tiny-b.kohya.safetensors"))
+    # LoRA C for tiny-sdxl: kohya's SDXL naming (the UNet in the original ldm/sgm names,
+    # lora_te1_/lora_te2_) and the same LoRA in diffusers/PEFT names.
+    c_modules = {
+        ("unet", "middle_block_1_transformer_blocks_0_attn2_to_k", ATTN + ".to_k"): lin(2, C, XL_D1 + XL_D2, 0.3),
+        ("unet", "middle_block_1_transformer_blocks_0_attn2_to_q", ATTN + ".to_q"): lin(2, C, C, 0.3),
+        ("text_encoder", "text_model_encoder_layers_1_mlp_fc1", "text_model.encoder.layers.1.mlp.fc1"): lin(2, XL_D1, XL_D1, 0.3),
+        ("text_encoder_2", "text_model_encoder_layers_0_mlp_fc1", "text_model.encoder.layers.0.mlp.fc1"): lin(2, XL_D2, XL_D2, 0.3),
+    }
+    kohya, peft = {}, {}
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    for (component, sgm, module), (up, down) in c_modules.items():
+        k = prefixes[component] + sgm
+        kohya[k + ".lora_up.weight"], kohya[k + ".lora_down.weight"] = up, down
+        kohya[k + ".alpha"] = np.array(2.0, np.float32)
+        p = f"{component}.{module}"
+        peft[p + ".lora_A.weight"], peft[p + ".lora_B.weight"] = down, up
+    save_safetensors(kohya, os.path.join(out, "tiny-c-sdxl.kohya.safetensors"))
+    save_safetensors(peft, os.path.join(out, "tiny-c-sdxl.peft.safetensors"))
     print("wrote", out)
 
 

@@ -464,3 +464,40 @@ fn bench_covers_the_new_stages() {
     let table = r.to_string();
     assert!(table.contains("vae encode (img2img)") && table.contains("upscale (tiled)"));
 }
+
+#[test]
+fn sdxl_loras_in_kohya_sgm_names_and_peft_names_agree() {
+    use corral::pipeline::lora::{inspect, Lora, LoraWeight};
+    let p = load("tiny-sdxl");
+    let lora = |f: &str| LoraWeight {
+        lora: Arc::new(Lora::load(&root().join("loras").join(f)).unwrap()),
+        weight: 0.9,
+    };
+    let info = inspect(&root().join("loras/tiny-c-sdxl.kohya.safetensors")).unwrap();
+    assert_eq!(
+        info.family,
+        Some(p.family()),
+        "attn2.to_k reads 80 features"
+    );
+    assert_eq!((info.unet_modules, info.text_encoder_modules), (2, 2));
+    let (m, dir) = golden("tiny-sdxl");
+    let noise = read_f32(&dir.join("noise.f32"));
+    let with = |l: Vec<LoraWeight>| {
+        let r = GenerateRequest {
+            loras: l,
+            ..request(&m, "dpmpp_2m")
+        };
+        p.denoise(&r, &noise, &mut |_, _| true).unwrap()
+    };
+    let kohya = with(vec![lora("tiny-c-sdxl.kohya.safetensors")]);
+    let peft = with(vec![lora("tiny-c-sdxl.peft.safetensors")]);
+    assert_eq!(kohya, peft);
+    // Both text encoders and the UNet are patched (4 weights), and that shows in the latents.
+    let base = with(vec![]);
+    assert!(max_rel_err(&kohya, &base) > 100.0 * TOL);
+    let prepared = p
+        .prepare_loras(&[lora("tiny-c-sdxl.kohya.safetensors")])
+        .unwrap()
+        .unwrap();
+    assert_eq!(prepared.weights(), 4);
+}

@@ -3,7 +3,8 @@
 //! Measures, on one model directory and device: reading the ONNX files, session creation (first
 //! load, which optimizes the graphs and caches them; second load from that cache; and a plain
 //! load without cache), then `runs` generations after one warm-up, split into text encoder,
-//! UNet steps, VAE decode and PNG encoding. With LoRAs ([`BenchOptions::loras`]) it also
+//! UNet steps, VAE decode and PNG encoding; the VAE encoder (image-to-image) when the export has
+//! one, and an upscaler when given one. With LoRAs ([`BenchOptions::loras`]) it also
 //! measures what switching to that LoRA set costs: the merge into prepared weights (the method
 //! the pipeline uses), a cache hit, and, side by side, the alternative of rebuilding the UNet and
 //! text-encoder sessions with `SessionBuilder::with_initializer`, beside the full UNet session

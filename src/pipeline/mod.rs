@@ -1,9 +1,10 @@
 //! The Stable Diffusion pipeline on ONNX Runtime (`ort`).
 //!
-//! Owns: loading a Hugging Face optimum ONNX export (`model_index.json`, `text_encoder/`,
-//! `unet/`, `vae_decoder/`, `tokenizer/`, `scheduler/`), CLIP tokenization, classifier-free
-//! guidance, the denoising loop with the schedulers in [`schedulers`], VAE decoding and PNG
-//! encoding. It knows nothing of workers, gRPC or protobuf, and all of it is synchronous: callers
+//! Owns: loading a Hugging Face optimum ONNX export of SD 1.x/2.x or SDXL (`model_index.json`,
+//! `text_encoder/`, `text_encoder_2/`, `unet/`, `vae_decoder/`, `vae_encoder/`, `tokenizer/`,
+//! `scheduler/`), CLIP tokenization, classifier-free guidance, the denoising loop with the
+//! schedulers in [`schedulers`], image-to-image, LoRAs ([`lora`]), VAE decoding (the checkpoint's
+//! or a separate [`vae::VaeModel`]), upscaling ([`upscale`]) and PNG encoding. It knows nothing of workers, gRPC or protobuf, and all of it is synchronous: callers
 //! on an async runtime use `spawn_blocking`.
 //!
 //! Sessions are created once in [`Pipeline::load`] and reused by every [`Pipeline::generate`];
