@@ -249,15 +249,22 @@ impl Pipeline {
             });
         }
         let extra = |name: &str| find_port(&un, false, "unet", &[name], |_| false).ok();
+        // Weights declared as inputs for LoRAs are never taken for a data input by shape.
+        let weights: std::collections::HashSet<String> = parts
+            .iter()
+            .filter_map(|p| p.weights.as_ref())
+            .flat_map(|w| w.overridable())
+            .collect();
+        let data = |p: &Port| !weights.contains(&p.name);
         let unet = Unet {
             sample: find_port(&un, false, "unet", &["sample"], |p| {
-                p.is_float() && p.shape.len() == 4
+                data(p) && p.is_float() && p.shape.len() == 4
             })?,
             timestep: find_port(&un, false, "unet", &["timestep", "timesteps", "t"], |p| {
-                p.shape.len() <= 1
+                data(p) && p.shape.len() <= 1
             })?,
             hidden: find_port(&un, false, "unet", &["encoder_hidden_states"], |p| {
-                p.shape.len() == 3
+                data(p) && p.shape.len() == 3
             })?,
             output: find_port(&un, true, "unet", &["out_sample"], |p| p.shape.len() == 4)?,
             text_embeds: extra("text_embeds"),
