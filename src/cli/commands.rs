@@ -47,6 +47,7 @@ pub fn bench_pipeline(a: BenchPipelineArgs) -> Result<()> {
         },
         allow_cpu_fallback: false,
         intra_op_threads: None,
+        ..Default::default()
     };
     let r = bench(&a.model_dir, &cfg, a.steps, a.width, a.height, a.runs)
         .map_err(crate::worker::onnx::to_error)?;

@@ -41,6 +41,7 @@ impl OnnxEngine {
                 device,
                 allow_cpu_fallback: wc.allow_cpu_fallback,
                 intra_op_threads: None,
+                ..Default::default()
             },
             optimized_root: PathBuf::from(root),
         })
@@ -115,6 +116,7 @@ impl LoadedModel for OnnxModel {
             seed: spec.seed,
             num_images: spec.num_images,
             scheduler: spec.scheduler.clone(),
+            ..Default::default()
         };
         let images = self.pipeline.generate(&req, on_step).map_err(to_error)?;
         Ok(images.into_iter().map(|i| i.png).collect())
