@@ -64,10 +64,19 @@ pub fn bench_pipeline(a: BenchPipelineArgs) -> Result<()> {
 
 pub async fn models(cmd: ModelsCmd) -> Result<()> {
     match cmd {
-        ModelsCmd::Add { id, source, client } => {
+        ModelsCmd::Add {
+            id,
+            source,
+            kind,
+            format,
+            client,
+        } => {
             let id = crate::convert::model_id(id, "id")?;
             let source = crate::source::absolute_if_local(&source)?;
-            let manifest = crate::manifest::manifest_from_source(&id, &source).await?;
+            let mut manifest = crate::manifest::manifest_from_source(&id, &source).await?;
+            manifest.kind =
+                kind.map_or_else(|| crate::manifest::guess_kind(&manifest.files), Into::into);
+            manifest.format = format.unwrap_or_default();
             let total = manifest.total_bytes();
             let files = manifest.files.len();
             let m = admin_client(&client)
@@ -164,6 +173,15 @@ pub async fn models(cmd: ModelsCmd) -> Result<()> {
 }
 
 pub async fn submit(a: SubmitArgs) -> Result<()> {
+    let loras = a
+        .loras
+        .iter()
+        .map(|s| parse_lora(s))
+        .collect::<Result<Vec<_>>>()?;
+    let init_image = match &a.init_image {
+        Some(p) => std::fs::read(p).map_err(|e| Error::io(p, e))?,
+        None => Vec::new(),
+    };
     let mut client = jobs_client(&a.client).await?;
     let r = client
         .submit_job(pb::SubmitJobRequest {
@@ -180,6 +198,11 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
                 scheduler: a.scheduler,
                 priority: a.priority,
                 idempotency_key: a.idempotency_key,
+                loras,
+                vae_id: a.vae.unwrap_or_default(),
+                init_image,
+                strength: a.strength,
+                upscaler_id: a.upscaler.unwrap_or_default(),
             }),
         })
         .await?

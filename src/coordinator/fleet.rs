@@ -41,6 +41,8 @@ pub enum ToWorker {
         attempt: u32,
         spec: Arc<JobSpec>,
         model: Arc<ModelManifest>,
+        /// `spec.extra_models()`, in that order.
+        extras: Vec<Arc<ModelManifest>>,
         queued_ms: Millis,
     },
     Cancel {

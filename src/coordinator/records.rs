@@ -292,6 +292,13 @@ impl Records {
         self.live.get(id).map(|l| l.owner.clone())
     }
 
+    /// Whether an unfinished job names `model` as a LoRA, VAE or upscaler.
+    pub(super) fn uses_extra(&self, model: &ModelId) -> bool {
+        self.live
+            .iter()
+            .any(|l| l.decided.spec.extra_models().contains(model))
+    }
+
     /// Queued jobs, for refreshing their start estimates.
     pub(super) fn queued(&self) -> Vec<JobId> {
         self.live

@@ -18,7 +18,7 @@ fn spec(model: &str, priority: i32) -> Arc<JobSpec> {
         num_images: 1,
         scheduler: String::new(),
         priority,
-        idempotency_key: String::new(),
+        ..JobSpec::for_model(model.into())
     })
 }
 

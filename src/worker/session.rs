@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::cache::{CacheConfig, DiskCache};
-use super::engine::{Engine, LoadedModel};
+use super::engine::{Engine, Job, LoadedModel};
 use super::residency::Residency;
 use crate::config::WorkerConfig;
 use crate::convert;
@@ -153,6 +153,17 @@ impl Worker {
                 let job = convert::job_id(a.job_id)?;
                 let spec = convert::required_spec(a.spec)?;
                 let model = convert::required_model(a.model)?;
+                let extras = a
+                    .extra_models
+                    .into_iter()
+                    .map(ModelManifest::try_from)
+                    .collect::<Result<Vec<_>>>()?;
+                if extras.iter().map(|m| &m.id).ne(spec.extra_models().iter()) {
+                    return Err(Error::invalid(
+                        "extra_models",
+                        "must be the spec's LoRAs, VAE and upscaler, in that order",
+                    ));
+                }
                 if self.draining.load(Ordering::SeqCst) {
                     warn!(job_id = %job, "assigned while draining; running it anyway");
                 }
@@ -169,7 +180,7 @@ impl Worker {
                 let queued_s = a.queued_s;
                 tokio::spawn(
                     async move {
-                        me.run_job(job, a.attempt, spec, model, queued_s, cancel)
+                        me.run_job(job, a.attempt, spec, model, extras, queued_s, cancel)
                             .await
                     }
                     .instrument(span),
@@ -228,17 +239,19 @@ impl Worker {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run_job(
         self: Arc<Self>,
         job: JobId,
         attempt: u32,
         spec: JobSpec,
         model: ModelManifest,
+        extras: Vec<ModelManifest>,
         queued_s: f64,
         cancel: Arc<AtomicBool>,
     ) {
         let outcome = self
-            .execute(&job, attempt, &spec, &model, queued_s, &cancel)
+            .execute(&job, attempt, &spec, &model, &extras, queued_s, &cancel)
             .await;
         // A new assignment of this job may have replaced this run (a
         // coordinator that restarted before recording an assignment can
@@ -321,12 +334,14 @@ impl Worker {
         self.send(Up::Heartbeat((&self.report()).into()));
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn execute(
         self: &Arc<Self>,
         job: &JobId,
         attempt: u32,
         spec: &JobSpec,
         model: &ModelManifest,
+        extras: &[ModelManifest],
         queued_s: f64,
         cancel: &Arc<AtomicBool>,
     ) -> std::result::Result<(Vec<Vec<u8>>, Timings), (FailureKind, Error)> {
@@ -357,19 +372,36 @@ impl Worker {
                 }
             }
         };
-        let mut fetched = self.cache.ensure(model, &progress).await;
+        // The checkpoint and every other bundle the job names, pinned
+        // together (all or nothing).
+        let bundles: Vec<ModelManifest> = std::iter::once(model.clone())
+            .chain(extras.iter().cloned())
+            .collect();
+        let mut fetched = self.cache.ensure_all(&bundles, &progress).await;
         // Models idle in VRAM pin their files on disk: unload them, least
-        // recently used first, until the download fits.
+        // recently used first, until the downloads fit.
         let mut idle: Vec<ModelId> = self.resident.resident();
         while matches!(fetched, Err(Error::ResourceExhausted(_))) {
             let Some(victim) = idle.pop() else { break };
             if self.resident.evict(&victim) {
                 info!(model_id = %victim, "unloaded an idle model to free disk for a download");
-                fetched = self.cache.ensure(model, &progress).await;
+                fetched = self.cache.ensure_all(&bundles, &progress).await;
             }
         }
-        let (guard, tier) = fetched.map_err(download)?;
-        if tier == CacheTier::Download {
+        let mut fetched = fetched.map_err(download)?.into_iter();
+        let (guard, tier) = fetched
+            .next()
+            .ok_or_else(|| download(Error::Internal("no bundle returned".into())))?;
+        // The extras stay pinned (their guards held) until generation ends.
+        let mut downloaded = tier == CacheTier::Download;
+        let mut extra_guards = Vec::with_capacity(extras.len());
+        let mut extra_dirs = Vec::with_capacity(extras.len());
+        for (m, (g, t)) in extras.iter().zip(fetched) {
+            downloaded |= t == CacheTier::Download;
+            extra_dirs.push((m.clone(), g.path().to_path_buf()));
+            extra_guards.push(g);
+        }
+        if downloaded {
             t.download_s = started.elapsed().as_secs_f64();
         }
         if cancel.load(Ordering::SeqCst) {
@@ -409,8 +441,12 @@ impl Worker {
         let job2 = job.clone();
         let cancel2 = cancel.clone();
         let spec2 = spec.clone();
-        let images = tokio::task::spawn_blocking(move || {
-            loaded.generate(&spec2, &mut |step, total| {
+        let out = tokio::task::spawn_blocking(move || {
+            let job = Job {
+                spec: &spec2,
+                extras: &extra_dirs,
+            };
+            let out = loaded.generate(&job, &mut |step, total| {
                 me.send(Up::Progress(convert::job_progress(
                     &job2,
                     attempt,
@@ -420,13 +456,17 @@ impl Worker {
                     },
                 )));
                 !cancel2.load(Ordering::SeqCst)
-            })
+            });
+            drop(extra_guards);
+            out
         })
         .await
         .map_err(|e| generating(Error::Internal(format!("generate task: {e}"))))?
         .map_err(generating)?;
         t.inference_s = inference.elapsed().as_secs_f64();
-        Ok((images, t))
+        t.lora_s = out.lora_s;
+        t.upscale_s = out.upscale_s;
+        Ok((out.images, t))
     }
 }
 

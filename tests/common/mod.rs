@@ -127,6 +127,8 @@ pub fn make_model(dir: &Path, name: &str) -> ModelManifest {
         });
     }
     ModelManifest {
+        family: String::new(),
+        format: String::new(),
         id: ModelId(name.into()),
         kind: ModelKind::Checkpoint,
         source: format!("file://{}", root.display()),
@@ -214,6 +216,15 @@ pub async fn wait_state(url: &str, id: &str, state: pb::JobState, secs: u64) -> 
         let j = get(url, id).await;
         if j.state == state as i32 {
             return j;
+        }
+        let ended = [
+            pb::JobState::Completed,
+            pb::JobState::Failed,
+            pb::JobState::Cancelled,
+        ]
+        .map(|s| s as i32);
+        if ended.contains(&j.state) {
+            panic!("job {id} ended {:?}, not {state:?}: {j:?}", j.state());
         }
         if tokio::time::Instant::now() > deadline {
             panic!("timed out after {secs} s waiting for job {id} to be {state:?}; it is {j:?}");
