@@ -209,8 +209,9 @@ impl Coordinator {
                     },
                     JobPhase::Loading => JobEventKind::Loading,
                     JobPhase::Denoising { step, total_steps } => {
+                        // Image-to-image runs only the last part of the schedule.
                         let steps = self.records.spec(&job).map_or(0, |s| s.steps);
-                        if step > total_steps || total_steps != steps {
+                        if step > total_steps || total_steps > steps {
                             return Err(Error::invalid(
                                 "progress",
                                 format!("step {step} of {total_steps} for a job of {steps} steps"),

@@ -236,8 +236,10 @@ impl Records {
         }
     }
 
-    /// An event that is not a state change (progress), sent only if the
-    /// attempt it belongs to is the visible one.
+    /// An event that is not a state change (progress). Refused unless the
+    /// attempt is the current one; sent to watchers only once its
+    /// assignment is visible (progress can outrun the assignment's commit,
+    /// and a client must not see an attempt a crash could take back).
     pub(super) fn progress(
         &self,
         id: &JobId,
