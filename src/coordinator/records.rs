@@ -252,12 +252,17 @@ impl Records {
             .live
             .get(id)
             .ok_or_else(|| Error::UnknownJob(id.clone()))?;
-        let v = &l.visible;
-        if v.state != JobState::Running || v.attempt != attempt || v.worker.as_ref() != Some(worker)
-        {
+        if l.current.as_ref().map(|(w, a)| (w, *a)) != Some((worker, attempt)) {
             return Err(Error::FailedPrecondition(format!(
                 "progress of job {id} attempt {attempt}, which is not running on {worker}"
             )));
+        }
+        let v = &l.visible;
+        let shown = v.state == JobState::Running
+            && v.attempt == attempt
+            && v.worker.as_ref() == Some(worker);
+        if !shown {
+            return Ok(());
         }
         if let Some(tx) = &l.events {
             let _ = tx.send(JobEvent {
