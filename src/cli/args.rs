@@ -39,6 +39,16 @@ pub struct BenchPipelineArgs {
     pub device: DeviceKind,
     #[arg(long, default_value_t = 0)]
     pub device_id: i32,
+    /// A LoRA file and its weight, `FILE:WEIGHT` (repeatable): adds the
+    /// LoRA switch cost beside the full load and the image time.
+    #[arg(long = "lora", value_name = "FILE:WEIGHT")]
+    pub loras: Vec<String>,
+    /// Apply LoRAs to 3x3 convolutions too (off by default on CPU).
+    #[arg(long)]
+    pub lora_conv: bool,
+    /// An upscaler (.onnx file or a directory holding model.onnx) to time.
+    #[arg(long)]
+    pub upscaler: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -1,5 +1,7 @@
 //! The client commands: each calls the coordinator and prints the answer.
 
+use std::path::PathBuf;
+
 use crate::client::{
     admin_client, follow, jobs_client, tier_word, write_images, ClientArgs, Finished,
 };
@@ -37,7 +39,16 @@ pub async fn plan_image(a: PlanImageCmd) -> Result<()> {
 }
 
 pub fn bench_pipeline(a: BenchPipelineArgs) -> Result<()> {
-    use crate::pipeline::{bench::bench, Device, PipelineConfig};
+    use crate::pipeline::bench::{bench_with, BenchOptions};
+    use crate::pipeline::{Device, PipelineConfig};
+    let loras = a
+        .loras
+        .iter()
+        .map(|s| {
+            let l = parse_lora(s)?;
+            Ok((PathBuf::from(l.model_id), l.weight))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let cfg = PipelineConfig {
         device: match a.device {
             DeviceKind::Cpu => Device::Cpu,
@@ -47,10 +58,18 @@ pub fn bench_pipeline(a: BenchPipelineArgs) -> Result<()> {
         },
         allow_cpu_fallback: false,
         intra_op_threads: None,
+        lora_conv: a.lora_conv.then_some(true),
         ..Default::default()
     };
-    let r = bench(&a.model_dir, &cfg, a.steps, a.width, a.height, a.runs)
-        .map_err(crate::worker::onnx::to_error)?;
+    let opts = BenchOptions {
+        steps: a.steps,
+        width: a.width,
+        height: a.height,
+        runs: a.runs,
+        loras,
+        upscaler: a.upscaler,
+    };
+    let r = bench_with(&a.model_dir, &cfg, &opts).map_err(crate::worker::onnx::to_error)?;
     if a.json {
         println!(
             "{}",
