@@ -11,9 +11,13 @@
 //! given sequence of operations.
 
 mod estimate;
+mod index;
+mod jobs;
+mod matching;
 mod plan;
 mod replicate;
 mod state;
+mod workers;
 
 pub use estimate::CostModel;
 pub use plan::{plan_image, ImageCandidate, ImagePlan};
