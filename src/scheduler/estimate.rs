@@ -1,9 +1,10 @@
 //! Time estimates: the cost model, and how long until a job could start
-//! on a worker, on another holder, or anywhere.
+//! on a worker, on the soonest holder, or anywhere.
 
+use super::ids::Mix;
 use super::state::{JobEntry, WorkerEntry};
 use super::Scheduler;
-use crate::types::{CacheTier, JobId, Millis, ModelId, WorkerId};
+use crate::types::{CacheTier, JobId, Millis};
 
 /// The cost model behind placement. Defaults follow ../shared/BENCHMARK.md.
 #[derive(Clone, Debug, PartialEq)]
@@ -47,27 +48,25 @@ impl CostModel {
 }
 
 impl Scheduler {
-    pub(super) fn model_bytes(&self, model: &ModelId) -> u64 {
-        self.models.get(model).map_or(0, |m| m.bytes)
+    pub(super) fn model_bytes(&self, model: Mix) -> u64 {
+        self.entry(model).map_or(0, |m| m.bytes)
     }
 
-    pub(super) fn service_ms(&self, model: &ModelId) -> Millis {
-        self.models
-            .get(model)
+    /// Mean generation time of a model (the default until one is seen).
+    pub(super) fn service_ms(&self, model: Mix) -> Millis {
+        self.entry(model)
             .and_then(|m| m.service_ms)
             .map_or(self.cfg.cost.default_service_ms, |s| s as Millis)
     }
 
     /// Expected generation time of `model` on `w` (its learned speed).
-    pub(super) fn generate_ms(&self, w: &WorkerEntry, model: &ModelId) -> Millis {
+    pub(super) fn generate_ms(&self, w: &WorkerEntry, model: Mix) -> Millis {
         (self.service_ms(model) as f64 * w.speed) as Millis
     }
 
     /// Milliseconds until `w` could start a job for `model` if it had it
     /// next: time until a slot frees, plus fetching, plus loading.
-    pub(super) fn start_here_ms(&self, w: &WorkerEntry, model: &ModelId, now: Millis) -> Millis {
-        let cost = &self.cfg.cost;
-        let bytes = self.model_bytes(model);
+    pub(super) fn start_here_ms(&self, w: &WorkerEntry, model: Mix, now: Millis) -> Millis {
         let wait = if w.free_slots() > 0 || w.running.is_empty() {
             0
         } else if w.free_at_ms > now {
@@ -77,95 +76,76 @@ impl Scheduler {
             // looks free.
             self.cfg.cost.default_service_ms / 2
         };
-        let fetch = match w.tier_of(model) {
+        wait + self.start_cost_ms(w, model)
+    }
+
+    /// Fetching and loading `model` on `w`, once a slot is free.
+    pub(super) fn start_cost_ms(&self, w: &WorkerEntry, model: Mix) -> Millis {
+        let cost = &self.cfg.cost;
+        let bytes = self.model_bytes(model);
+        let fetch = match w.tier(model) {
             Some(_) => 0,
             None => {
                 // One download at a time: others in progress come first.
                 let left: u64 = w
                     .downloading
                     .iter()
-                    .filter(|(m, _)| *m != model)
+                    .filter(|(m, _)| **m != model)
                     .map(|(_, (done, total))| total.saturating_sub(*done))
                     .sum();
-                let done = w.downloading.get(model).map_or(0, |d| d.0);
+                let done = w.downloading.get(&model).map_or(0, |d| d.0);
                 let own = bytes.saturating_sub(done);
                 cost.download_ms(own + left, w.report.download_bps)
             }
         };
-        let load = if w.vram.contains(model) {
+        let load = if w.vram.contains(&model) {
             0
         } else {
             cost.load_ms(bytes)
         };
-        wait + fetch + load
+        fetch + load
     }
 
     /// How long an attempt is expected to take on `w`, from assignment:
     /// fetch and load by its tier, then generation.
     pub(super) fn expected_run_ms(&self, w: &WorkerEntry, j: &JobEntry) -> Millis {
         let cost = &self.cfg.cost;
-        let bytes = self.model_bytes(&j.spec.model_id);
+        let bytes = self.model_bytes(j.model);
         let setup = match j.tier {
             Some(CacheTier::Vram) => 0,
             Some(CacheTier::Disk | CacheTier::Preloaded) => cost.load_ms(bytes),
             _ => cost.download_ms(bytes, w.report.download_bps) + cost.load_ms(bytes),
         };
-        setup + self.service_ms(&j.spec.model_id)
+        setup + self.service_ms(j.model)
     }
 
-    /// The soonest any worker other than `except` holding `model` could
-    /// start the job `ahead` places into its queue (`Millis::MAX` when
-    /// none holds it).
-    pub(super) fn start_elsewhere_ms(
-        &self,
-        except: &WorkerId,
-        model: &ModelId,
-        ahead: usize,
-        now: Millis,
-    ) -> Millis {
-        let holders: Vec<&WorkerEntry> = self
-            .holders
-            .get(model)
-            .into_iter()
-            .flatten()
-            .filter(|id| *id != except)
-            .filter_map(|id| self.workers.get(id))
-            .filter(|w| !w.draining)
-            .collect();
-        if holders.is_empty() {
+    /// The soonest a live holder of `model` could start the last job of its
+    /// queue: the soonest holder's start plus the rounds of the backlog
+    /// shared among the live holders (`Millis::MAX` when none holds it).
+    fn start_warm_ms(&self, model: Mix, now: Millis) -> Millis {
+        let live = self.models[model as usize].place.live as usize;
+        if live == 0 {
             return Millis::MAX;
         }
-        let queued = self.queues.get(model).map_or(0, |q| q.len()).max(ahead + 1);
-        let rounds = ((queued - 1) / holders.len()) as Millis;
-        let soonest = holders
-            .iter()
-            .map(|w| self.start_here_ms(w, model, now))
-            .min()
-            .unwrap_or(0);
-        soonest + rounds * self.service_ms(model)
+        let queued = self.models[model as usize].queue.len().max(1);
+        let rounds = ((queued - 1) / live) as Millis;
+        self.soonest_holder_ms(model, None, now)
+            .saturating_add(rounds * self.service_ms(model))
     }
 
     /// Estimated milliseconds from `now` until a queued job starts: the
-    /// soonest any worker could start it, counting the jobs ahead of it.
+    /// soonest any worker could start it, a holder after the model's
+    /// backlog or another worker after fetching it. O(log n): read from the
+    /// indexes, no worker is visited beyond a few candidates.
     pub fn estimate_start_ms(&self, job: &JobId, now: Millis) -> Option<Millis> {
-        let j = self.jobs.get(job)?;
+        let j = self.job(job)?;
         if j.worker.is_some() {
             return Some(0);
         }
-        let model = &j.spec.model_id;
-        let ahead = self
-            .queues
-            .get(model)
-            .map_or(0, |q| q.range(..(j.key(), j.id.clone())).count());
-        let none = WorkerId::from("");
-        let warm = self.start_elsewhere_ms(&none, model, ahead, now);
+        let warm = self.start_warm_ms(j.model, now);
         let cold = self
-            .workers
-            .values()
-            .filter(|w| !w.draining && w.tier_of(model).is_none() && self.can_run(w, model))
-            .map(|w| self.start_here_ms(w, model, now))
-            .min()
-            .unwrap_or(Millis::MAX);
+            .best_fetcher(j.model, false, now)
+            .map_or(Millis::MAX, |(t, _)| t);
         let est = warm.min(cold);
         (est != Millis::MAX).then_some(est)
     }

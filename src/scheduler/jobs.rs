@@ -3,50 +3,44 @@
 
 use std::sync::Arc;
 
+use super::ids::{Jix, Wix};
+use super::state::JobEntry;
 use super::{Effect, Scheduler};
 use crate::error::{Error, Result};
 use crate::types::{CacheTier, JobId, JobSpec, Millis, WorkerId};
-
-use super::state::JobEntry;
 
 impl Scheduler {
     /// Accepts a job into the queue and runs matching.
     pub fn submit(&mut self, id: JobId, spec: Arc<JobSpec>, now: Millis) -> Result<Vec<Effect>> {
         let model = self
-            .models
-            .get(&spec.model_id)
+            .model_ix(&spec.model_id)
+            .filter(|&m| self.entry(m).is_some())
             .ok_or_else(|| Error::UnknownModel(spec.model_id.clone()))?;
-        if self.jobs.contains_key(&id) {
+        if self.job_ids.contains_key(&id) {
             return Err(Error::Internal(format!("job {id} submitted twice")));
         }
         // Fail fast when no live worker could ever hold the model.
-        if !self.workers.is_empty()
-            && !self
-                .workers
-                .values()
-                .any(|w| w.tier_of(&spec.model_id).is_some() || w.can_hold(model.bytes))
-        {
-            let largest = self
-                .workers
-                .values()
-                .map(|w| w.hello.cache_max_bytes)
-                .max()
-                .unwrap_or(0);
+        let bytes = self.model_bytes(model);
+        let largest = self.cache_sizes.last_key_value().map_or(0, |(b, _)| *b);
+        if self.workers.len() > 0 && self.models[model as usize].tiered == 0 && largest < bytes {
             return Err(Error::FailedPrecondition(format!(
                 "model {} needs {} bytes of disk cache but the largest cache of any live worker is {} bytes",
-                spec.model_id, model.bytes, largest
+                spec.model_id, bytes, largest
             )));
         }
-        let model_id = spec.model_id.clone();
-        if let Some(m) = self.models.get_mut(&model_id) {
+        self.advance(now);
+        if let Some(m) = self.models[model as usize].entry.as_mut() {
             m.demand.record(now, &self.cfg);
         }
-        self.restore_job(id.clone(), spec, now, 0, 0);
-        Ok(self.schedule_submitted(&id, &model_id, now))
+        let jix = self
+            .insert_job(id, spec, now, 0, 0)
+            .expect("checked above that the job is new");
+        Ok(self.place_job(jix, now))
     }
 
     /// Puts a job back into the queue as it was (used by `submit` and by a
-    /// coordinator recovering its journal).
+    /// coordinator recovering its journal). A job the scheduler already
+    /// has is left as it is.
     pub fn restore_job(
         &mut self,
         id: JobId,
@@ -55,9 +49,24 @@ impl Scheduler {
         attempt: u32,
         failures: u32,
     ) {
+        self.insert_job(id, spec, submitted_ms, attempt, failures);
+    }
+
+    fn insert_job(
+        &mut self,
+        id: JobId,
+        spec: Arc<JobSpec>,
+        submitted_ms: Millis,
+        attempt: u32,
+        failures: u32,
+    ) -> Option<Jix> {
+        if self.job_ids.contains_key(&id) {
+            return None;
+        }
+        let model = self.intern_model(&spec.model_id);
         let seq = self.next_seq;
         self.next_seq += 1;
-        let entry = JobEntry {
+        let jix = self.jobs.insert(JobEntry {
             id: id.clone(),
             spec,
             submitted_ms,
@@ -67,32 +76,48 @@ impl Scheduler {
             started_ms: None,
             seq,
             tier: None,
-        };
-        self.enqueue(&entry);
-        self.jobs.insert(id, entry);
+            expected_ms: 0,
+            model,
+            on: None,
+        });
+        self.job_ids.insert(id, jix);
+        self.enqueue(jix);
+        Some(jix)
+    }
+
+    /// Forgets a job (queued: out of its queue; running: the caller has
+    /// taken it off its worker).
+    fn remove_job(&mut self, jix: Jix) -> JobEntry {
+        let j = &self.jobs[jix];
+        if j.on.is_some() {
+            self.models[j.model as usize].running -= 1;
+        } else {
+            self.dequeue(jix);
+        }
+        let j = self.jobs.remove(jix).expect("live job");
+        self.job_ids.remove(&j.id);
+        j
     }
 
     /// Cancels a job that has not finished. A queued job leaves the queue;
     /// a running one is told to stop. The job is forgotten either way.
     pub fn cancel(&mut self, id: &JobId, now: Millis) -> Result<Vec<Effect>> {
-        let job = self
-            .jobs
-            .remove(id)
+        let jix = self
+            .job_ix(id)
             .ok_or_else(|| Error::UnknownJob(id.clone()))?;
+        self.advance(now);
+        let job = self.remove_job(jix);
         let mut effects = Vec::new();
-        match &job.worker {
-            None => self.dequeue(&job),
-            Some(w) => {
-                if let Some(worker) = self.workers.get_mut(w) {
-                    worker.running.remove(id);
-                    worker.stopping.insert(id.clone());
-                }
-                effects.push(Effect::Cancel {
-                    worker: w.clone(),
-                    job: id.clone(),
-                    attempt: job.attempt,
-                });
-            }
+        if let (Some(name), Some(w)) = (job.worker, job.on) {
+            let worker = &mut self.workers[w];
+            worker.running.remove(id);
+            worker.stopping.insert(id.clone());
+            self.place(w);
+            effects.push(Effect::Cancel {
+                worker: name,
+                job: id.clone(),
+                attempt: job.attempt,
+            });
         }
         effects.extend(self.schedule(now));
         Ok(effects)
@@ -100,7 +125,7 @@ impl Scheduler {
 
     /// Checks that `worker` runs `attempt` of `job` now.
     pub fn check_current(&self, worker: &WorkerId, job: &JobId, attempt: u32) -> Result<()> {
-        match self.jobs.get(job) {
+        match self.job(job) {
             Some(j) if j.worker.as_ref() == Some(worker) && j.attempt == attempt => Ok(()),
             Some(_) => Err(Error::FailedPrecondition(format!(
                 "attempt {attempt} of job {job} is not current on worker {worker}"
@@ -110,7 +135,7 @@ impl Scheduler {
     }
 
     /// A worker finished an attempt. Results of superseded attempts are
-    /// refused; the caller ignores them.
+    /// refused; the caller ignores them. The freed worker is matched.
     pub fn complete(
         &mut self,
         worker: &WorkerId,
@@ -118,40 +143,43 @@ impl Scheduler {
         attempt: u32,
         now: Millis,
     ) -> Result<Vec<Effect>> {
+        self.advance(now);
         self.release_stopping(worker, job);
         self.check_current(worker, job, attempt)?;
-        let entry = self.jobs.remove(job).expect("checked above");
-        if let Some(w) = self.workers.get_mut(worker) {
-            w.running.remove(job);
+        let jix = self.job_ix(job).expect("checked above");
+        let w = self.jobs[jix].on.expect("a current attempt has a worker");
+        let entry = self.remove_job(jix);
+        self.workers[w].running.remove(job);
+        self.learn_service_time(w, &entry, now);
+        Ok(self.schedule_among(&[w], false, true, now))
+    }
+
+    /// Learns the model's generation time and the worker's speed from a
+    /// finished attempt: generation time only (a download's length says
+    /// nothing about the model, and a load's is known).
+    fn learn_service_time(&mut self, w: Wix, job: &JobEntry, now: Millis) {
+        let Some(started) = job.started_ms else {
+            return;
+        };
+        let load = self.cfg.cost.load_ms(self.model_bytes(job.model));
+        let took = now.saturating_sub(started);
+        let took = match job.tier {
+            Some(CacheTier::Vram) => took,
+            Some(CacheTier::Disk | CacheTier::Preloaded) => took.saturating_sub(load),
+            _ => return,
+        };
+        let Some(model) = self.models[job.model as usize].entry.as_mut() else {
+            return;
+        };
+        let took = took.max(1) as f64;
+        if let Some(s) = model.service_ms {
+            let worker = &mut self.workers[w];
+            worker.speed = (0.8 * worker.speed + 0.2 * took / s.max(1.0)).clamp(0.1, 10.0);
         }
-        self.refresh_free(worker);
-        let load = self
-            .cfg
-            .cost
-            .load_ms(self.model_bytes(&entry.spec.model_id));
-        if let (Some(started), Some(model)) =
-            (entry.started_ms, self.models.get_mut(&entry.spec.model_id))
-        {
-            // Generation time only: a download's length says nothing about
-            // the model, and a load's is known.
-            let took = now.saturating_sub(started);
-            let took = match entry.tier {
-                Some(CacheTier::Vram) => Some(took),
-                Some(CacheTier::Disk | CacheTier::Preloaded) => Some(took.saturating_sub(load)),
-                _ => None,
-            };
-            if let Some(took) = took {
-                let took = took.max(1) as f64;
-                if let (Some(s), Some(w)) = (model.service_ms, self.workers.get_mut(worker)) {
-                    w.speed = (0.8 * w.speed + 0.2 * took / s.max(1.0)).clamp(0.1, 10.0);
-                }
-                model.service_ms = Some(match model.service_ms {
-                    Some(s) => 0.8 * s + 0.2 * took,
-                    None => took,
-                });
-            }
-        }
-        Ok(self.schedule_among(vec![worker.clone()], false, now))
+        model.service_ms = Some(match model.service_ms {
+            Some(s) => 0.8 * s + 0.2 * took,
+            None => took,
+        });
     }
 
     /// A worker reports that an attempt failed.
@@ -164,57 +192,64 @@ impl Scheduler {
         retryable: bool,
         now: Millis,
     ) -> Result<Vec<Effect>> {
+        self.advance(now);
         self.release_stopping(worker, job);
         self.check_current(worker, job, attempt)?;
-        if let Some(w) = self.workers.get_mut(worker) {
-            w.running.remove(job);
-        }
-        self.refresh_free(worker);
-        let mut effects = self.requeue_or_fail(job, reason, retryable, true);
+        let jix = self.job_ix(job).expect("checked above");
+        let w = self.jobs[jix].on.expect("a current attempt has a worker");
+        self.workers[w].running.remove(job);
+        self.place(w);
+        let mut effects = self.requeue_or_fail(jix, reason, retryable, true);
         effects.extend(self.schedule(now));
         Ok(effects)
     }
 
-    pub(super) fn release_stopping(&mut self, worker: &WorkerId, job: &JobId) {
-        if let Some(w) = self.workers.get_mut(worker) {
-            w.stopping.remove(job);
+    /// A cancelled attempt's end (result or failure) frees its slot.
+    fn release_stopping(&mut self, worker: &WorkerId, job: &JobId) {
+        if let Some(w) = self.worker_ix(worker) {
+            if self.workers[w].stopping.remove(job) {
+                self.place(w);
+            }
         }
-        self.refresh_free(worker);
     }
 
     /// Puts a job whose attempt ended back in the queue, or ends it failed.
+    /// The caller has taken the attempt off its worker.
     pub(super) fn requeue_or_fail(
         &mut self,
-        id: &JobId,
+        jix: Jix,
         reason: &str,
         retryable: bool,
         count_failure: bool,
     ) -> Vec<Effect> {
-        let Some(mut job) = self.jobs.remove(id) else {
-            return Vec::new();
-        };
+        let j = &mut self.jobs[jix];
         if count_failure {
-            job.failures += 1;
+            j.failures += 1;
         }
-        if !retryable || job.failures >= self.cfg.max_attempts {
+        if !retryable || j.failures >= self.cfg.max_attempts {
             let reason = if retryable {
-                format!("failed {} times; last: {reason}", job.failures)
+                format!("failed {} times; last: {reason}", j.failures)
             } else {
                 reason.to_owned()
             };
+            let job = self.remove_job(jix);
             return vec![Effect::Failed {
-                job: id.clone(),
+                job: job.id,
                 reason,
             }];
         }
-        job.worker = None;
-        job.started_ms = None;
-        job.tier = None;
-        self.enqueue(&job);
-        let next_attempt = job.attempt + 1;
-        self.jobs.insert(id.clone(), job);
+        let model = j.model;
+        let was_running = j.on.take().is_some();
+        j.worker = None;
+        j.started_ms = None;
+        j.tier = None;
+        let (id, next_attempt) = (j.id.clone(), j.attempt + 1);
+        if was_running {
+            self.models[model as usize].running -= 1;
+        }
+        self.enqueue(jix);
         vec![Effect::Requeued {
-            job: id.clone(),
+            job: id,
             next_attempt,
             reason: reason.to_owned(),
         }]

@@ -1,13 +1,17 @@
 //! The scheduler's state: jobs, workers and models, the catalogue, and
-//! read-only views of them. The operations live beside it, one concern per
-//! file: `jobs.rs` (a job's life), `workers.rs` (a worker's life),
-//! `index.rs` (the indexes kept in step with both), `matching.rs` (which
-//! job goes where) and `estimate.rs` (how long things take).
+//! read-only views of them.
+//!
+//! The operations live beside it, one concern per file: `jobs.rs` (a job's
+//! life), `workers.rs` (a worker's life), `queue.rs` and `index.rs` (the
+//! indexes kept in step with both), `matching.rs` (which job goes where)
+//! and `estimate.rs` (how long things take). Nothing here decides.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use super::ids::{Jix, Mix, Slab, Wix};
+use super::index::{HolderIndex, Placed, WorkerSets};
 use super::SchedulerConfig;
 use crate::error::{Error, Result};
 use crate::types::{
@@ -30,9 +34,17 @@ pub struct JobEntry {
     /// The worker running the current attempt, if any.
     pub worker: Option<WorkerId>,
     pub started_ms: Option<Millis>,
+    /// Arrival order; unique, kept across requeues.
     pub(super) seq: u64,
     /// Where the current attempt found its model, as assigned.
     pub(super) tier: Option<CacheTier>,
+    /// How long the current attempt was expected to take when it started
+    /// (estimates of when a worker frees read this, not the model's
+    /// service time learned since).
+    pub(super) expected_ms: Millis,
+    pub(super) model: Mix,
+    /// `worker`, as an index.
+    pub(super) on: Option<Wix>,
 }
 
 impl JobEntry {
@@ -53,50 +65,22 @@ pub struct WorkerEntry {
     /// Cancelled attempts the worker has not yet confirmed stopping; they
     /// still occupy a slot.
     pub stopping: BTreeSet<JobId>,
-    pub(super) vram: BTreeSet<ModelId>,
-    pub(super) disk: BTreeMap<ModelId, bool>,
-    pub(super) downloading: BTreeMap<ModelId, (u64, u64)>,
+    pub(super) vram: BTreeSet<Mix>,
+    pub(super) disk: BTreeMap<Mix, bool>,
+    /// Downloads in progress: bytes done and total.
+    pub(super) downloading: BTreeMap<Mix, (u64, u64)>,
     /// Generation time here relative to the model's mean, learned.
     pub(super) speed: f64,
     /// When the soonest running attempt is expected to end.
     pub(super) free_at_ms: Millis,
+    /// Until when the worker counts as making progress: the latest running
+    /// attempt's start plus twice its expected length plus 10 s.
+    pub(super) healthy_until_ms: Millis,
+    /// What this worker's entries in the indexes were built from.
+    pub(super) placed: Placed,
 }
 
 impl WorkerEntry {
-    pub(super) fn new(hello: WorkerHello, now: Millis) -> Self {
-        let mut w = Self {
-            report: CacheReport::default(),
-            hello,
-            last_seen_ms: now,
-            draining: false,
-            running: BTreeMap::new(),
-            stopping: BTreeSet::new(),
-            vram: BTreeSet::new(),
-            disk: BTreeMap::new(),
-            downloading: BTreeMap::new(),
-            speed: 1.0,
-            free_at_ms: 0,
-        };
-        let state = w.hello.state.clone();
-        w.set_report(state);
-        w
-    }
-
-    pub(super) fn set_report(&mut self, report: CacheReport) {
-        self.vram = report.vram_models.iter().cloned().collect();
-        self.disk = report
-            .disk_models
-            .iter()
-            .map(|d| (d.model_id.clone(), d.preloaded))
-            .collect();
-        self.downloading = report
-            .downloads
-            .iter()
-            .map(|d| (d.model_id.clone(), (d.bytes_done, d.bytes_total)))
-            .collect();
-        self.report = report;
-    }
-
     pub fn free_slots(&self) -> u32 {
         let used = (self.running.len() + self.stopping.len()) as u32;
         self.hello.max_concurrent_jobs.saturating_sub(used)
@@ -104,10 +88,31 @@ impl WorkerEntry {
 
     /// The best tier at which this worker holds `model`, if it holds it.
     pub fn tier_of(&self, model: &ModelId) -> Option<CacheTier> {
-        if self.vram.contains(model) {
+        if self.report.vram_models.contains(model) {
+            return Some(CacheTier::Vram);
+        }
+        let d = self
+            .report
+            .disk_models
+            .iter()
+            .find(|d| &d.model_id == model)?;
+        Some(if d.preloaded {
+            CacheTier::Preloaded
+        } else {
+            CacheTier::Disk
+        })
+    }
+
+    pub fn is_downloading(&self, model: &ModelId) -> bool {
+        self.report.downloads.iter().any(|d| &d.model_id == model)
+    }
+
+    /// `tier_of`, by index.
+    pub(super) fn tier(&self, model: Mix) -> Option<CacheTier> {
+        if self.vram.contains(&model) {
             Some(CacheTier::Vram)
         } else {
-            match self.disk.get(model) {
+            match self.disk.get(&model) {
                 Some(true) => Some(CacheTier::Preloaded),
                 Some(false) => Some(CacheTier::Disk),
                 None => None,
@@ -116,21 +121,25 @@ impl WorkerEntry {
     }
 
     /// Every model this worker holds or is fetching.
-    pub(super) fn held(&self) -> BTreeSet<ModelId> {
+    pub(super) fn held(&self) -> BTreeSet<Mix> {
         self.vram
             .iter()
             .chain(self.disk.keys())
             .chain(self.downloading.keys())
-            .cloned()
+            .copied()
             .collect()
-    }
-
-    pub fn is_downloading(&self, model: &ModelId) -> bool {
-        self.downloading.contains_key(model)
     }
 
     pub(super) fn can_hold(&self, bytes: u64) -> bool {
         self.hello.cache_max_bytes >= bytes
+    }
+
+    /// Bytes still to download, all downloads together.
+    pub(super) fn download_left(&self) -> u64 {
+        self.downloading
+            .values()
+            .map(|(done, total)| total.saturating_sub(*done))
+            .sum()
     }
 }
 
@@ -145,6 +154,7 @@ pub struct ModelStatus {
     pub workers_downloading: u32,
 }
 
+/// A catalogue entry.
 #[derive(Clone, Debug)]
 pub(super) struct ModelEntry {
     pub(super) bytes: u64,
@@ -154,24 +164,66 @@ pub(super) struct ModelEntry {
     pub(super) demand: super::replicate::Demand,
 }
 
+/// Everything kept per model id, in the catalogue or not (a worker may
+/// report a model the catalogue does not list). Named by `model_ids`.
+#[derive(Clone, Debug)]
+pub(super) struct ModelSlot {
+    /// Present while the model is in the catalogue.
+    pub(super) entry: Option<ModelEntry>,
+    /// Queued jobs, in queue order.
+    pub(super) queue: BTreeSet<(QueueKey, Jix)>,
+    /// Jobs running now.
+    pub(super) running: u32,
+    /// Workers holding it in VRAM or on disk, or fetching it (draining ones
+    /// included).
+    pub(super) holders: BTreeSet<Wix>,
+    /// Of `holders`: in VRAM, on disk, in VRAM or on disk, downloading.
+    pub(super) in_vram: u32,
+    pub(super) on_disk: u32,
+    pub(super) tiered: u32,
+    pub(super) fetching: u32,
+    /// The live holders ordered for placement (see `index.rs`).
+    pub(super) place: HolderIndex,
+}
+
+impl ModelSlot {
+    fn new() -> Self {
+        Self {
+            entry: None,
+            queue: BTreeSet::new(),
+            running: 0,
+            holders: BTreeSet::new(),
+            in_vram: 0,
+            on_disk: 0,
+            tiered: 0,
+            fetching: 0,
+            place: HolderIndex::default(),
+        }
+    }
+}
+
 /// The scheduler. See the module docs.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Scheduler {
     pub(super) cfg: SchedulerConfig,
-    pub(super) models: BTreeMap<ModelId, ModelEntry>,
-    pub(super) jobs: HashMap<JobId, JobEntry>,
-    /// Queued jobs per model.
-    pub(super) queues: BTreeMap<ModelId, BTreeSet<(QueueKey, JobId)>>,
-    /// All queued jobs, oldest first.
-    pub(super) by_age: BTreeSet<(u64, JobId)>,
-    pub(super) workers: BTreeMap<WorkerId, WorkerEntry>,
+    /// Model names to ids, in name order (catalogue views iterate this).
+    pub(super) model_ids: BTreeMap<ModelId, Mix>,
+    pub(super) models: Vec<ModelSlot>,
+    pub(super) job_ids: HashMap<JobId, Jix>,
+    pub(super) jobs: Slab<JobEntry>,
+    /// Worker names to ids, in name order (`workers()` iterates this).
+    pub(super) worker_ids: BTreeMap<WorkerId, Wix>,
+    pub(super) workers: Slab<WorkerEntry>,
     pub(super) next_seq: u64,
-    /// Index: workers holding each model (VRAM, disk or downloading).
-    pub(super) holders: BTreeMap<ModelId, BTreeSet<WorkerId>>,
-    /// Index: workers that take jobs now (not draining, a free slot).
-    pub(super) free: BTreeSet<WorkerId>,
-    /// Index: each non-empty model queue by the sequence number of its head.
-    pub(super) heads: BTreeSet<(u64, ModelId)>,
+    /// All queued jobs, oldest first.
+    pub(super) by_age: BTreeSet<(u64, Jix)>,
+    /// Each non-empty model queue by the sequence number of its head.
+    pub(super) heads: BTreeSet<(u64, Mix)>,
+    /// Worker-level indexes (see `index.rs`).
+    pub(super) sets: WorkerSets,
+    /// Workers by the workers' cache sizes (a multiset), for the submit
+    /// check that some worker could hold a model.
+    pub(super) cache_sizes: BTreeMap<u64, u32>,
     /// Replication bookkeeping (see `replicate.rs`).
     pub(super) repl: super::replicate::ReplicaState,
 }
@@ -180,15 +232,17 @@ impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
         Self {
             cfg,
-            models: BTreeMap::new(),
-            jobs: HashMap::new(),
-            queues: BTreeMap::new(),
-            by_age: BTreeSet::new(),
-            workers: BTreeMap::new(),
+            model_ids: BTreeMap::new(),
+            models: Vec::new(),
+            job_ids: HashMap::new(),
+            jobs: Slab::default(),
+            worker_ids: BTreeMap::new(),
+            workers: Slab::default(),
             next_seq: 0,
-            holders: BTreeMap::new(),
-            free: BTreeSet::new(),
+            by_age: BTreeSet::new(),
             heads: BTreeSet::new(),
+            sets: WorkerSets::default(),
+            cache_sizes: BTreeMap::new(),
             repl: Default::default(),
         }
     }
@@ -197,38 +251,94 @@ impl Scheduler {
         &self.cfg
     }
 
+    /// The id of a model name, made on first sight.
+    pub(super) fn intern_model(&mut self, model: &ModelId) -> Mix {
+        if let Some(&m) = self.model_ids.get(model) {
+            return m;
+        }
+        let m = Mix::try_from(self.models.len()).expect("fewer than 2^32 models");
+        self.models.push(ModelSlot::new());
+        self.model_ids.insert(model.clone(), m);
+        m
+    }
+
+    pub(super) fn model_ix(&self, model: &ModelId) -> Option<Mix> {
+        self.model_ids.get(model).copied()
+    }
+
+    pub(super) fn worker_ix(&self, worker: &WorkerId) -> Option<Wix> {
+        self.worker_ids.get(worker).copied()
+    }
+
+    pub(super) fn job_ix(&self, job: &JobId) -> Option<Jix> {
+        self.job_ids.get(job).copied()
+    }
+
+    /// The catalogue entry of a model id, if it is in the catalogue.
+    pub(super) fn entry(&self, model: Mix) -> Option<&ModelEntry> {
+        self.models[model as usize].entry.as_ref()
+    }
+
     // ---- catalogue -------------------------------------------------------
 
     pub fn register_model(&mut self, model: ModelId, bytes: u64) {
-        let entry = self.models.entry(model).or_insert(ModelEntry {
+        let m = self.intern_model(&model);
+        let slot = &mut self.models[m as usize];
+        let before = slot.entry.as_ref().map(|e| e.bytes);
+        let entry = slot.entry.get_or_insert(ModelEntry {
             bytes,
             service_ms: None,
             demand: Default::default(),
         });
         entry.bytes = bytes;
+        // Holders' start estimates count the model's size: refile them.
+        if before != Some(bytes) {
+            let holders: Vec<Wix> = slot.holders.iter().copied().collect();
+            for w in holders {
+                self.place(w);
+            }
+        }
     }
 
     /// Removes a model from the catalogue; refused while jobs need it.
     pub fn remove_model(&mut self, model: &ModelId) -> Result<()> {
-        if self.queues.get(model).is_some_and(|q| !q.is_empty())
-            || self.jobs.values().any(|j| &j.spec.model_id == model)
-        {
+        let Some(m) = self.model_ix(model) else {
+            return Err(Error::UnknownModel(model.clone()));
+        };
+        let slot = &mut self.models[m as usize];
+        if !slot.queue.is_empty() || slot.running > 0 {
             return Err(Error::FailedPrecondition(format!(
                 "model {model} has unfinished jobs; cancel them first"
             )));
         }
-        self.models
-            .remove(model)
-            .map(|_| ())
-            .ok_or_else(|| Error::UnknownModel(model.clone()))
+        match slot.entry.take() {
+            Some(_) => {
+                let holders: Vec<Wix> = slot.holders.iter().copied().collect();
+                for w in holders {
+                    self.place(w);
+                }
+                Ok(())
+            }
+            None => Err(Error::UnknownModel(model.clone())),
+        }
     }
 
     pub fn has_model(&self, model: &ModelId) -> bool {
-        self.models.contains_key(model)
+        self.model_ix(model)
+            .is_some_and(|m| self.entry(m).is_some())
     }
 
+    /// Models in the catalogue, by name.
+    pub(super) fn catalogue(&self) -> impl Iterator<Item = (&ModelId, Mix, &ModelEntry)> {
+        self.model_ids
+            .iter()
+            .filter_map(|(id, &m)| Some((id, m, self.entry(m)?)))
+    }
+
+    // ---- views -----------------------------------------------------------
+
     pub fn job(&self, id: &JobId) -> Option<&JobEntry> {
-        self.jobs.get(id)
+        self.jobs.get(self.job_ix(id)?)
     }
 
     /// Jobs queued or running.
@@ -241,52 +351,30 @@ impl Scheduler {
     }
 
     pub fn worker(&self, id: &WorkerId) -> Option<&WorkerEntry> {
-        self.workers.get(id)
+        self.workers.get(self.worker_ix(id)?)
     }
 
+    /// Connected workers, by name.
     pub fn workers(&self) -> impl Iterator<Item = &WorkerEntry> {
-        self.workers.values()
+        self.worker_ids.values().map(|&w| &self.workers[w])
     }
 
-    /// Per model: queued and running jobs, and which workers hold it.
+    /// Per model in the catalogue: queued and running jobs, and which
+    /// workers hold it. Reads counters kept by the indexes: no job or
+    /// worker is visited.
     pub fn model_status(&self) -> Vec<ModelStatus> {
-        let mut out: BTreeMap<&ModelId, ModelStatus> = BTreeMap::new();
-        for m in self.models.keys() {
-            out.insert(
-                m,
+        self.catalogue()
+            .map(|(id, m, _)| {
+                let s = &self.models[m as usize];
                 ModelStatus {
-                    model: m.clone(),
-                    ..Default::default()
-                },
-            );
-        }
-        for (m, q) in &self.queues {
-            if let Some(s) = out.get_mut(m) {
-                s.queued = q.len() as u32;
-            }
-        }
-        for j in self.jobs.values().filter(|j| j.worker.is_some()) {
-            if let Some(s) = out.get_mut(&j.spec.model_id) {
-                s.running += 1;
-            }
-        }
-        for w in self.workers.values() {
-            for m in &w.vram {
-                if let Some(s) = out.get_mut(m) {
-                    s.workers_vram += 1;
+                    model: id.clone(),
+                    queued: s.queue.len() as u32,
+                    running: s.running,
+                    workers_vram: s.in_vram,
+                    workers_disk: s.on_disk,
+                    workers_downloading: s.fetching,
                 }
-            }
-            for m in w.disk.keys() {
-                if let Some(s) = out.get_mut(m) {
-                    s.workers_disk += 1;
-                }
-            }
-            for m in w.downloading.keys() {
-                if let Some(s) = out.get_mut(m) {
-                    s.workers_downloading += 1;
-                }
-            }
-        }
-        out.into_values().collect()
+            })
+            .collect()
     }
 }
