@@ -249,7 +249,18 @@ fn apply(s: &mut Scheduler, op: Op, now: &mut Millis, next_job: &mut u16) {
         }
         Op::Advance { ms } => {
             *now += Millis::from(ms);
-            s.expire_workers(*now);
+            let timeout = s.config().heartbeat_timeout_ms;
+            let late: BTreeSet<WorkerId> = s
+                .workers()
+                .filter(|w| *now - w.last_seen_ms > timeout)
+                .map(|w| w.hello.worker_id.clone())
+                .collect();
+            let (dead, _) = s.expire_workers_listed(*now);
+            assert_eq!(
+                dead.into_iter().collect::<BTreeSet<_>>(),
+                late,
+                "expired at {now}"
+            );
             s.schedule(*now);
         }
         Op::Register { model, gb } => s.register_model(mid(model), u64::from(gb) * 1_000_000_000),
@@ -347,10 +358,14 @@ fn check(s: &Scheduler, now: Millis) -> Result<(), TestCaseError> {
     for (m, slot) in s.models.iter().enumerate() {
         prop_assert_eq!(slot.running, running.get(&(m as Mix)).copied().unwrap_or(0));
     }
-    // Cache sizes.
+    // Expiry and cache sizes.
+    let deadlines: BTreeSet<(Millis, Wix)> =
+        s.workers.iter().map(|(w, e)| (e.deadline_key, w)).collect();
+    prop_assert_eq!(&deadlines, &s.deadlines);
     let mut sizes: BTreeMap<u64, u32> = BTreeMap::new();
     for (_, e) in s.workers.iter() {
         *sizes.entry(e.hello.cache_max_bytes).or_default() += 1;
+        prop_assert!(e.deadline_key <= e.last_seen_ms);
     }
     prop_assert_eq!(&sizes, &s.cache_sizes);
     // Queries, at the index's time and later (the read-only estimate's

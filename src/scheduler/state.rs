@@ -78,6 +78,9 @@ pub struct WorkerEntry {
     pub(super) healthy_until_ms: Millis,
     /// What this worker's entries in the indexes were built from.
     pub(super) placed: Placed,
+    /// The key of this worker's entry in the expiry set (`last_seen_ms`
+    /// when it was filed; see `workers.rs`).
+    pub(super) deadline_key: Millis,
 }
 
 impl WorkerEntry {
@@ -221,6 +224,8 @@ pub struct Scheduler {
     pub(super) heads: BTreeSet<(u64, Mix)>,
     /// Worker-level indexes (see `index.rs`).
     pub(super) sets: WorkerSets,
+    /// Workers by the `last_seen_ms` they were filed under, for expiry.
+    pub(super) deadlines: BTreeSet<(Millis, Wix)>,
     /// Workers by the workers' cache sizes (a multiset), for the submit
     /// check that some worker could hold a model.
     pub(super) cache_sizes: BTreeMap<u64, u32>,
@@ -242,6 +247,7 @@ impl Scheduler {
             by_age: BTreeSet::new(),
             heads: BTreeSet::new(),
             sets: WorkerSets::default(),
+            deadlines: BTreeSet::new(),
             cache_sizes: BTreeMap::new(),
             repl: Default::default(),
         }

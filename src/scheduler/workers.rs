@@ -1,5 +1,11 @@
 //! A worker's life: connect (or reconnect), heartbeat, touch, drain,
 //! disconnect and expiry, and the admin's `warm`.
+//!
+//! Expiry reads a set of workers ordered by the `last_seen_ms` they were
+//! filed under. `touch` and `heartbeat` only update `last_seen_ms` (O(1));
+//! `expire_workers` looks at the stalest filing first and refiles a worker
+//! seen since, so each tick costs O(log n) per worker heard from since the
+//! last refile, and nothing when nobody is late.
 
 use std::cmp::Reverse;
 use std::collections::BTreeSet;
@@ -80,7 +86,7 @@ impl Scheduler {
         Ok(self.schedule_among(&[wix], false, true, now))
     }
 
-    /// Marks a worker as seen (any message counts).
+    /// Marks a worker as seen (any message counts). O(1).
     pub fn touch(&mut self, worker: &WorkerId, now: Millis) {
         if let Some(w) = self.worker_ix(worker) {
             self.workers[w].last_seen_ms = now;
@@ -146,15 +152,27 @@ impl Scheduler {
         self.expire_workers_listed(now).1
     }
 
-    /// `expire_workers`, also naming the workers it removed, so the caller
-    /// can close their streams.
+    /// `expire_workers`, also naming the workers it removed (stalest
+    /// first), so the caller can close their streams.
     pub fn expire_workers_listed(&mut self, now: Millis) -> (Vec<WorkerId>, Vec<Effect>) {
         self.advance(now);
-        let dead: Vec<WorkerId> = self
-            .workers()
-            .filter(|w| now.saturating_sub(w.last_seen_ms) > self.cfg.heartbeat_timeout_ms)
-            .map(|w| w.hello.worker_id.clone())
-            .collect();
+        let timeout = self.cfg.heartbeat_timeout_ms;
+        let mut dead = Vec::new();
+        while let Some(&(filed, wix)) = self.deadlines.first() {
+            if now.saturating_sub(filed) <= timeout {
+                // Everyone was seen at or after this filing: none is late.
+                break;
+            }
+            self.deadlines.remove(&(filed, wix));
+            let w = &mut self.workers[wix];
+            if w.last_seen_ms != filed {
+                // Seen since it was filed: file it again as last seen.
+                w.deadline_key = w.last_seen_ms;
+                self.deadlines.insert((w.last_seen_ms, wix));
+                continue;
+            }
+            dead.push(w.hello.worker_id.clone());
+        }
         if dead.is_empty() {
             return (dead, Vec::new());
         }
@@ -226,8 +244,10 @@ impl Scheduler {
             free_at_ms: 0,
             healthy_until_ms: 0,
             placed: Default::default(),
+            deadline_key: now,
         });
         self.worker_ids.insert(id, wix);
+        self.deadlines.insert((now, wix));
         self.set_report(wix, report);
         wix
     }
@@ -238,6 +258,7 @@ impl Scheduler {
         self.file_holdings(wix, false);
         let w = self.workers.remove(wix).expect("live worker");
         self.worker_ids.remove(&w.hello.worker_id);
+        self.deadlines.remove(&(w.deadline_key, wix));
         let size = w.hello.cache_max_bytes;
         if let Some(n) = self.cache_sizes.get_mut(&size) {
             *n -= 1;
