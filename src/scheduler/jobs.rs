@@ -1,5 +1,6 @@
 //! A job's life: submit (or restore from the journal), cancel, complete,
-//! fail, and the requeue of an attempt that ended without a result.
+//! fail, and the requeue of an attempt that ended without a result. Each
+//! operation matches only what it freed or queued (see `matching.rs`).
 
 use std::sync::Arc;
 
@@ -101,6 +102,9 @@ impl Scheduler {
 
     /// Cancels a job that has not finished. A queued job leaves the queue;
     /// a running one is told to stop. The job is forgotten either way.
+    /// Nothing is matched: no slot frees until the worker confirms the
+    /// stop (its next heartbeat), and a shorter queue makes no other
+    /// worker more eligible.
     pub fn cancel(&mut self, id: &JobId, now: Millis) -> Result<Vec<Effect>> {
         let jix = self
             .job_ix(id)
@@ -119,7 +123,6 @@ impl Scheduler {
                 attempt: job.attempt,
             });
         }
-        effects.extend(self.schedule(now));
         Ok(effects)
     }
 
@@ -182,7 +185,8 @@ impl Scheduler {
         });
     }
 
-    /// A worker reports that an attempt failed.
+    /// A worker reports that an attempt failed. The freed worker is
+    /// matched, then the requeued job, as after a submit.
     pub fn fail(
         &mut self,
         worker: &WorkerId,
@@ -198,9 +202,11 @@ impl Scheduler {
         let jix = self.job_ix(job).expect("checked above");
         let w = self.jobs[jix].on.expect("a current attempt has a worker");
         self.workers[w].running.remove(job);
-        self.place(w);
         let mut effects = self.requeue_or_fail(jix, reason, retryable, true);
-        effects.extend(self.schedule(now));
+        effects.extend(self.schedule_among(&[w], false, true, now));
+        if self.jobs.get(jix).is_some_and(|j| j.on.is_none()) {
+            effects.extend(self.place_job(jix, now));
+        }
         Ok(effects)
     }
 
