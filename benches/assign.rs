@@ -15,8 +15,9 @@
 //!   worker) that half of all jobs ask for;
 //! - `assign/queued/N`: N queued jobs.
 //!
-//! Run (about 3 minutes; the setups dominate):
+//! Run (a few minutes; the setups dominate):
 //! `cargo bench --bench assign -- --warm-up-time 1 --measurement-time 2`
+//! (a filter such as `assign/queued` builds and runs only those worlds).
 
 use std::sync::Arc;
 
@@ -219,30 +220,38 @@ fn sweep(c: &mut Criterion, name: &str, points: &[u64], shape: impl Fn(u64) -> S
     let mut g = c.benchmark_group(format!("assign/{name}"));
     g.sample_size(20);
     for &p in points {
-        let mut w = World::new(shape(p));
+        // Built on first use, so that a filter builds only what it runs.
+        let mut world = None;
         g.bench_with_input(BenchmarkId::from_parameter(p), &p, |b, _| {
+            let w = world.get_or_insert_with(|| World::new(shape(p)));
             b.iter(|| w.step())
         });
-        w.report(&format!("assign/{name}/{p}"));
+        if let Some(w) = world {
+            w.report(&format!("assign/{name}/{p}"));
+        }
     }
     g.finish();
 }
 
 fn bench(c: &mut Criterion) {
-    {
-        let mut w = World::new(BASE);
-        c.bench_function(
-            "complete+assign+submit (10k workers, 5k models, 100k queued)",
-            |b| b.iter(|| w.step()),
-        );
+    let mut world = None;
+    c.bench_function(
+        "complete+assign+submit (10k workers, 5k models, 100k queued)",
+        |b| {
+            let w = world.get_or_insert_with(|| World::new(BASE));
+            b.iter(|| w.step())
+        },
+    );
+    if let Some(w) = &world {
         w.report("complete+assign+submit");
-        c.bench_function("replicate round (10k workers, 5k models)", |b| {
-            b.iter(|| {
-                w.now += 10_000;
-                w.s.replicate(w.now)
-            })
-        });
     }
+    c.bench_function("replicate round (10k workers, 5k models)", |b| {
+        let w = world.get_or_insert_with(|| World::new(BASE));
+        b.iter(|| {
+            w.now += 10_000;
+            w.s.replicate(w.now)
+        })
+    });
     sweep(c, "workers", &[1_000, 3_000, 30_000], |n| Shape {
         workers: n,
         ..BASE
