@@ -119,30 +119,17 @@ impl Scheduler {
         setup + self.service_ms(j.model)
     }
 
-    /// The soonest a live holder of `model` could start the last job of its
-    /// queue: the soonest holder's start plus the rounds of the backlog
-    /// shared among the live holders (`Millis::MAX` when none holds it).
-    fn start_warm_ms(&self, model: Mix, now: Millis) -> Millis {
-        let live = self.models[model as usize].place.live as usize;
-        if live == 0 {
-            return Millis::MAX;
-        }
-        let queued = self.models[model as usize].queue.len().max(1);
-        let rounds = ((queued - 1) / live) as Millis;
-        self.soonest_holder_ms(model, None, now)
-            .saturating_add(rounds * self.service_ms(model))
-    }
-
     /// Estimated milliseconds from `now` until a queued job starts: the
     /// soonest any worker could start it, a holder after the model's
-    /// backlog or another worker after fetching it. O(log n): read from the
-    /// indexes, no worker is visited beyond a few candidates.
+    /// backlog (its whole queue, see `backlog_start_ms`) or another worker
+    /// after fetching it. Read from the indexes: no worker is visited
+    /// beyond a few candidates.
     pub fn estimate_start_ms(&self, job: &JobId, now: Millis) -> Option<Millis> {
         let j = self.job(job)?;
         if j.worker.is_some() {
             return Some(0);
         }
-        let warm = self.start_warm_ms(j.model, now);
+        let warm = self.backlog_start_ms(j.model, None, true, now);
         let cold = self
             .best_fetcher(j.model, false, now)
             .map_or(Millis::MAX, |(t, _)| t);

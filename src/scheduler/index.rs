@@ -333,6 +333,68 @@ impl Scheduler {
         best
     }
 
+    /// The `k`-th soonest start (1: the soonest) of `model` among its live
+    /// holders other than `except` (`Millis::MAX` when fewer hold it): a
+    /// merge of the classes' sets in order, `k` steps. Exact at the index's
+    /// time; for `k > 1` on entries not yet refiled (the read-only
+    /// estimate), an approximation.
+    pub(super) fn kth_holder_ms(
+        &self,
+        model: Mix,
+        except: Option<Wix>,
+        k: usize,
+        now: Millis,
+    ) -> Millis {
+        if k <= 1 {
+            return self.soonest_holder_ms(model, except, now);
+        }
+        let h = &self.models[model as usize].place;
+        let other = move |w: Wix| Some(w) != except;
+        let overdue_wait = self.cfg.cost.default_service_ms / 2;
+        let pending = h
+            .pending
+            .iter()
+            .filter(move |e| other(e.1))
+            .map(move |&(key, w)| {
+                let at = self.workers[w].placed.free_at;
+                if at > now {
+                    key - now
+                } else {
+                    overdue_wait + (key - at)
+                }
+            });
+        let mut classes: [std::iter::Peekable<Box<dyn Iterator<Item = Millis> + '_>>; 4] = [
+            (Box::new(h.free.iter().filter(move |e| other(e.2)).map(|e| e.0))
+                as Box<dyn Iterator<Item = Millis>>)
+                .peekable(),
+            (Box::new(h.idle.iter().filter(move |e| other(e.1)).map(|e| e.0))
+                as Box<dyn Iterator<Item = Millis>>)
+                .peekable(),
+            (Box::new(pending) as Box<dyn Iterator<Item = Millis>>).peekable(),
+            (Box::new(
+                h.overdue
+                    .iter()
+                    .filter(move |e| other(e.1))
+                    .map(move |e| overdue_wait + e.0),
+            ) as Box<dyn Iterator<Item = Millis>>)
+                .peekable(),
+        ];
+        let mut last = Millis::MAX;
+        for _ in 0..k {
+            let next = classes
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, c)| Some((*c.peek()?, i)))
+                .min();
+            let Some((t, i)) = next else {
+                return Millis::MAX;
+            };
+            classes[i].next();
+            last = t;
+        }
+        last
+    }
+
     /// Whether a live holder of `model` other than `except` is free,
     /// fetching it, or running an attempt that is not long overdue.
     pub(super) fn healthy_holder(&self, except: Wix, model: Mix, now: Millis) -> bool {

@@ -385,6 +385,26 @@ fn check(s: &Scheduler, now: Millis) -> Result<(), TestCaseError> {
                 if let Some(w) = except {
                     prop_assert_eq!(s.healthy_holder(w, m, later), brute_healthy(s, w, m, later));
                 }
+                if later == now {
+                    // The k-th soonest, k past the number of holders too.
+                    let mut starts: Vec<Millis> = s
+                        .workers
+                        .iter()
+                        .filter(|(w, e)| Some(*w) != except && !e.draining && e.held().contains(&m))
+                        .map(|(_, e)| s.start_here_ms(e, m, now))
+                        .collect();
+                    starts.sort_unstable();
+                    for k in 1..=starts.len() + 1 {
+                        prop_assert_eq!(
+                            s.kth_holder_ms(m, except, k, now),
+                            starts.get(k - 1).copied().unwrap_or(Millis::MAX),
+                            "holder {} of m{} except {:?}",
+                            k,
+                            m,
+                            except
+                        );
+                    }
+                }
             }
             // Fewer workers than the lookahead: the fetcher is exact.
             for free_only in [true, false] {

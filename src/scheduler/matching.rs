@@ -11,8 +11,8 @@
 //!   the full pass) the oldest queued models it could fetch;
 //! - `schedule`, the periodic full pass, asks every free worker.
 //!
-//! A worker takes a model's job unless another holder would start the
-//! model's backlog sooner (`sooner_elsewhere`: one look at the holder
+//! A worker takes a model's job unless the other holders would start the
+//! model's backlog sooner (`sooner_elsewhere`: a few steps into the holder
 //! index). Decisions iterate ordered sets only, so they are deterministic.
 
 use std::cmp::Reverse;
@@ -28,6 +28,8 @@ use crate::types::{CacheTier, Millis};
 const SUBMIT_LOOKAHEAD: usize = 8;
 /// Of those, how many are asked to take the job.
 const SUBMIT_ASKED: usize = 4;
+/// How many holders deep `backlog_start_ms` looks.
+const BACKLOG_LOOKAHEAD: usize = 32;
 
 /// What one matching pass remembers until its next assignment.
 #[derive(Default)]
@@ -280,10 +282,9 @@ impl Scheduler {
         w.tier(model).is_some() || self.entry(model).is_some_and(|m| w.can_hold(m.bytes))
     }
 
-    /// Whether a live holder of `model` other than `except` could start the
-    /// model's queued backlog sooner than `here` (`strict`: strictly
-    /// sooner; else no later). The backlog is shared among the holders.
-    /// O(log n): one look at the holder index.
+    /// Whether the live holders of `model` other than `except` would start
+    /// the model's queued backlog sooner than `here` (`strict`: strictly
+    /// sooner; else no later), so that `except` should leave it to them.
     pub(super) fn sooner_elsewhere(
         &self,
         except: Option<Wix>,
@@ -295,23 +296,52 @@ impl Scheduler {
         if strict && here == 0 {
             return false;
         }
-        let slot = &self.models[model as usize];
-        let mine = except.is_some_and(|w| slot.holders.contains(&w));
-        let others = slot.holders.len() - usize::from(mine);
-        if others == 0 {
+        let there = self.backlog_start_ms(model, except, strict, now);
+        if there == Millis::MAX {
             return false;
         }
-        let start = self.soonest_holder_ms(model, except, now);
-        if start == Millis::MAX {
-            return false;
-        }
-        let queued = slot.queue.len().max(1);
-        let backlog = ((queued - 1) / others) as Millis * self.service_ms(model);
-        let there = start.saturating_add(backlog);
         if strict {
             there < here
         } else {
             there <= here
         }
+    }
+
+    /// When the last job queued for `model` would start if only its live
+    /// holders other than `except` served the queue (`Millis::MAX` when
+    /// there are none). With Q queued and H holders, each holder takes a
+    /// job as it frees, one per service time: the last job starts at the
+    /// k-th soonest holder start (k = (Q - 1) mod H + 1) plus (Q - 1) / H
+    /// rounds. Not just the soonest holder: it takes one job, and a model
+    /// held by a thousand workers would otherwise always look a moment away
+    /// from being served. Looks at most `BACKLOG_LOOKAHEAD` holders deep.
+    pub(super) fn backlog_start_ms(
+        &self,
+        model: Mix,
+        except: Option<Wix>,
+        spread: bool,
+        now: Millis,
+    ) -> Millis {
+        let slot = &self.models[model as usize];
+        // Counted as the index counts (a worker being matched may not be
+        // refiled yet).
+        let mine = except.is_some_and(|w| {
+            self.workers
+                .get(w)
+                .is_some_and(|e| e.placed.models.iter().any(|x| x.0 == model))
+        });
+        let others = slot.place.live as usize - usize::from(mine);
+        if others == 0 {
+            return Millis::MAX;
+        }
+        let queued = slot.queue.len().max(1);
+        let rounds = ((queued - 1) / others) as Millis;
+        let k = if spread {
+            ((queued - 1) % others + 1).min(BACKLOG_LOOKAHEAD)
+        } else {
+            1
+        };
+        self.kth_holder_ms(model, except, k, now)
+            .saturating_add(rounds * self.service_ms(model))
     }
 }
