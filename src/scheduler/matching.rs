@@ -283,8 +283,10 @@ impl Scheduler {
     }
 
     /// Whether the live holders of `model` other than `except` would start
-    /// the model's queued backlog sooner than `here` (`strict`: strictly
-    /// sooner; else no later), so that `except` should leave it to them.
+    /// the model's queued backlog sooner than `here`, so that `except`
+    /// should leave it to them. `strict` (`except` holds the model):
+    /// strictly sooner, the backlog spread over the holders; else (a fetch)
+    /// no later than the soonest holder's start plus the rounds.
     pub(super) fn sooner_elsewhere(
         &self,
         except: Option<Wix>,
@@ -312,9 +314,13 @@ impl Scheduler {
     /// there are none). With Q queued and H holders, each holder takes a
     /// job as it frees, one per service time: the last job starts at the
     /// k-th soonest holder start (k = (Q - 1) mod H + 1) plus (Q - 1) / H
-    /// rounds. Not just the soonest holder: it takes one job, and a model
-    /// held by a thousand workers would otherwise always look a moment away
-    /// from being served. Looks at most `BACKLOG_LOOKAHEAD` holders deep.
+    /// rounds (`spread`). Not just the soonest holder: it takes one job, and
+    /// a model held by a thousand workers would otherwise always look a
+    /// moment away from being served. Looks at most `BACKLOG_LOOKAHEAD`
+    /// holders deep. Without `spread`, the soonest holder plus the rounds:
+    /// the optimistic view, which a fetch (bytes on the wire) must beat.
+    /// (The simulator's s1 measured both: spread for holders and the
+    /// optimistic view for fetches keeps GB/job and cuts p99.)
     pub(super) fn backlog_start_ms(
         &self,
         model: Mix,
