@@ -1,6 +1,6 @@
 //! Index upkeep: every worker filed by how soon it could start work, per
 //! model it holds and for models it would have to fetch, so that matching
-//! and estimates find the soonest holder or the best fetcher in O(log n)
+//! and estimates find the soonest holders or the best fetcher in O(log n)
 //! instead of scanning and sorting the fleet.
 //!
 //! A worker is in one readiness class:
@@ -9,26 +9,28 @@
 //! - `Idle`: not draining, no free slot and nothing running (its slots are
 //!   held by attempts being stopped, or it has none): it counts as starting
 //!   now in estimates, but takes nothing;
-//! - `Pending`: busy, its soonest attempt expected to end at `free_at_ms`,
-//!   still in the future;
-//! - `Overdue`: busy past that time: expected to need half a default
+//! - `Busy`: its soonest attempt is expected to end at `free_at_ms`; once
+//!   that time has passed it is overdue and expected to need half a default
 //!   service time more, whatever the clock says (a slow worker never looks
 //!   free);
 //! - `Draining`: in no placement set.
 //!
-//! Time turns `Pending` into `Overdue`: `advance(now)` refiles the workers
-//! whose time passed, in the order of a timeline, each once. Every
-//! mutating operation advances first, so queries see an index true at
-//! `now`; the read-only estimate also copes with entries not yet refiled.
-//! The index's time never goes back: with a clock that steps back, a worker
-//! already overdue stays overdue.
+//! A start of a model on a holder costs its wait plus fetching and loading.
+//! That cost is the same for every holder with the model in VRAM (0) and
+//! for every holder with it on disk (a load), so [`HolderIndex`] files the
+//! live holders of a model by cost class (VRAM, disk, fetching) and, within
+//! a class, by readiness; busy ones by `free_at_ms`. Time needs no upkeep:
+//! at any `now`, a class's busy holders split at `now` into the overdue
+//! (all one wait) and the pending (in order of their wait), two ordered
+//! runs. Only holders still fetching have a cost of their own (the
+//! download left); they are few per model (the concurrent downloads of one
+//! model) and are compared one by one. [`WorkerSets`] files the fleet
+//! likewise for fetching a model it does not hold.
 //!
-//! For each model, [`HolderIndex`] files the live (not draining) workers
-//! holding or fetching it, by class, keyed by the cost of a start there
-//! (fetch and load: 0 in VRAM, a load on disk, the download left and a
-//! load while fetching). [`WorkerSets`] files the same workers for
-//! fetching a model they do not hold, keyed by the time their download
-//! channel frees.
+//! Whether a holder is healthy (busy but not long overdue, see
+//! `healthy_holder`) does change with time: each busy worker is on a
+//! timeline until it stops being healthy, and `advance(now)` (run by every
+//! mutating operation) refiles those whose time passed, each once.
 //!
 //! Each worker keeps the [`Placed`] snapshot its entries were built from.
 //! `place(w)` recomputes it and, when it changed, takes the old entries out
@@ -41,6 +43,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BTreeSet;
+use std::iter::Peekable;
 
 use super::ids::{Mix, Wix};
 use super::Scheduler;
@@ -53,8 +56,18 @@ pub(super) enum Readiness {
     Draining,
     Free,
     Idle,
-    Pending,
-    Overdue,
+    Busy,
+}
+
+/// What a start of a model costs on a holder, besides the wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Cost {
+    /// In VRAM: nothing.
+    Vram,
+    /// On disk: a load (the same on every holder).
+    Disk,
+    /// Fetching: the download left and a load, in milliseconds.
+    Fetch(Millis),
 }
 
 /// What a worker's index entries were built from.
@@ -63,38 +76,46 @@ pub(super) struct Placed {
     pub(super) class: Readiness,
     pub(super) free_at: Millis,
     pub(super) healthy_until: Millis,
+    /// Busy and not long overdue at the index's time.
+    pub(super) healthy: bool,
     /// `speed.to_bits()`: orders like the speed (positive floats).
     pub(super) speed_bits: u64,
     /// Time to finish the downloads in progress.
     pub(super) fetch_ms: Millis,
     /// Download rate as reported (0: unknown).
     pub(super) bps: u64,
-    /// Per model held or fetched: the model, the cost of a start here
-    /// (fetch and load), whether it is downloading. Empty when draining.
-    pub(super) models: Vec<(Mix, Millis, bool)>,
+    /// Per model held or fetched: the model, the cost class of a start
+    /// here, whether it is downloading. Empty when draining.
+    pub(super) models: Vec<(Mix, Cost, bool)>,
 }
 
-/// One model's live holders, filed by class.
+/// One cost class of a model's live holders, by readiness.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Class {
+    /// Free holders by speed (fastest first).
+    pub(super) free: BTreeSet<(u64, Wix)>,
+    pub(super) idle: BTreeSet<Wix>,
+    /// Busy holders by `free_at`.
+    pub(super) busy: BTreeSet<(Millis, Wix)>,
+}
+
+/// One model's live holders.
 #[derive(Clone, Debug, Default)]
 pub(super) struct HolderIndex {
-    /// Free holders by (start cost, speed): the first starts soonest and,
-    /// among equals, runs fastest.
-    pub(super) free: BTreeSet<(Millis, u64, Wix)>,
-    /// Idle holders by start cost.
-    pub(super) idle: BTreeSet<(Millis, Wix)>,
-    /// Pending holders by `free_at + start cost`.
-    pub(super) pending: BTreeSet<(Millis, Wix)>,
-    /// Overdue holders by start cost.
-    pub(super) overdue: BTreeSet<(Millis, Wix)>,
-    /// Busy (pending or overdue) holders by `healthy_until`.
-    pub(super) healthy: BTreeSet<(Millis, Wix)>,
-    /// Holders downloading the model.
-    pub(super) fetching: BTreeSet<Wix>,
-    /// Live holders.
+    pub(super) vram: Class,
+    pub(super) disk: Class,
+    /// Holders only fetching the model, by their own start cost.
+    pub(super) fetch_free: BTreeSet<(Millis, u64, Wix)>,
+    pub(super) fetch_idle: BTreeSet<(Millis, Wix)>,
+    /// By `free_at`, with the cost.
+    pub(super) fetch_busy: BTreeSet<(Millis, Millis, Wix)>,
+    /// Live holders; of them, downloading the model; busy and healthy.
     pub(super) live: u32,
+    pub(super) downloading: u32,
+    pub(super) healthy: u32,
 }
 
-/// The fleet filed by class, for fetching a model (and for matching).
+/// The fleet filed by readiness, for fetching a model (and for matching).
 #[derive(Clone, Debug, Default)]
 pub(super) struct WorkerSets {
     /// Free workers: the full matching pass walks these.
@@ -104,11 +125,11 @@ pub(super) struct WorkerSets {
     /// Free and idle workers by (`fetch_ms`, fastest download first).
     pub(super) fetch_free: BTreeSet<(Millis, Reverse<u64>, Wix)>,
     pub(super) fetch_idle: BTreeSet<(Millis, Reverse<u64>, Wix)>,
-    /// Pending workers by `free_at + fetch_ms`; overdue by `fetch_ms`.
-    pub(super) fetch_pending: BTreeSet<(Millis, Wix)>,
-    pub(super) fetch_overdue: BTreeSet<(Millis, Wix)>,
-    /// Pending workers by `free_at`: they turn overdue in this order.
-    pub(super) timeline: BTreeSet<(Millis, Wix)>,
+    /// Busy workers by `free_at`.
+    pub(super) busy: BTreeSet<(Millis, Wix)>,
+    /// Busy healthy workers by `healthy_until`: they stop being healthy in
+    /// this order.
+    pub(super) sickening: BTreeSet<(Millis, Wix)>,
     /// The index's time: the latest `now` it was advanced to.
     pub(super) clock: Millis,
 }
@@ -121,6 +142,23 @@ fn toggle<K: Ord + std::fmt::Debug>(set: &mut BTreeSet<K>, key: K, insert: bool)
         set.remove(&key)
     };
     debug_assert!(changed, "index out of step with a worker's snapshot");
+}
+
+fn count(n: &mut u32, yes: bool, insert: bool) {
+    if yes {
+        if insert {
+            *n += 1;
+        } else {
+            *n -= 1;
+        }
+    }
+}
+
+/// A sorted run of start times, boxed so that runs of different kinds merge.
+type Run<'a> = Peekable<Box<dyn Iterator<Item = Millis> + 'a>>;
+
+fn run<'a>(it: impl Iterator<Item = Millis> + 'a) -> Run<'a> {
+    (Box::new(it) as Box<dyn Iterator<Item = Millis> + 'a>).peekable()
 }
 
 impl Scheduler {
@@ -177,23 +215,31 @@ impl Scheduler {
             Readiness::Free
         } else if w.running.is_empty() {
             Readiness::Idle
-        } else if free_at > self.sets.clock {
-            Readiness::Pending
         } else {
-            Readiness::Overdue
+            Readiness::Busy
         };
         let models = if class == Readiness::Draining {
             Vec::new()
         } else {
             w.held()
                 .into_iter()
-                .map(|m| (m, self.start_cost_ms(w, m), w.downloading.contains_key(&m)))
+                .map(|m| {
+                    let cost = if w.vram.contains(&m) {
+                        Cost::Vram
+                    } else if w.disk.contains_key(&m) {
+                        Cost::Disk
+                    } else {
+                        Cost::Fetch(self.start_cost_ms(w, m))
+                    };
+                    (m, cost, w.downloading.contains_key(&m))
+                })
                 .collect()
         };
         Placed {
             class,
             free_at,
             healthy_until,
+            healthy: class == Readiness::Busy && healthy_until >= self.sets.clock,
             speed_bits: w.speed.to_bits(),
             fetch_ms: self
                 .cfg
@@ -216,39 +262,38 @@ impl Scheduler {
                 toggle(&mut s.fetch_free, (p.fetch_ms, fast, wix), insert);
             }
             Readiness::Idle => toggle(&mut s.fetch_idle, (p.fetch_ms, fast, wix), insert),
-            Readiness::Pending => {
-                toggle(&mut s.timeline, (p.free_at, wix), insert);
-                let key = p.free_at.saturating_add(p.fetch_ms);
-                toggle(&mut s.fetch_pending, (key, wix), insert);
+            Readiness::Busy => {
+                toggle(&mut s.busy, (p.free_at, wix), insert);
+                if p.healthy {
+                    toggle(&mut s.sickening, (p.healthy_until, wix), insert);
+                }
             }
-            Readiness::Overdue => toggle(&mut s.fetch_overdue, (p.fetch_ms, wix), insert),
         }
-        for &(m, cost, fetching) in &p.models {
+        for &(m, cost, downloading) in &p.models {
             let h = &mut self.models[m as usize].place;
-            if insert {
-                h.live += 1;
-            } else {
-                h.live -= 1;
-            }
+            count(&mut h.live, true, insert);
+            count(&mut h.downloading, downloading, insert);
+            count(&mut h.healthy, p.healthy, insert);
+            let class = match cost {
+                Cost::Vram => &mut h.vram,
+                Cost::Disk => &mut h.disk,
+                Cost::Fetch(c) => {
+                    match p.class {
+                        Readiness::Draining => {}
+                        Readiness::Free => {
+                            toggle(&mut h.fetch_free, (c, p.speed_bits, wix), insert)
+                        }
+                        Readiness::Idle => toggle(&mut h.fetch_idle, (c, wix), insert),
+                        Readiness::Busy => toggle(&mut h.fetch_busy, (p.free_at, c, wix), insert),
+                    }
+                    continue;
+                }
+            };
             match p.class {
                 Readiness::Draining => {}
-                Readiness::Free => toggle(&mut h.free, (cost, p.speed_bits, wix), insert),
-                Readiness::Idle => toggle(&mut h.idle, (cost, wix), insert),
-                Readiness::Pending => {
-                    toggle(
-                        &mut h.pending,
-                        (p.free_at.saturating_add(cost), wix),
-                        insert,
-                    );
-                    toggle(&mut h.healthy, (p.healthy_until, wix), insert);
-                }
-                Readiness::Overdue => {
-                    toggle(&mut h.overdue, (cost, wix), insert);
-                    toggle(&mut h.healthy, (p.healthy_until, wix), insert);
-                }
-            }
-            if fetching {
-                toggle(&mut h.fetching, wix, insert);
+                Readiness::Free => toggle(&mut class.free, (p.speed_bits, wix), insert),
+                Readiness::Idle => toggle(&mut class.idle, wix, insert),
+                Readiness::Busy => toggle(&mut class.busy, (p.free_at, wix), insert),
             }
         }
     }
@@ -262,82 +307,96 @@ impl Scheduler {
             let disk = w.disk.contains_key(&m);
             let fetching = w.downloading.contains_key(&m);
             let s = &mut self.models[m as usize];
-            let step = |n: &mut u32, yes: bool| {
-                if yes {
-                    if insert {
-                        *n += 1;
-                    } else {
-                        *n -= 1;
-                    }
-                }
-            };
-            step(&mut s.in_vram, vram);
-            step(&mut s.on_disk, disk);
-            step(&mut s.tiered, vram || disk);
-            step(&mut s.fetching, fetching);
+            count(&mut s.in_vram, vram, insert);
+            count(&mut s.on_disk, disk, insert);
+            count(&mut s.tiered, vram || disk, insert);
+            count(&mut s.fetching, fetching, insert);
             toggle(&mut s.holders, wix, insert);
         }
     }
 
-    /// Moves the index's time to `now`: workers whose expected end passed
-    /// become overdue. Each refile is paid once per expected end.
+    /// Moves the index's time to `now`: busy workers whose attempts became
+    /// long overdue stop counting as healthy, each refiled once.
     pub(super) fn advance(&mut self, now: Millis) {
         if now <= self.sets.clock {
             return;
         }
         self.sets.clock = now;
-        while let Some(&(at, w)) = self.sets.timeline.first() {
-            if at > now {
+        while let Some(&(until, w)) = self.sets.sickening.first() {
+            if until >= now {
                 break;
             }
-            // Refiled as overdue, or later on the timeline if its expected
-            // end moved: either way it leaves this spot.
             self.place(w);
-            debug_assert!(!self.sets.timeline.contains(&(at, w)));
+            debug_assert!(!self.sets.sickening.contains(&(until, w)));
         }
     }
 
     // ---- queries -----------------------------------------------------------
 
-    /// The soonest a live holder of `model` other than `except` could start
-    /// it (`Millis::MAX` when none): the minimum of each class's first
-    /// entry. Pending entries whose time passed since the last `advance`
-    /// (only the read-only estimate sees them) count as overdue.
-    pub(super) fn soonest_holder_ms(&self, model: Mix, except: Option<Wix>, now: Millis) -> Millis {
+    /// The wait of an overdue worker.
+    fn overdue_ms(&self) -> Millis {
+        self.cfg.cost.default_service_ms / 2
+    }
+
+    /// The starts of `model` on its live holders other than `except`, at
+    /// `now`, as sorted runs to merge: per cost class the free and idle
+    /// holders (no wait), the overdue and the pending ones; then those
+    /// still fetching, sorted here (few: one model's downloads).
+    fn holder_runs(&self, model: Mix, except: Option<Wix>, now: Millis) -> Vec<Run<'_>> {
         let h = &self.models[model as usize].place;
-        let other = |w: Wix| Some(w) != except;
-        let overdue_wait = self.cfg.cost.default_service_ms / 2;
-        let mut best = Millis::MAX;
-        if let Some(&(cost, _, _)) = h.free.iter().find(|e| other(e.2)) {
-            best = best.min(cost);
-        }
-        if let Some(&(cost, _)) = h.idle.iter().find(|e| other(e.1)) {
-            best = best.min(cost);
-        }
-        for &(key, w) in &h.pending {
-            if !other(w) {
+        let other = move |w: Wix| Some(w) != except;
+        let overdue = self.overdue_ms();
+        let load = self.cfg.cost.load_ms(self.model_bytes(model));
+        let mut runs = Vec::with_capacity(9);
+        for (class, cost) in [(&h.vram, 0), (&h.disk, load)] {
+            if !class.free.is_empty() || !class.idle.is_empty() {
+                let ready = class
+                    .free
+                    .iter()
+                    .map(|e| e.1)
+                    .chain(class.idle.iter().copied());
+                runs.push(run(ready.filter(move |&w| other(w)).map(move |_| cost)));
+            }
+            if class.busy.is_empty() {
                 continue;
             }
-            let at = self.workers[w].placed.free_at;
-            let cost = key - at;
-            if at > now {
-                // Later entries start later still (see `index_tests.rs`).
-                best = best.min(key - now);
-                break;
-            }
-            best = best.min(overdue_wait + cost);
+            // Busy: up to `now` overdue (one wait), then pending in order.
+            let split = (now.saturating_add(1), 0);
+            runs.push(run(class
+                .busy
+                .range(..split)
+                .filter(move |e| other(e.1))
+                .map(move |_| overdue + cost)));
+            runs.push(run(class
+                .busy
+                .range(split..)
+                .filter(move |e| other(e.1))
+                .map(move |e| e.0 - now + cost)));
         }
-        if let Some(&(cost, _)) = h.overdue.iter().find(|e| other(e.1)) {
-            best = best.min(overdue_wait + cost);
+        let mut fetching: Vec<Millis> = h
+            .fetch_free
+            .iter()
+            .map(|e| (e.2, e.0))
+            .chain(h.fetch_idle.iter().map(|e| (e.1, e.0)))
+            .filter(|e| other(e.0))
+            .map(|e| e.1)
+            .chain(
+                h.fetch_busy
+                    .iter()
+                    .filter(|e| other(e.2))
+                    .map(|&(at, c, _)| if at > now { at - now + c } else { overdue + c }),
+            )
+            .collect();
+        if !fetching.is_empty() {
+            fetching.sort_unstable();
+            runs.push(run(fetching.into_iter()));
         }
-        best
+        runs
     }
 
     /// The `k`-th soonest start (1: the soonest) of `model` among its live
     /// holders other than `except` (`Millis::MAX` when fewer hold it): a
-    /// merge of the classes' sets in order, `k` steps. Exact at the index's
-    /// time; for `k > 1` on entries not yet refiled (the read-only
-    /// estimate), an approximation.
+    /// merge of the sorted runs, `k` steps.
     pub(super) fn kth_holder_ms(
         &self,
         model: Mix,
@@ -345,75 +404,61 @@ impl Scheduler {
         k: usize,
         now: Millis,
     ) -> Millis {
-        if k <= 1 {
-            return self.soonest_holder_ms(model, except, now);
-        }
-        let h = &self.models[model as usize].place;
-        let other = move |w: Wix| Some(w) != except;
-        let overdue_wait = self.cfg.cost.default_service_ms / 2;
-        let pending = h
-            .pending
-            .iter()
-            .filter(move |e| other(e.1))
-            .map(move |&(key, w)| {
-                let at = self.workers[w].placed.free_at;
-                if at > now {
-                    key - now
-                } else {
-                    overdue_wait + (key - at)
-                }
-            });
-        let mut classes: [std::iter::Peekable<Box<dyn Iterator<Item = Millis> + '_>>; 4] = [
-            (Box::new(h.free.iter().filter(move |e| other(e.2)).map(|e| e.0))
-                as Box<dyn Iterator<Item = Millis>>)
-                .peekable(),
-            (Box::new(h.idle.iter().filter(move |e| other(e.1)).map(|e| e.0))
-                as Box<dyn Iterator<Item = Millis>>)
-                .peekable(),
-            (Box::new(pending) as Box<dyn Iterator<Item = Millis>>).peekable(),
-            (Box::new(
-                h.overdue
-                    .iter()
-                    .filter(move |e| other(e.1))
-                    .map(move |e| overdue_wait + e.0),
-            ) as Box<dyn Iterator<Item = Millis>>)
-                .peekable(),
-        ];
+        let mut runs = self.holder_runs(model, except, now);
         let mut last = Millis::MAX;
         for _ in 0..k {
-            let next = classes
+            let next = runs
                 .iter_mut()
                 .enumerate()
-                .filter_map(|(i, c)| Some((*c.peek()?, i)))
+                .filter_map(|(i, r)| Some((*r.peek()?, i)))
                 .min();
             let Some((t, i)) = next else {
                 return Millis::MAX;
             };
-            classes[i].next();
+            runs[i].next();
             last = t;
         }
         last
     }
 
-    /// Whether a live holder of `model` other than `except` is free,
-    /// fetching it, or running an attempt that is not long overdue.
-    pub(super) fn healthy_holder(&self, except: Wix, model: Mix, now: Millis) -> bool {
+    /// The free holders of `model`, soonest start first (VRAM, disk, then
+    /// fetching: each costs at least the one before), fastest first among
+    /// equal starts.
+    pub(super) fn free_holders(&self, model: Mix) -> impl Iterator<Item = Wix> + '_ {
         let h = &self.models[model as usize].place;
-        h.free.iter().take(2).any(|e| e.2 != except)
-            || h.fetching.iter().take(2).any(|&w| w != except)
-            || h.healthy
-                .iter()
-                .rev()
-                .take(2)
-                .any(|&(until, w)| w != except && until >= now)
+        h.vram
+            .free
+            .iter()
+            .map(|e| e.1)
+            .chain(h.disk.free.iter().map(|e| e.1))
+            .chain(h.fetch_free.iter().map(|e| e.2))
+    }
+
+    /// Whether a live holder of `model` other than `except` is free,
+    /// fetching it, or running an attempt that is not long overdue. O(1):
+    /// counters, less `except`'s own part as its snapshot says.
+    pub(super) fn healthy_holder(&self, except: Wix, model: Mix) -> bool {
+        let h = &self.models[model as usize].place;
+        let free = h.vram.free.len() + h.disk.free.len() + h.fetch_free.len();
+        let (mut my_free, mut my_downloading, mut my_healthy) = (0, 0, 0);
+        if let Some(w) = self.workers.get(except) {
+            let p = &w.placed;
+            if let Some(&(_, _, downloading)) = p.models.iter().find(|e| e.0 == model) {
+                my_free = usize::from(p.class == Readiness::Free);
+                my_downloading = u32::from(downloading);
+                my_healthy = u32::from(p.healthy);
+            }
+        }
+        free > my_free || h.downloading > my_downloading || h.healthy > my_healthy
     }
 
     /// The worker that could start `model` soonest by fetching it, with
     /// that start: among free workers only (`free_only`), or among all
     /// live ones. Looks at the first `FETCH_LOOKAHEAD` capable workers of
     /// each class in the order of its set, which is the exact order when
-    /// download rates are equal; with unequal rates a worker whose channel
-    /// frees later but downloads faster can be missed.
+    /// download rates are equal and no other download is under way; else
+    /// a worker whose channel frees later but downloads faster can be
+    /// missed.
     pub(super) fn best_fetcher(
         &self,
         model: Mix,
@@ -425,12 +470,13 @@ impl Scheduler {
             e.tier(model).is_none() && self.can_run(e, model)
         };
         let s = &self.sets;
+        let split = (now.saturating_add(1), 0);
         let mut classes: Vec<Box<dyn Iterator<Item = Wix> + '_>> =
             vec![Box::new(s.fetch_free.iter().map(|e| e.2))];
         if !free_only {
             classes.push(Box::new(s.fetch_idle.iter().map(|e| e.2)));
-            classes.push(Box::new(s.fetch_pending.iter().map(|e| e.1)));
-            classes.push(Box::new(s.fetch_overdue.iter().map(|e| e.1)));
+            classes.push(Box::new(s.busy.range(..split).map(|e| e.1)));
+            classes.push(Box::new(s.busy.range(split..).map(|e| e.1)));
         }
         classes
             .into_iter()

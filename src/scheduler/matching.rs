@@ -58,12 +58,10 @@ impl Scheduler {
     /// worker holds it, the free worker that could fetch it soonest.
     pub(super) fn place_job(&mut self, jix: Jix, now: Millis) -> Vec<Effect> {
         let model = self.jobs[jix].model;
-        let mut held: Vec<(Millis, Wix)> = self.models[model as usize]
-            .place
-            .free
-            .iter()
+        let mut held: Vec<(Millis, Wix)> = self
+            .free_holders(model)
             .take(SUBMIT_LOOKAHEAD)
-            .map(|&(_, _, w)| {
+            .map(|w| {
                 let e = &self.workers[w];
                 (
                     self.start_here_ms(e, model, now) + self.generate_ms(e, model),
@@ -185,7 +183,7 @@ impl Scheduler {
             let model = job.model;
             if now.saturating_sub(job.submitted_ms) > self.cfg.starvation_ms
                 && self.can_run(w, model)
-                && (w.tier(model).is_some() || !self.healthy_holder(worker, model, now))
+                && (w.tier(model).is_some() || !self.healthy_holder(worker, model))
             {
                 let tier = w.tier(model).unwrap_or(CacheTier::Download);
                 return Some((oldest, tier));
