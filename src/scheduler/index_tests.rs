@@ -347,6 +347,11 @@ fn check(s: &Scheduler, now: Millis) -> Result<(), TestCaseError> {
     prop_assert_eq!(&heads, &s.heads);
     for (m, slot) in s.models.iter().enumerate() {
         prop_assert_eq!(slot.running, running.get(&(m as Mix)).copied().unwrap_or(0));
+        let head = slot
+            .queue
+            .first()
+            .map(|&(_, j)| (j, s.jobs[j].seq, s.jobs[j].submitted_ms));
+        prop_assert_eq!(slot.head.map(|h| (h.job, h.seq, h.submitted_ms)), head);
     }
     // Expiry and cache sizes.
     let deadlines: BTreeSet<(Millis, Wix)> =

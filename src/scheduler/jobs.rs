@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::ids::{Jix, Wix};
+use super::ids::{Jix, Mix, Wix};
 use super::state::JobEntry;
 use super::{Effect, Scheduler};
 use crate::error::{Error, Result};
@@ -34,7 +34,7 @@ impl Scheduler {
             m.demand.record(now, &self.cfg);
         }
         let jix = self
-            .insert_job(id, spec, now, 0, 0)
+            .insert_job(id, spec, model, now, 0, 0)
             .expect("checked above that the job is new");
         Ok(self.place_job(jix, now))
     }
@@ -50,13 +50,15 @@ impl Scheduler {
         attempt: u32,
         failures: u32,
     ) {
-        self.insert_job(id, spec, submitted_ms, attempt, failures);
+        let model = self.intern_model(&spec.model_id);
+        self.insert_job(id, spec, model, submitted_ms, attempt, failures);
     }
 
     fn insert_job(
         &mut self,
         id: JobId,
         spec: Arc<JobSpec>,
+        model: Mix,
         submitted_ms: Millis,
         attempt: u32,
         failures: u32,
@@ -64,7 +66,6 @@ impl Scheduler {
         if self.job_ids.contains_key(&id) {
             return None;
         }
-        let model = self.intern_model(&spec.model_id);
         let seq = self.next_seq;
         self.next_seq += 1;
         let jix = self.jobs.insert(JobEntry {
@@ -128,12 +129,28 @@ impl Scheduler {
 
     /// Checks that `worker` runs `attempt` of `job` now.
     pub fn check_current(&self, worker: &WorkerId, job: &JobId, attempt: u32) -> Result<()> {
-        match self.job(job) {
-            Some(j) if j.worker.as_ref() == Some(worker) && j.attempt == attempt => Ok(()),
-            Some(_) => Err(Error::FailedPrecondition(format!(
+        self.current(self.worker_ix(worker), worker, job, attempt)
+            .map(|_| ())
+    }
+
+    /// `check_current` with the worker's id looked up: the ids of the
+    /// worker and the job.
+    fn current(
+        &self,
+        wix: Option<Wix>,
+        worker: &WorkerId,
+        job: &JobId,
+        attempt: u32,
+    ) -> Result<(Wix, Jix)> {
+        let jix = self
+            .job_ix(job)
+            .ok_or_else(|| Error::UnknownJob(job.clone()))?;
+        let j = &self.jobs[jix];
+        match (wix, j.on) {
+            (Some(w), Some(on)) if w == on && j.attempt == attempt => Ok((w, jix)),
+            _ => Err(Error::FailedPrecondition(format!(
                 "attempt {attempt} of job {job} is not current on worker {worker}"
             ))),
-            None => Err(Error::UnknownJob(job.clone())),
         }
     }
 
@@ -147,10 +164,8 @@ impl Scheduler {
         now: Millis,
     ) -> Result<Vec<Effect>> {
         self.advance(now);
-        self.release_stopping(worker, job);
-        self.check_current(worker, job, attempt)?;
-        let jix = self.job_ix(job).expect("checked above");
-        let w = self.jobs[jix].on.expect("a current attempt has a worker");
+        let wix = self.release_stopping(worker, job);
+        let (w, jix) = self.current(wix, worker, job, attempt)?;
         let entry = self.remove_job(jix);
         self.workers[w].running.remove(job);
         self.learn_service_time(w, &entry, now);
@@ -197,10 +212,8 @@ impl Scheduler {
         now: Millis,
     ) -> Result<Vec<Effect>> {
         self.advance(now);
-        self.release_stopping(worker, job);
-        self.check_current(worker, job, attempt)?;
-        let jix = self.job_ix(job).expect("checked above");
-        let w = self.jobs[jix].on.expect("a current attempt has a worker");
+        let wix = self.release_stopping(worker, job);
+        let (w, jix) = self.current(wix, worker, job, attempt)?;
         self.workers[w].running.remove(job);
         let mut effects = self.requeue_or_fail(jix, reason, retryable, true);
         effects.extend(self.schedule_among(&[w], false, true, now));
@@ -211,12 +224,13 @@ impl Scheduler {
     }
 
     /// A cancelled attempt's end (result or failure) frees its slot.
-    fn release_stopping(&mut self, worker: &WorkerId, job: &JobId) {
-        if let Some(w) = self.worker_ix(worker) {
-            if self.workers[w].stopping.remove(job) {
-                self.place(w);
-            }
+    /// Returns the worker's id.
+    fn release_stopping(&mut self, worker: &WorkerId, job: &JobId) -> Option<Wix> {
+        let w = self.worker_ix(worker)?;
+        if self.workers[w].stopping.remove(job) {
+            self.place(w);
         }
+        Some(w)
     }
 
     /// Puts a job whose attempt ended back in the queue, or ends it failed.

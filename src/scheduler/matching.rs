@@ -18,7 +18,7 @@
 use std::cmp::Reverse;
 
 use super::ids::{Jix, Mix, Wix};
-use super::state::JobEntry;
+use super::state::Head;
 use super::{Effect, Scheduler};
 use crate::types::{CacheTier, Millis};
 
@@ -195,16 +195,16 @@ impl Scheduler {
         // the model in VRAM. The best whose model no other worker would
         // start sooner wins; the check runs best-first.
         type Key = (i64, Reverse<i32>, u64);
-        let key = |est: Millis, job: &JobEntry| -> Key {
-            let age = now.saturating_sub(job.submitted_ms) as i64;
-            (est as i64 - age, Reverse(job.spec.priority), job.seq)
+        let key = |est: Millis, head: Head| -> Key {
+            let age = now.saturating_sub(head.submitted_ms) as i64;
+            (est as i64 - age, Reverse(head.priority), head.seq)
         };
         let mut cands: Vec<(Key, Mix, Millis, CacheTier, bool)> = Vec::new();
         // Models this worker holds: taken unless another worker would start
         // the model's backlog strictly sooner.
         for model in self.held_queued(worker) {
             let here = self.start_here_ms(w, model, now);
-            let head = &self.jobs[self.head(model).expect("queued")];
+            let head = self.head(model).expect("queued");
             let tier = w.tier(model).expect("held");
             cands.push((key(here, head), model, here, tier, true));
         }
@@ -219,7 +219,7 @@ impl Scheduler {
                     continue;
                 }
                 let here = self.start_here_ms(w, model, now);
-                let head = &self.jobs[self.head(model).expect("queued")];
+                let head = self.head(model).expect("queued");
                 cands.push((key(here, head), model, here, CacheTier::Download, false));
             }
         }
@@ -229,7 +229,7 @@ impl Scheduler {
             .find(|&(_, model, here, _, held)| {
                 !self.sooner_elsewhere(Some(worker), model, here, held, now)
             })
-            .map(|(_, model, _, tier, _)| (self.head(model).expect("queued"), tier))
+            .map(|(_, model, _, tier, _)| (self.head(model).expect("queued").job, tier))
     }
 
     /// The first `cold_scan_models` queued models by head age, less those
@@ -255,7 +255,7 @@ impl Scheduler {
     fn held_queued(&self, worker: Wix) -> Vec<Mix> {
         let w = &self.workers[worker];
         if w.vram.len() + w.disk.len() <= self.heads.len() {
-            let q = |m: &Mix| !self.models[*m as usize].queue.is_empty();
+            let q = |m: &Mix| self.models[*m as usize].head.is_some();
             w.vram
                 .iter()
                 .copied()

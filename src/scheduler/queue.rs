@@ -3,6 +3,7 @@
 //! change is O(log n); nothing here decides.
 
 use super::ids::{Jix, Mix};
+use super::state::Head;
 use super::Scheduler;
 
 impl Scheduler {
@@ -10,11 +11,8 @@ impl Scheduler {
     pub(super) fn enqueue(&mut self, jix: Jix) {
         let j = &self.jobs[jix];
         let (m, key, seq) = (j.model, j.key(), j.seq);
-        let q = &mut self.models[m as usize].queue;
-        let old = q.first().map(|(k, _)| k.1);
-        q.insert((key, jix));
-        let new = q.first().map(|(k, _)| k.1);
-        self.move_head(m, old, new);
+        self.models[m as usize].queue.insert((key, jix));
+        self.move_head(m);
         self.by_age.insert((seq, jix));
     }
 
@@ -22,28 +20,39 @@ impl Scheduler {
     pub(super) fn dequeue(&mut self, jix: Jix) {
         let j = &self.jobs[jix];
         let (m, key, seq) = (j.model, j.key(), j.seq);
-        let q = &mut self.models[m as usize].queue;
-        let old = q.first().map(|(k, _)| k.1);
-        q.remove(&(key, jix));
-        let new = q.first().map(|(k, _)| k.1);
-        self.move_head(m, old, new);
+        self.models[m as usize].queue.remove(&(key, jix));
+        self.move_head(m);
         self.by_age.remove(&(seq, jix));
     }
 
-    fn move_head(&mut self, model: Mix, old: Option<u64>, new: Option<u64>) {
-        if old == new {
+    /// Keeps the model's cached head and the heads index in step with its
+    /// queue.
+    fn move_head(&mut self, model: Mix) {
+        let slot = &self.models[model as usize];
+        let old = slot.head;
+        let new = slot.queue.first().map(|&(_, jix)| {
+            let j = &self.jobs[jix];
+            Head {
+                job: jix,
+                seq: j.seq,
+                priority: j.spec.priority,
+                submitted_ms: j.submitted_ms,
+            }
+        });
+        if old.map(|h| h.job) == new.map(|h| h.job) {
             return;
         }
+        self.models[model as usize].head = new;
         if let Some(o) = old {
-            self.heads.remove(&(o, model));
+            self.heads.remove(&(o.seq, model));
         }
         if let Some(n) = new {
-            self.heads.insert((n, model));
+            self.heads.insert((n.seq, model));
         }
     }
 
     /// The head (next job) of a model's queue.
-    pub(super) fn head(&self, model: Mix) -> Option<Jix> {
-        self.models[model as usize].queue.first().map(|e| e.1)
+    pub(super) fn head(&self, model: Mix) -> Option<Head> {
+        self.models[model as usize].head
     }
 }

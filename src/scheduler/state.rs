@@ -167,6 +167,17 @@ pub(super) struct ModelEntry {
     pub(super) demand: super::replicate::Demand,
 }
 
+/// A model's next job, cached with what matching reads of it (one memory
+/// access per candidate model instead of a walk down the queue and a job
+/// lookup).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Head {
+    pub(super) job: Jix,
+    pub(super) seq: u64,
+    pub(super) priority: i32,
+    pub(super) submitted_ms: Millis,
+}
+
 /// Everything kept per model id, in the catalogue or not (a worker may
 /// report a model the catalogue does not list). Named by `model_ids`.
 #[derive(Clone, Debug)]
@@ -175,6 +186,8 @@ pub(super) struct ModelSlot {
     pub(super) entry: Option<ModelEntry>,
     /// Queued jobs, in queue order.
     pub(super) queue: BTreeSet<(QueueKey, Jix)>,
+    /// The first of `queue`.
+    pub(super) head: Option<Head>,
     /// Jobs running now.
     pub(super) running: u32,
     /// Workers holding it in VRAM or on disk, or fetching it (draining ones
@@ -194,6 +207,7 @@ impl ModelSlot {
         Self {
             entry: None,
             queue: BTreeSet::new(),
+            head: None,
             running: 0,
             holders: BTreeSet::new(),
             in_vram: 0,

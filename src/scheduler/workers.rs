@@ -138,8 +138,12 @@ impl Scheduler {
         }
         let mut effects = Vec::new();
         for (job, attempt) in w.running {
-            if self.check_current(worker, &job, attempt).is_ok() {
-                let jix = self.job_ix(&job).expect("checked");
+            // Attempts still current here (the worker's id is gone from the
+            // name index, its jobs still point at it).
+            let current = self
+                .job_ix(&job)
+                .filter(|&j| self.jobs[j].on == Some(wix) && self.jobs[j].attempt == attempt);
+            if let Some(jix) = current {
                 let why = format!("worker {worker} {reason}");
                 effects.extend(self.requeue_or_fail(jix, &why, true, !graceful));
             }
