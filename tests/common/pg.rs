@@ -116,14 +116,10 @@ pub fn store_for(data_dir: &Path) -> Option<corral::auth::Secret> {
     if !enabled() {
         return None;
     }
-    let url = database_for(data_dir).expect("PostgreSQL is available (checked by skip())");
+    let url = database_for(data_dir).unwrap_or_else(|| {
+        panic!("this test runs on PostgreSQL and none is available (see the message above)")
+    });
     Some(corral::auth::Secret::new(url))
-}
-
-/// True when this test must not run (a `postgres_*` binary without a
-/// server); it has said so on stderr.
-pub fn skip() -> bool {
-    enabled() && std::thread::spawn(server).join().unwrap().is_none()
 }
 
 /// A direct connection to `url`, for tests that look into the database.
