@@ -473,10 +473,13 @@ impl Targets {
         t
     }
 
-    /// Tries the same coordinator again next (a dropped stream: it may
-    /// come back).
-    fn again(&mut self, t: crate::auth::Target) {
-        self.hint = Some(t);
+    /// After a dropped stream: the same coordinator again when it is the
+    /// only one (it may come back); else the next one, which either leads
+    /// now or names the leader (perhaps the same one again).
+    fn dropped(&mut self, t: crate::auth::Target) {
+        if self.list.len() <= 1 {
+            self.hint = Some(t);
+        }
     }
 
     fn follow(&mut self, url: String) {
@@ -509,7 +512,7 @@ pub async fn run(
             Ok(SessionEnd::Dropped(why)) => {
                 warn!(reason = %why, "stream to coordinator dropped; reconnecting");
                 failures = 1;
-                targets.again(target);
+                targets.dropped(target);
             }
             Ok(SessionEnd::Redirect(leader)) => {
                 info!(from = %target.url, to = %leader, "not the leader; following it");
@@ -581,7 +584,15 @@ async fn connect_once(
     tx.send(up(Up::Hello((&worker.hello()).into())))
         .await
         .map_err(|_| Error::Internal("fresh channel closed".into()))?;
-    let mut inbound = match client.connect(ReceiverStream::new(rx)).await {
+    // A coordinator that accepts the connection but never answers (a
+    // paused process) must not hold the worker.
+    let connected = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.connect(ReceiverStream::new(rx)),
+    )
+    .await
+    .map_err(|_| Error::Unavailable(format!("Connect to {url}: no answer in 10 s")))?;
+    let mut inbound = match connected {
         Ok(r) => r.into_inner(),
         Err(s) => {
             if let Some(leader) = crate::auth::leader_hint(&s).filter(|l| l != &url) {
@@ -593,7 +604,10 @@ async fn connect_once(
             )));
         }
     };
-    let welcome = match inbound.message().await {
+    let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+        .await
+        .map_err(|_| Error::Unavailable(format!("Connect to {url}: no Welcome in 10 s")))?;
+    let welcome = match first {
         Ok(Some(pb::CoordinatorMessage {
             msg: Some(pb::coordinator_message::Msg::Welcome(w)),
         })) => w,
