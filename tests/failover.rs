@@ -40,25 +40,35 @@ struct Cluster {
     coordinators: Vec<Proc>,
 }
 
-fn flags(db: &str) -> Vec<String> {
-    [
-        "--store",
-        db,
-        "--leader-lease-s",
-        &LEASE_S.to_string(),
-        "--heartbeat-interval-s",
-        "0.2",
-        "--max-attempts",
-        "10",
-        "--insecure-no-auth",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+/// The chaos test's flags; `defaults`: only what a deployment must give.
+fn flags(db: &str, defaults: bool) -> Vec<String> {
+    let mut f = vec!["--store", db, "--insecure-no-auth"];
+    let lease = LEASE_S.to_string();
+    if !defaults {
+        f.extend([
+            "--leader-lease-s",
+            &lease,
+            "--heartbeat-interval-s",
+            "0.2",
+            "--max-attempts",
+            "10",
+        ]);
+    }
+    f.iter().map(|s| s.to_string()).collect()
 }
 
 fn start_coordinator(dir: &Path, db: &str, listen: &str, i: usize) -> (Proc, String) {
-    let f = flags(db);
+    start_coordinator_with(dir, db, listen, i, false)
+}
+
+fn start_coordinator_with(
+    dir: &Path,
+    db: &str,
+    listen: &str,
+    i: usize,
+    defaults: bool,
+) -> (Proc, String) {
+    let f = flags(db, defaults);
     let f: Vec<&str> = f.iter().map(String::as_str).collect();
     procs::coordinator(
         &dir.join("logs"),
@@ -484,4 +494,98 @@ async fn acknowledged_jobs_survive_leader_kills_and_a_paused_leader() {
     assert!(fenced >= 1, "the stale leader's refused writes are logged");
     assert!(panics.is_empty(), "{panics:#?}");
     assert_eq!(takeovers.len(), KILLS_AT.len());
+}
+
+/// Takeover time with default settings (lease 5 s): the leader's process
+/// killed (SIGKILL), and the leader frozen as a dead host would be
+/// (SIGSTOP; then only the lease and the workers' keepalives tell), each
+/// measured to the first assignment by the new leader. A measurement, not
+/// a test: `cargo nextest run --run-ignored only -E 'binary(failover)'
+/// --no-capture` (with `CORRAL_TEST_POSTGRES` or a local PostgreSQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn takeover_time_with_default_settings() {
+    let Some(db_url) = common::pg::fresh_database().await else {
+        return;
+    };
+    let db = common::pg::client(&db_url).await;
+    let tmpdir = tmp();
+    let dir = tmpdir.path().to_path_buf();
+    let (mut coordinators, mut addrs) = (Vec::new(), Vec::new());
+    for i in 0..2 {
+        let (p, a) = start_coordinator_with(&dir, &db_url, "127.0.0.1:0", i, true);
+        coordinators.push(p);
+        addrs.push(a);
+    }
+    let all = urls(&addrs);
+    make_model(&dir.join("models"), "sd-a");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["models", "add", "sd-a", "--source"])
+        .arg(dir.join("models").join("sd-a"))
+        .args(["--coordinator", &all])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut workers: Vec<Proc> = (0..2).map(|i| start_worker(&dir, &all, i)).collect();
+    // A steady stream of jobs, so that there is always one to assign.
+    let feeding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let feeder = {
+        let (all, feeding, seen) = (all.clone(), feeding.clone(), Arc::default());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while feeding.load(std::sync::atomic::Ordering::Relaxed) {
+                submit_until_accepted(all.clone(), 100_000 + i, Arc::clone(&seen)).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let cluster = Arc::new(Mutex::new(Cluster {
+        dir: dir.clone(),
+        db: db_url.clone(),
+        addrs: addrs.clone(),
+        coordinators,
+    }));
+    let mut killed = Vec::new();
+    for _ in 0..3 {
+        wait_until(30, "a leader that assigns", || {
+            let db = &db;
+            async move { completed(db).await > 0 }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        killed.push(Cluster::kill_leader(&cluster, &db).await.as_millis());
+    }
+    // Frozen: only the lease expiry and the keepalives can tell.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let l = leader(&db, &addrs).await.expect("a leader");
+    let pid = cluster.lock().unwrap().coordinators[l].child.id() as i32;
+    let before: Vec<usize> = {
+        let c = cluster.lock().unwrap();
+        c.coordinators
+            .iter()
+            .map(|p| count_logged(p, "assigned"))
+            .collect()
+    };
+    let frozen = Instant::now();
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    wait_until(60, "the other coordinator to assign", || {
+        let (c, before) = (cluster.clone(), &before);
+        async move {
+            let c = c.lock().unwrap();
+            (0..2).any(|i| i != l && count_logged(&c.coordinators[i], "assigned") > before[i])
+        }
+    })
+    .await;
+    let frozen_ms = frozen.elapsed().as_millis();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    feeding.store(false, std::sync::atomic::Ordering::Relaxed);
+    let _ = tokio::time::timeout(Duration::from_secs(30), feeder).await;
+    for w in &mut workers {
+        w.kill();
+    }
+    println!(
+        "takeover with default settings (lease 5 s), leader -> first assignment by the new \
+         leader: process killed {killed:?} ms; process frozen {frozen_ms} ms"
+    );
 }

@@ -565,12 +565,12 @@ async fn connect_once(
     stop_deadline: &mut Option<tokio::time::Instant>,
 ) -> Result<SessionEnd> {
     let url = target.url.clone();
-    // Keepalive pings find a coordinator that stopped answering (a paused
-    // or partitioned leader) within ten seconds, so that the worker moves
-    // to the one that took over.
+    // Keepalive pings find a coordinator that stopped answering (a frozen
+    // or partitioned leader, a dead host) within six seconds, about when a
+    // follower takes over its lease, so that the worker moves to it.
     let endpoint = crate::auth::target_endpoint(target, worker.cfg.ca_cert.as_deref())?
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5));
+        .http2_keep_alive_interval(Duration::from_secs(3))
+        .keep_alive_timeout(Duration::from_secs(3));
     let channel = endpoint
         .connect()
         .await
