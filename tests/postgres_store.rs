@@ -240,6 +240,8 @@ async fn a_restart_loads_unfinished_jobs_and_the_catalogue_and_migrates_once() {
         kind: ModelKind::Checkpoint,
         source: "file:///m".into(),
         files: vec![],
+        family: "sd1".into(),
+        format: String::new(),
     };
     {
         let (s, _) = Store::open_postgres(&opts(&url, "a", 30.0)).await.unwrap();
