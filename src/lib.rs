@@ -3,20 +3,32 @@
 //!
 //! # Layout
 //!
-//! - `types`, `error`, `clock`: the domain, shared by everything.
+//! One module per concern:
+//!
+//! - `types`, `error`, `clock`: the domain, shared by everything; `redact`:
+//!   secrets out of every error and log line.
 //! - `pb` and `convert`: the wire contract and the only place that maps it.
-//! - `scheduler`: the pure, synchronous core (no I/O, no tokio, no protobuf).
+//! - `scheduler`: the pure, synchronous core (no I/O, no tokio, no protobuf),
+//!   one file per concern (jobs, workers, queues, indexes, matching,
+//!   estimates, replication).
 //! - `sim`: a discrete-event simulator driving `scheduler` against baseline
 //!   policies (see docs/sim.md).
-//! - `coordinator`: tonic services around the scheduler.
-//! - `manifest`: a model's files, sizes and digests, built from its source.
-//! - `worker`: the stream to the coordinator, the disk cache, downloads, engines.
-//! - `auth`: tokens and TLS on the client side (`coordinator::auth` checks them).
-//! - `pipeline`: the Stable Diffusion pipeline on ONNX Runtime (`ort`).
-//! - `metrics`: Prometheus counters and histograms (coordinator and worker).
-//! - `bench`: `corral bench`, load on the control plane over loopback gRPC.
-//! - `config`: the TOML file, flags and environment; `cli`: the command line;
-//!   `demo`: `corral demo`, the main job end to end.
+//! - `coordinator`: tonic services around the scheduler; `coordinator::store`
+//!   the durable state (embedded redb, or PostgreSQL with leadership).
+//! - `source` (where bundles come from: file, http(s), s3/gs/az) and
+//!   `manifest` (a model's files, sizes and digests, validated).
+//! - `worker`: the stream to the coordinator, the disk cache, downloads,
+//!   VRAM residency, engines.
+//! - `pipeline`: the Stable Diffusion pipelines on ONNX Runtime (`ort`).
+//! - `auth`: tokens and TLS on the client side (`coordinator::auth` checks
+//!   them); `http`: the HTTP ports and the connection acceptor.
+//! - `metrics`: Prometheus registries (one per coordinator and per worker).
+//! - `client`: what the CLI, the demo and the bench share to talk to a
+//!   coordinator; `shutdown`: signals.
+//! - `bench`: `corral bench`, load on the control plane over loopback gRPC,
+//!   and its ceiling.
+//! - `config`: the TOML file (flags and variables generated from it); `cli`:
+//!   the command line; `demo`: `corral demo`, the main job end to end.
 
 pub mod auth;
 pub mod bench;
