@@ -203,6 +203,13 @@ pub struct CoordinatorConfig {
     /// token could otherwise make workers read any directory).
     pub local_sources_anywhere: Option<bool>,
     pub limits: JobLimits,
+    /// Deletion-cost advice, bad nodes and the desired-workers signal for
+    /// cloud workers (`[coordinator.cloud]`, src/cloud/config.rs). Default:
+    /// see each key.
+    pub cloud: crate::cloud::CloudConfig,
+    /// SaladCloud's API (`[coordinator.salad]`, src/cloud/config.rs). Default:
+    /// off (no API key).
+    pub salad: crate::cloud::SaladApiConfig,
     /// The file's `[auth]` table (or `--insecure-no-auth`); required.
     #[serde(skip)]
     pub auth: Option<AuthConfig>,
@@ -226,6 +233,8 @@ impl Default for CoordinatorConfig {
             local_source_root: None,
             local_sources_anywhere: None,
             limits: JobLimits::default(),
+            cloud: Default::default(),
+            salad: Default::default(),
             auth: None,
         }
     }
@@ -258,6 +267,8 @@ impl CoordinatorConfig {
                 "tls_cert and tls_key go together: give both or neither".into(),
             ));
         }
+        self.cloud.validate()?;
+        self.salad.validate()?;
         match &self.auth {
             None => Err(Error::Config(
                 "no [auth] table: configure admin_tokens, worker_tokens and [[auth.clients]], \
@@ -348,8 +359,11 @@ pub struct WorkerConfig {
     pub token: Option<Secret>,
     /// PEM CA certificate to trust for an https:// coordinator. Default: the public roots.
     pub ca_cert: Option<PathBuf>,
-    /// HTTP address for this worker's `/metrics`; none: no HTTP port. Default: none.
+    /// HTTP address for this worker's `/metrics` and `/ready`; none: no HTTP port. Default: none.
     pub http_listen: Option<SocketAddr>,
+    /// SaladCloud's instance metadata service (`[worker.salad]`,
+    /// src/cloud/config.rs). Default: off.
+    pub salad: crate::cloud::SaladWorkerConfig,
 }
 
 impl Default for WorkerConfig {
@@ -374,6 +388,7 @@ impl Default for WorkerConfig {
             token: None,
             ca_cert: None,
             http_listen: None,
+            salad: Default::default(),
         }
     }
 }
@@ -390,7 +405,7 @@ impl WorkerConfig {
                 "max_loaded_models and max_concurrent_downloads must be at least 1".into(),
             ));
         }
-        Ok(())
+        self.salad.validate()
     }
 
     pub fn vram_budget(&self) -> u64 {

@@ -446,6 +446,22 @@ impl From<&WorkerHello> for pb::Hello {
     }
 }
 
+impl TryFrom<pb::CloudInstance> for crate::cloud::CloudInstance {
+    type Error = Error;
+    fn try_from(c: pb::CloudInstance) -> Result<Self> {
+        Self::new(c.machine_id, c.container_group_id)
+    }
+}
+
+impl From<&crate::cloud::CloudInstance> for pb::CloudInstance {
+    fn from(c: &crate::cloud::CloudInstance) -> Self {
+        pb::CloudInstance {
+            machine_id: c.machine_id.clone(),
+            container_group_id: c.container_group_id.clone(),
+        }
+    }
+}
+
 /// A job's progress as a worker reports it.
 pub fn job_phase(p: &pb::JobProgress) -> Result<JobPhase> {
     Ok(match pb::JobPhase::try_from(p.phase) {
@@ -661,6 +677,8 @@ impl From<crate::coordinator::ToWorker> for pb::CoordinatorMessage {
             ToWorker::Prefetch(models) => Msg::Prefetch(pb::Prefetch {
                 models: models.iter().map(|m| m.as_ref().clone().into()).collect(),
             }),
+            ToWorker::Drain { reason, reallocate } => Msg::Drain(pb::Drain { reason, reallocate }),
+            ToWorker::Advice { deletion_cost } => Msg::Advice(pb::Advice { deletion_cost }),
         };
         pb::CoordinatorMessage { msg: Some(msg) }
     }

@@ -15,6 +15,7 @@
 //! - `pipeline`: the Stable Diffusion pipeline on ONNX Runtime (`ort`).
 //! - `metrics`: Prometheus counters and histograms (coordinator and worker).
 //! - `bench`: `corral bench`, load on the control plane over loopback gRPC.
+//! - `cloud`: SaladCloud's instance metadata service and API (optional).
 //! - `config`: the TOML file, flags and environment; `cli`: the command line;
 //!   `demo`: `corral demo`, the main job end to end.
 
@@ -23,6 +24,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod cloud;
 pub mod config;
 pub mod convert;
 pub mod coordinator;

@@ -6,6 +6,11 @@
 //! streams their progress, and returns results. Messages produced by jobs go
 //! to an outbox that outlives any one stream, so a result finished while
 //! the stream was down is delivered after the reconnect.
+//!
+//! On SaladCloud (`[worker.salad] enabled`) it also announces its machine
+//! after Hello, passes the coordinator's deletion-cost Advice to the metadata
+//! service, and on `Drain { reallocate }` drains like on SIGTERM, then asks
+//! to be moved to another machine (src/cloud/agent.rs).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -48,6 +53,15 @@ pub struct Worker {
     /// The largest message the coordinator takes (its Welcome says).
     max_message_bytes: std::sync::atomic::AtomicU64,
     metrics: crate::metrics::WorkerMetrics,
+    /// SaladCloud's metadata service, when `[worker.salad] enabled`.
+    cloud: Option<Arc<crate::cloud::agent::Agent>>,
+    /// A stream to the coordinator is up (Welcome received).
+    connected: AtomicBool,
+    /// The coordinator asked this node to drain and move to another machine
+    /// (`Drain { reallocate: true }`): why.
+    reallocate: Mutex<Option<String>>,
+    /// Wakes the session to start draining as on SIGTERM.
+    stop: tokio::sync::Notify,
 }
 
 impl Worker {
@@ -67,9 +81,13 @@ impl Worker {
         .await?;
         let (outbox, rx) = mpsc::unbounded_channel();
         let resident = Residency::new(cfg.vram_budget(), cfg.max_loaded_models);
+        let cloud = crate::cloud::agent::Agent::start(&cfg.salad)?;
         let worker = Arc::new_cyclic(|me| {
             let metrics = crate::metrics::WorkerMetrics::new();
             metrics.add_collector(Box::new(super::http::Gauges(me.clone())));
+            if let Some(agent) = &cloud {
+                metrics.add_collector(agent.collector());
+            }
             Self {
                 cfg,
                 id,
@@ -81,6 +99,10 @@ impl Worker {
                 outbox,
                 max_message_bytes: std::sync::atomic::AtomicU64::new(64 << 20),
                 metrics,
+                cloud,
+                connected: AtomicBool::new(false),
+                reallocate: Mutex::new(None),
+                stop: tokio::sync::Notify::new(),
             }
         });
         Ok((worker, rx))
@@ -98,6 +120,19 @@ impl Worker {
     /// The disk cache, for its counters on `/metrics`.
     pub fn cache(&self) -> &DiskCache {
         &self.cache
+    }
+
+    /// Ready for the container platform's probe: connected to the
+    /// coordinator and taking jobs. (Preloaded models were verified when the
+    /// cache opened, before this worker existed.) Otherwise why not.
+    pub fn readiness(&self) -> std::result::Result<(), &'static str> {
+        if !self.connected.load(Ordering::SeqCst) {
+            Err("not connected to the coordinator")
+        } else if self.draining.load(Ordering::SeqCst) {
+            Err("draining")
+        } else {
+            Ok(())
+        }
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<JobId, Running>> {
@@ -231,9 +266,24 @@ impl Worker {
                 }
                 Ok(())
             }
-            Msg::Drain(_) => {
-                info!("drain requested: finishing running jobs, taking no more");
+            Msg::Drain(d) if d.reallocate && self.cloud.is_some() => {
+                let reason = crate::cloud::truncate(&d.reason, crate::cloud::MAX_REASON_BYTES);
+                warn!(%reason, "the coordinator judged this node bad: draining, then reallocating");
+                *self.reallocate.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(reason.to_owned());
+                // The SIGTERM path: finish or hand back jobs, say GoingAway.
+                self.stop.notify_one();
+                Ok(())
+            }
+            Msg::Drain(d) => {
+                info!(reason = %d.reason, "drain requested: finishing running jobs, taking no more");
                 self.draining.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            Msg::Advice(a) => {
+                if let Some(agent) = &self.cloud {
+                    agent.advise(a.deletion_cost);
+                }
                 Ok(())
             }
         }
@@ -488,8 +538,10 @@ pub async fn run(
     let mut stop_deadline: Option<tokio::time::Instant> = None;
     loop {
         let session = connect_once(&worker, &mut outbox, &mut shutdown, &mut stop_deadline);
-        match session.await {
-            Ok(SessionEnd::Finished) => return Ok(()),
+        let ended = session.await;
+        worker.connected.store(false, Ordering::SeqCst);
+        match ended {
+            Ok(SessionEnd::Finished) => return reallocate_if_asked(&worker).await,
             Ok(SessionEnd::Dropped(why)) => {
                 warn!(reason = %why, "stream to coordinator dropped; reconnecting");
                 failures = 1;
@@ -501,14 +553,39 @@ pub async fn run(
         }
         if stop_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             warn!("shutting down without a coordinator to hand jobs back to");
-            return Ok(());
+            return reallocate_if_asked(&worker).await;
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff(failures)) => {}
             _ = &mut shutdown, if stop_deadline.is_none() => {
                 start_draining(&worker, &mut stop_deadline);
             }
+            _ = worker.stop.notified(), if stop_deadline.is_none() => {
+                start_draining(&worker, &mut stop_deadline);
+            }
         }
+    }
+}
+
+/// After the session, if the coordinator judged this node bad: ask the
+/// cloud to move the container to another machine (once per process).
+async fn reallocate_if_asked(worker: &Worker) -> Result<()> {
+    let reason = worker
+        .reallocate
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    let (Some(reason), Some(agent)) = (reason, &worker.cloud) else {
+        return Ok(());
+    };
+    match agent.reallocate(&reason).await {
+        Ok(_) => {
+            info!("reallocation requested; exiting");
+            Ok(())
+        }
+        // The container restarts here instead; the coordinator may judge
+        // it again (within its hourly cap).
+        Err(e) => Err(e),
     }
 }
 
@@ -550,6 +627,11 @@ async fn connect_once(
     tx.send(up(Up::Hello((&worker.hello()).into())))
         .await
         .map_err(|_| Error::Internal("fresh channel closed".into()))?;
+    if let Some(agent) = &worker.cloud {
+        tx.send(up(Up::CloudInstance(agent.instance().into())))
+            .await
+            .map_err(|_| Error::Internal("fresh channel closed".into()))?;
+    }
     let mut inbound = client
         .connect(ReceiverStream::new(rx))
         .await
@@ -567,6 +649,7 @@ async fn connect_once(
         Err(s) => return Err(Error::Unavailable(format!("Connect: {}", s.message()))),
     };
     info!(coordinator = %url, heartbeat_ms = welcome.heartbeat_interval_ms, "connected");
+    worker.connected.store(true, Ordering::SeqCst);
     if welcome.max_message_bytes > 0 {
         worker
             .max_message_bytes
@@ -581,6 +664,10 @@ async fn connect_once(
             _ = &mut *shutdown, if stop_deadline.is_none() => {
                 start_draining(worker, stop_deadline);
                 // Tell the coordinator at once to assign nothing more.
+                let _ = tx.send(up(Up::Heartbeat((&worker.report()).into()))).await;
+            }
+            _ = worker.stop.notified(), if stop_deadline.is_none() => {
+                start_draining(worker, stop_deadline);
                 let _ = tx.send(up(Up::Heartbeat((&worker.report()).into()))).await;
             }
             _ = heartbeat.tick() => {
@@ -614,7 +701,12 @@ async fn connect_once(
                     for r in worker.running().values() {
                         r.cancel.store(true, Ordering::SeqCst);
                     }
-                    let reason = if idle { "shutdown" } else { "shutdown grace period over" };
+                    let reason = match (idle, worker.reallocate.lock().unwrap_or_else(|e| e.into_inner()).is_some()) {
+                        (true, false) => "shutdown",
+                        (false, false) => "shutdown grace period over",
+                        (true, true) => "reallocating to another machine",
+                        (false, true) => "reallocating to another machine; grace period over",
+                    };
                     let _ = tx.send(up(Up::GoingAway(pb::GoingAway { reason: reason.into() }))).await;
                     drop(tx);
                     // Wait for the coordinator to close its side, briefly.
