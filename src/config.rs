@@ -175,6 +175,21 @@ pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     /// Where the coordinator keeps its state. Default: ./corral-data.
     pub data_dir: PathBuf,
+    /// The job store: none (or empty) for the embedded store under
+    /// `data_dir`; a `postgres://` URL for PostgreSQL, shared by every
+    /// coordinator of a group, one of which leads (docs/ha.md). Put the
+    /// password in `PGPASSWORD`, not in the URL. Default: none.
+    pub store: Option<Secret>,
+    /// The URL workers and clients reach this coordinator at; followers
+    /// send callers to the leader's. Default: `http://` (`https://` with
+    /// TLS) and `listen`, with the host name when `listen` is 0.0.0.0 or
+    /// [::], and the bound port when `listen` has port 0.
+    pub advertise_url: Option<String>,
+    /// Seconds a leader's lease lasts without renewal (PostgreSQL store);
+    /// it renews every fifth of it, and a follower takes over within about
+    /// this long after the leader stops (at once when its process died).
+    /// Default: 5.
+    pub leader_lease_s: f64,
     /// How often workers heartbeat. Default: 5.
     pub heartbeat_interval_s: f64,
     /// Missed heartbeat intervals before a worker is dead. Default: 3.
@@ -220,6 +235,9 @@ impl Default for CoordinatorConfig {
         Self {
             listen: "127.0.0.1:7700".parse().expect("valid address"),
             data_dir: PathBuf::from("corral-data"),
+            store: None,
+            advertise_url: None,
+            leader_lease_s: 5.0,
             heartbeat_interval_s: 5.0,
             heartbeat_missed: 3,
             max_attempts: 3,
@@ -262,6 +280,23 @@ impl CoordinatorConfig {
                 "max_message_bytes must be at least 1 MiB".into(),
             ));
         }
+        if !(self.leader_lease_s >= 0.5 && self.leader_lease_s <= 600.0) {
+            return Err(Error::Config("leader_lease_s must be in [0.5, 600]".into()));
+        }
+        if let Some(s) = self.postgres_url() {
+            if !(s.starts_with("postgres://") || s.starts_with("postgresql://")) {
+                return Err(Error::Config(
+                    "store must be empty (the embedded store) or a postgres:// URL".into(),
+                ));
+            }
+        }
+        if let Some(u) = &self.advertise_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(Error::Config(format!(
+                    "advertise_url {u:?} must be an http:// or https:// URL"
+                )));
+            }
+        }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(Error::Config(
                 "tls_cert and tls_key go together: give both or neither".into(),
@@ -277,6 +312,39 @@ impl CoordinatorConfig {
             )),
             Some(a) => a.validate(),
         }
+    }
+
+    /// The PostgreSQL URL, when the store is PostgreSQL.
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.store
+            .as_ref()
+            .map(|s| s.expose().trim())
+            .filter(|s| !s.is_empty())
+    }
+
+    /// `advertise_url`, or the URL derived from the address bound.
+    pub fn advertised_url(&self, bound: SocketAddr) -> String {
+        if let Some(u) = &self.advertise_url {
+            return u.trim_end_matches('/').to_owned();
+        }
+        let scheme = if self.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let host = if bound.ip().is_unspecified() {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into())
+        } else {
+            match bound.ip() {
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            }
+        };
+        format!("{scheme}://{host}:{}", bound.port())
     }
 
     /// Whether local model sources are accepted outside `local_source_root`.

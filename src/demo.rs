@@ -198,8 +198,9 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         scheduler: ["euler_a", "dpmpp_2m_karras", "ddim", "euler"][i as usize % 4].into(),
         ..Default::default()
     };
-    let mut specs: Vec<(String, pb::JobSpec)> =
-        (0..a.jobs).map(|i| ("txt2img".to_string(), plain(i))).collect();
+    let mut specs: Vec<(String, pb::JobSpec)> = (0..a.jobs)
+        .map(|i| ("txt2img".to_string(), plain(i)))
+        .collect();
     if extras {
         specs.push((
             "lora".into(),
@@ -358,7 +359,12 @@ async fn register_extras(url: &str, out: &Path) -> Result<bool> {
         Ok(dir)
     };
     let entries = [
-        (LORA, bundle("lora", "loras/tiny-a.kohya.safetensors")?, ModelKind::Lora, ""),
+        (
+            LORA,
+            bundle("lora", "loras/tiny-a.kohya.safetensors")?,
+            ModelKind::Lora,
+            "",
+        ),
         (XL, fixtures.join("tiny-sdxl"), ModelKind::Checkpoint, ""),
         (
             UPSCALER,

@@ -1,6 +1,9 @@
 //! The worker's session with the coordinator.
 //!
-//! Connects with exponential backoff and jitter, says Hello with its full
+//! Connects with exponential backoff and jitter (to the leader, when
+//! `coordinator` names several coordinators: a follower's UNAVAILABLE
+//! names the leader, which is tried next; any other failure moves on to
+//! the next coordinator of the list), says Hello with its full
 //! cache state (including attempts still running from before a drop),
 //! heartbeats on the interval the coordinator sets, runs assigned jobs,
 //! streams their progress, and returns results. Messages produced by jobs go
@@ -526,6 +529,54 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(rand::thread_rng().gen_range(cap_ms / 2..=cap_ms))
 }
 
+/// Where the next connection goes: the leader a follower named, else the
+/// coordinators of the list in turn (re-resolved on each round).
+struct Targets {
+    spec: String,
+    list: Vec<crate::auth::Target>,
+    next: usize,
+    hint: Option<crate::auth::Target>,
+}
+
+impl Targets {
+    fn new(spec: &str) -> Self {
+        Self {
+            spec: spec.to_owned(),
+            list: Vec::new(),
+            next: 0,
+            hint: None,
+        }
+    }
+
+    async fn pick(&mut self) -> crate::auth::Target {
+        if let Some(h) = self.hint.take() {
+            return h;
+        }
+        if self.next == 0 || self.list.is_empty() {
+            self.list = crate::auth::targets(&self.spec).await;
+            if self.list.is_empty() {
+                self.list = vec![crate::auth::Target::url(self.spec.clone())];
+            }
+        }
+        let t = self.list[self.next % self.list.len()].clone();
+        self.next = (self.next + 1) % self.list.len();
+        t
+    }
+
+    /// After a dropped stream: the same coordinator again when it is the
+    /// only one (it may come back); else the next one, which either leads
+    /// now or names the leader (perhaps the same one again).
+    fn dropped(&mut self, t: crate::auth::Target) {
+        if self.list.len() <= 1 {
+            self.hint = Some(t);
+        }
+    }
+
+    fn follow(&mut self, url: String) {
+        self.hint = Some(crate::auth::Target::url(url));
+    }
+}
+
 /// Runs the worker until `shutdown` resolves; then finishes running jobs
 /// (up to `shutdown_grace_s`), hands back the rest and says GoingAway.
 pub async fn run(
@@ -536,8 +587,16 @@ pub async fn run(
     let mut shutdown = Box::pin(shutdown);
     let mut failures = 0u32;
     let mut stop_deadline: Option<tokio::time::Instant> = None;
+    let mut targets = Targets::new(&worker.cfg.coordinator);
     loop {
-        let session = connect_once(&worker, &mut outbox, &mut shutdown, &mut stop_deadline);
+        let target = targets.pick().await;
+        let session = connect_once(
+            &worker,
+            &target,
+            &mut outbox,
+            &mut shutdown,
+            &mut stop_deadline,
+        );
         let ended = session.await;
         worker.connected.store(false, Ordering::SeqCst);
         match ended {
@@ -545,6 +604,14 @@ pub async fn run(
             Ok(SessionEnd::Dropped(why)) => {
                 warn!(reason = %why, "stream to coordinator dropped; reconnecting");
                 failures = 1;
+                targets.dropped(target);
+            }
+            Ok(SessionEnd::Redirect(leader)) => {
+                info!(from = %target.url, to = %leader, "not the leader; following it");
+                // A follower may name a leader that just died: retry
+                // briskly, but not in a tight loop.
+                failures = failures.min(3);
+                targets.follow(leader);
             }
             Err(e) => {
                 failures += 1;
@@ -592,6 +659,8 @@ async fn reallocate_if_asked(worker: &Worker) -> Result<()> {
 enum SessionEnd {
     Finished,
     Dropped(String),
+    /// A coordinator that does not lead named the one that does.
+    Redirect(String),
 }
 
 fn start_draining(worker: &Worker, deadline: &mut Option<tokio::time::Instant>) {
@@ -607,13 +676,18 @@ fn start_draining(worker: &Worker, deadline: &mut Option<tokio::time::Instant>) 
 
 async fn connect_once(
     worker: &Arc<Worker>,
+    target: &crate::auth::Target,
     outbox: &mut mpsc::UnboundedReceiver<Up>,
     shutdown: &mut std::pin::Pin<Box<impl Future<Output = ()>>>,
     stop_deadline: &mut Option<tokio::time::Instant>,
 ) -> Result<SessionEnd> {
-    let url = worker.cfg.coordinator.clone();
-    let endpoint = crate::auth::endpoint(&url, worker.cfg.ca_cert.as_deref())?
-        .http2_keep_alive_interval(Duration::from_secs(10));
+    let url = target.url.clone();
+    // Keepalive pings find a coordinator that stopped answering (a frozen
+    // or partitioned leader, a dead host) within six seconds, about when a
+    // follower takes over its lease, so that the worker moves to it.
+    let endpoint = crate::auth::target_endpoint(target, worker.cfg.ca_cert.as_deref())?
+        .http2_keep_alive_interval(Duration::from_secs(3))
+        .keep_alive_timeout(Duration::from_secs(3));
     let channel = endpoint
         .connect()
         .await
@@ -632,12 +706,30 @@ async fn connect_once(
             .await
             .map_err(|_| Error::Internal("fresh channel closed".into()))?;
     }
-    let mut inbound = client
-        .connect(ReceiverStream::new(rx))
+    // A coordinator that accepts the connection but never answers (a
+    // paused process) must not hold the worker.
+    let connected = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.connect(ReceiverStream::new(rx)),
+    )
+    .await
+    .map_err(|_| Error::Unavailable(format!("Connect to {url}: no answer in 10 s")))?;
+    let mut inbound = match connected {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            if let Some(leader) = crate::auth::leader_hint(&s).filter(|l| l != &url) {
+                return Ok(SessionEnd::Redirect(leader));
+            }
+            return Err(Error::Unavailable(format!(
+                "Connect to {url}: {}",
+                s.message()
+            )));
+        }
+    };
+    let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
         .await
-        .map_err(|s| Error::Unavailable(format!("Connect: {}", s.message())))?
-        .into_inner();
-    let welcome = match inbound.message().await {
+        .map_err(|_| Error::Unavailable(format!("Connect to {url}: no Welcome in 10 s")))?;
+    let welcome = match first {
         Ok(Some(pb::CoordinatorMessage {
             msg: Some(pb::coordinator_message::Msg::Welcome(w)),
         })) => w,
@@ -646,7 +738,15 @@ async fn connect_once(
                 "expected Welcome, got {other:?}"
             )))
         }
-        Err(s) => return Err(Error::Unavailable(format!("Connect: {}", s.message()))),
+        Err(s) => {
+            if let Some(leader) = crate::auth::leader_hint(&s).filter(|l| l != &url) {
+                return Ok(SessionEnd::Redirect(leader));
+            }
+            return Err(Error::Unavailable(format!(
+                "Connect to {url}: {}",
+                s.message()
+            )));
+        }
     };
     info!(coordinator = %url, heartbeat_ms = welcome.heartbeat_interval_ms, "connected");
     worker.connected.store(true, Ordering::SeqCst);

@@ -1,7 +1,10 @@
 //! Helpers for end-to-end tests: a coordinator and workers in this process,
-//! over real gRPC on 127.0.0.1 (bound first, then served).
+//! over real gRPC on 127.0.0.1 (bound first, then served). In a test binary
+//! named `postgres_*` every coordinator keeps its state in PostgreSQL
+//! instead of the embedded store (`pg.rs`).
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod procs;
 pub mod raw;
 
@@ -39,13 +42,15 @@ pub fn fast_config() -> CoordinatorConfig {
     }
 }
 
-/// A coordinator in this process on a fresh data dir. Without an auth
-/// decision in `cfg`, authentication is disabled (as `--insecure-no-auth`).
+/// A coordinator in this process on a fresh data dir (or a fresh
+/// PostgreSQL database, see the module docs). Without an auth decision in
+/// `cfg`, authentication is disabled (as `--insecure-no-auth`).
 pub async fn coordinator(mut cfg: CoordinatorConfig) -> Coord {
     cfg.auth
         .get_or_insert_with(corral::config::AuthConfig::disabled);
     let data_dir = tempfile::tempdir().unwrap();
     cfg.data_dir = data_dir.path().to_path_buf();
+    cfg.store = pg::store_for(data_dir.path());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, rx) = oneshot::channel::<()>();
