@@ -218,13 +218,10 @@ pub struct CoordinatorConfig {
     /// token could otherwise make workers read any directory).
     pub local_sources_anywhere: Option<bool>,
     pub limits: JobLimits,
-    /// Deletion-cost advice, bad nodes and the desired-workers signal for
-    /// cloud workers (`[coordinator.cloud]`, src/cloud/config.rs). Default:
-    /// see each key.
+    /// Cloud workers: deletion-cost advice, bad nodes, the desired-workers
+    /// signal, SaladCloud's API (`[coordinator.cloud]` and
+    /// `[coordinator.cloud.api]`, src/cloud/config.rs). Default: no API.
     pub cloud: crate::cloud::CloudConfig,
-    /// SaladCloud's API (`[coordinator.salad]`, src/cloud/config.rs). Default:
-    /// off (no API key).
-    pub salad: crate::cloud::SaladApiConfig,
     /// The file's `[auth]` table (or `--insecure-no-auth`); required.
     #[serde(skip)]
     pub auth: Option<AuthConfig>,
@@ -252,7 +249,6 @@ impl Default for CoordinatorConfig {
             local_sources_anywhere: None,
             limits: JobLimits::default(),
             cloud: Default::default(),
-            salad: Default::default(),
             auth: None,
         }
     }
@@ -303,7 +299,6 @@ impl CoordinatorConfig {
             ));
         }
         self.cloud.validate()?;
-        self.salad.validate()?;
         match &self.auth {
             None => Err(Error::Config(
                 "no [auth] table: configure admin_tokens, worker_tokens and [[auth.clients]], \
@@ -429,9 +424,9 @@ pub struct WorkerConfig {
     pub ca_cert: Option<PathBuf>,
     /// HTTP address for this worker's `/metrics` and `/ready`; none: no HTTP port. Default: none.
     pub http_listen: Option<SocketAddr>,
-    /// SaladCloud's instance metadata service (`[worker.salad]`,
+    /// SaladCloud's instance metadata service (`[worker.cloud]`,
     /// src/cloud/config.rs). Default: off.
-    pub salad: crate::cloud::SaladWorkerConfig,
+    pub cloud: crate::cloud::WorkerCloudConfig,
 }
 
 impl Default for WorkerConfig {
@@ -456,7 +451,7 @@ impl Default for WorkerConfig {
             token: None,
             ca_cert: None,
             http_listen: None,
-            salad: Default::default(),
+            cloud: Default::default(),
         }
     }
 }
@@ -473,7 +468,7 @@ impl WorkerConfig {
                 "max_loaded_models and max_concurrent_downloads must be at least 1".into(),
             ));
         }
-        self.salad.validate()
+        self.cloud.validate()
     }
 
     pub fn vram_budget(&self) -> u64 {

@@ -442,6 +442,7 @@ impl From<&WorkerHello> for pb::Hello {
             cache_max_bytes: h.cache_max_bytes,
             max_concurrent_jobs: h.max_concurrent_jobs,
             state: Some((&h.state).into()),
+            cloud: None,
         }
     }
 }
@@ -459,6 +460,19 @@ impl From<&crate::cloud::CloudInstance> for pb::CloudInstance {
             machine_id: c.machine_id.clone(),
             container_group_id: c.container_group_id.clone(),
         }
+    }
+}
+
+/// The cloud machine a first message (a Hello) names, if any; checked like
+/// the rest of the Hello (`required_hello`).
+pub fn hello_cloud(
+    m: &Option<pb::worker_message::Msg>,
+) -> Result<Option<crate::cloud::CloudInstance>> {
+    match m {
+        Some(pb::worker_message::Msg::Hello(h)) => {
+            h.cloud.clone().map(TryInto::try_into).transpose()
+        }
+        _ => Ok(None),
     }
 }
 

@@ -61,9 +61,14 @@ impl CloudWorker {
 }
 
 /// A worker config announcing `machine` and talking to `imds`.
-fn cloud_config(url: &str, cache: &std::path::Path, imds: &cloud_mock::Imds, machine: &str) -> WorkerConfig {
+fn cloud_config(
+    url: &str,
+    cache: &std::path::Path,
+    imds: &cloud_mock::Imds,
+    machine: &str,
+) -> WorkerConfig {
     let mut cfg = worker_config(url, cache);
-    cfg.salad = corral::cloud::SaladWorkerConfig {
+    cfg.cloud = corral::cloud::WorkerCloudConfig {
         enabled: true,
         imds_url: imds.url.clone(),
         deletion_cost_interval_s: 0.3,
@@ -173,6 +178,39 @@ async fn wait_desired(c: &CoordHttp, want: f64, seen: &mut Vec<f64>) {
     }
 }
 
+/// A raw worker stream whose Hello names `machine` in the mock's group.
+async fn raw_cloud_worker(url: &str, id: &str, machine: &str) -> RawWorker {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let hello = pb::Hello {
+        worker_id: id.into(),
+        max_concurrent_jobs: 1,
+        cache_max_bytes: 1 << 30,
+        state: Some(pb::Heartbeat::default()),
+        cloud: Some(pb::CloudInstance {
+            machine_id: machine.into(),
+            container_group_id: cloud_mock::GROUP_ID.into(),
+        }),
+        ..Default::default()
+    };
+    tx.send(pb::WorkerMessage {
+        msg: Some(pb::worker_message::Msg::Hello(hello)),
+    })
+    .await
+    .unwrap();
+    let mut client = pb::workers_client::WorkersClient::new(channel(url).await);
+    let mut rx = client
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = rx.message().await.unwrap().unwrap();
+    assert!(matches!(
+        first.msg,
+        Some(pb::coordinator_message::Msg::Welcome(_))
+    ));
+    RawWorker { tx, rx }
+}
+
 fn last_cost(imds: &cloud_mock::Imds) -> Option<i32> {
     imds.costs().last().map(|c| c.0)
 }
@@ -197,9 +235,24 @@ async fn deletion_cost_follows_the_cache() {
         cloud_mock::Imds::start().await,
         cloud_mock::Imds::start().await,
     );
-    let a = CloudWorker::start("wa", cloud_config(&c.url, da.path(), &ia, "machine-a"), None).await;
-    let b = CloudWorker::start("wb", cloud_config(&c.url, db.path(), &ib, "machine-b"), None).await;
-    let cw = CloudWorker::start("wc", cloud_config(&c.url, dc.path(), &ic, "machine-c"), None).await;
+    let a = CloudWorker::start(
+        "wa",
+        cloud_config(&c.url, da.path(), &ia, "machine-a"),
+        None,
+    )
+    .await;
+    let b = CloudWorker::start(
+        "wb",
+        cloud_config(&c.url, db.path(), &ib, "machine-b"),
+        None,
+    )
+    .await;
+    let cw = CloudWorker::start(
+        "wc",
+        cloud_config(&c.url, dc.path(), &ic, "machine-c"),
+        None,
+    )
+    .await;
     wait_workers(&c.url, 3).await;
     // Demand for "rare", one job at a time, so its holder is idle for each.
     for i in 0..4 {
@@ -211,15 +264,19 @@ async fn deletion_cost_follows_the_cache() {
     // holding only a widely held, unrequested model (whichever of B and C
     // did not get a replica of "rare" meanwhile).
     let (ia2, ib2, ic2) = (ia.clone(), ib.clone(), ic.clone());
-    wait_until(20, "A's deletion cost above a common-only worker's", move || {
-        let (ia, ib, ic) = (ia2.clone(), ib2.clone(), ic2.clone());
-        async move {
-            match (last_cost(&ia), last_cost(&ib), last_cost(&ic)) {
-                (Some(a), Some(b), Some(c)) => a > 0 && a > b.min(c),
-                _ => false,
+    wait_until(
+        20,
+        "A's deletion cost above a common-only worker's",
+        move || {
+            let (ia, ib, ic) = (ia2.clone(), ib2.clone(), ic2.clone());
+            async move {
+                match (last_cost(&ia), last_cost(&ib), last_cost(&ic)) {
+                    (Some(a), Some(b), Some(c)) => a > 0 && a > b.min(c),
+                    _ => false,
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     assert!(
         c.metric("corral_cloud_advice_sent_total").await.unwrap() >= 4.0,
@@ -232,7 +289,10 @@ async fn deletion_cost_follows_the_cache() {
         assert!(!costs.is_empty(), "{name}");
         for pair in costs.windows(2) {
             let gap = pair[1].1.duration_since(pair[0].1);
-            assert!(gap >= Duration::from_millis(290), "{name}: {gap:?} between PUTs");
+            assert!(
+                gap >= Duration::from_millis(290),
+                "{name}: {gap:?} between PUTs"
+            );
         }
         assert!(imds.accepted("POST", "/v1/reallocate").is_empty(), "{name}");
     }
@@ -243,7 +303,10 @@ async fn deletion_cost_follows_the_cache() {
         .await
         .unwrap();
     assert!(
-        text.contains(&format!("corral_worker_cloud_deletion_cost {}", ia.deletion_cost())),
+        text.contains(&format!(
+            "corral_worker_cloud_deletion_cost {}",
+            ia.deletion_cost()
+        )),
         "{text}"
     );
     for w in [a, b, cw] {
@@ -261,7 +324,11 @@ impl Engine for FlakyEngine {
     fn name(&self) -> &'static str {
         "flaky"
     }
-    fn load(&self, m: &ModelManifest, dir: &std::path::Path) -> corral::Result<Arc<dyn LoadedModel>> {
+    fn load(
+        &self,
+        m: &ModelManifest,
+        dir: &std::path::Path,
+    ) -> corral::Result<Arc<dyn LoadedModel>> {
         Ok(Arc::new(FlakyModel(self.0.load(m, dir)?)))
     }
 }
@@ -270,7 +337,11 @@ impl LoadedModel for FlakyModel {
     fn resident_bytes(&self) -> u64 {
         self.0.resident_bytes()
     }
-    fn generate(&self, job: &Job, on_step: &mut dyn FnMut(u32, u32) -> bool) -> corral::Result<Output> {
+    fn generate(
+        &self,
+        job: &Job,
+        on_step: &mut dyn FnMut(u32, u32) -> bool,
+    ) -> corral::Result<Output> {
         if job.spec.prompt.contains("fail") {
             std::thread::sleep(Duration::from_millis(100));
             return Err(corral::Error::Unavailable("CUDA out of memory".into()));
@@ -290,7 +361,10 @@ async fn a_bad_node_drains_reallocates_once_and_its_jobs_finish_or_move() {
     let m = make_model(models.path(), "sd");
     register(&c.url, &m).await;
     let (dx, dy) = (tmp(), tmp());
-    let (ix, iy) = (cloud_mock::Imds::start().await, cloud_mock::Imds::start().await);
+    let (ix, iy) = (
+        cloud_mock::Imds::start().await,
+        cloud_mock::Imds::start().await,
+    );
     let mut xcfg = cloud_config(&c.url, dx.path(), &ix, "machine-x");
     xcfg.max_concurrent_jobs = 2;
     xcfg.synthetic_step_ms = 20;
@@ -298,17 +372,33 @@ async fn a_bad_node_drains_reallocates_once_and_its_jobs_finish_or_move() {
     let x = CloudWorker::start("wx", xcfg, Some(engine)).await;
     wait_workers(&c.url, 1).await;
     let xr = &x;
-    wait_until(10, "wx ready", move || async move { xr.ready().await.0 == 200 }).await;
+    wait_until(
+        10,
+        "wx ready",
+        move || async move { xr.ready().await.0 == 200 },
+    )
+    .await;
     // A long job, then two that fail on this node.
-    let long = submit(&c.url, pb::JobSpec { steps: 100, ..spec("sd", 1) }).await.id;
+    let long = submit(
+        &c.url,
+        pb::JobSpec {
+            steps: 100,
+            ..spec("sd", 1)
+        },
+    )
+    .await
+    .id;
     wait_state(&c.url, &long, pb::JobState::Running, 10).await;
     let failing: Vec<String> = futures::future::join_all((2..4).map(|i| {
         let url = c.url.clone();
         async move {
-            submit(&url, pb::JobSpec {
-                prompt: "this will fail here".into(),
-                ..spec("sd", i)
-            })
+            submit(
+                &url,
+                pb::JobSpec {
+                    prompt: "this will fail here".into(),
+                    ..spec("sd", i)
+                },
+            )
             .await
             .id
         }
@@ -325,21 +415,35 @@ async fn a_bad_node_drains_reallocates_once_and_its_jobs_finish_or_move() {
     assert_eq!(realloc.len(), 1, "{:?}", ix.calls());
     assert!(realloc[0].body.contains("failures"), "{}", realloc[0].body);
     let done = wait_state(&c.url, &long, pb::JobState::Completed, 10).await;
-    assert_eq!(done.worker_id, "wx", "the running job finished where it ran");
     assert_eq!(
-        c.metric("corral_cloud_bad_nodes_total{reason=\"failures\"}").await,
+        done.worker_id, "wx",
+        "the running job finished where it ran"
+    );
+    assert_eq!(
+        c.metric("corral_cloud_bad_nodes_total{reason=\"failures\"}")
+            .await,
         Some(1.0)
     );
     // The failing jobs move to a healthy node.
-    let y = CloudWorker::start("wy", cloud_config(&c.url, dy.path(), &iy, "machine-y"), None).await;
+    let y = CloudWorker::start(
+        "wy",
+        cloud_config(&c.url, dy.path(), &iy, "machine-y"),
+        None,
+    )
+    .await;
     for id in &failing {
         let j = wait_state(&c.url, id, pb::JobState::Completed, 20).await;
         assert_eq!(j.worker_id, "wy");
     }
     assert!(iy.accepted("POST", "/v1/reallocate").is_empty());
-    assert_eq!(ix.accepted("POST", "/v1/reallocate").len(), 1, "exactly once");
     assert_eq!(
-        c.metric("corral_cloud_bad_nodes_total{reason=\"failures\"}").await,
+        ix.accepted("POST", "/v1/reallocate").len(),
+        1,
+        "exactly once"
+    );
+    assert_eq!(
+        c.metric("corral_cloud_bad_nodes_total{reason=\"failures\"}")
+            .await,
         Some(1.0)
     );
     drop(x.http);
@@ -356,25 +460,21 @@ async fn a_silent_worker_whose_instance_is_gone_loses_its_jobs_before_the_timeou
         heartbeat_interval_s: 0.2,
         // A 10-second timeout: only the API can explain an early removal.
         heartbeat_missed: 50,
-        salad: api.config(),
+        cloud: corral::cloud::CloudConfig {
+            api: api.config(),
+            ..Default::default()
+        },
         ..CoordinatorConfig::default()
     };
     let c = CoordHttp::start(cfg).await;
     let models = tmp();
     let m = make_model(models.path(), "sd");
     register(&c.url, &m).await;
-    let announce = |machine: &str| {
-        pb::worker_message::Msg::CloudInstance(pb::CloudInstance {
-            machine_id: machine.into(),
-            container_group_id: cloud_mock::GROUP_ID.into(),
-        })
-    };
-    // Two raw workers that say Hello, announce their machine, take a job
-    // each, and then fall silent.
-    let mut z = RawWorker::connect(&c.url, "wz", vec![]).await;
-    z.send(announce("machine-z")).await;
-    let mut x = RawWorker::connect(&c.url, "wx", vec![]).await;
-    x.send(announce("machine-x")).await;
+    // Two raw workers that name their machine in Hello, take a job each,
+    // and then fall silent.
+    let z = raw_cloud_worker(&c.url, "wz", "machine-z").await;
+    let mut z = z;
+    let mut x = raw_cloud_worker(&c.url, "wx", "machine-x").await;
     let j1 = submit(&c.url, spec("sd", 1)).await.id;
     let j2 = submit(&c.url, spec("sd", 2)).await.id;
     let (az, ax) = (z.next_assign().await, x.next_assign().await);
@@ -382,26 +482,47 @@ async fn a_silent_worker_whose_instance_is_gone_loses_its_jobs_before_the_timeou
     assert!([&j1, &j2].contains(&&x_job) && az.job_id != x_job);
     // X is removed as soon as the API says its instance is gone.
     let url = c.url.as_str();
-    wait_until(8, "wx removed", move || async move { !listed(url, "wx").await }).await;
+    wait_until(
+        8,
+        "wx removed",
+        move || async move { !listed(url, "wx").await },
+    )
+    .await;
     assert!(listed(&c.url, "wz").await, "Z stays: its instance runs");
     assert_eq!(c.metric("corral_workers_expired_total").await, Some(0.0));
-    assert_eq!(c.metric("corral_cloud_workers_reassigned_total").await, Some(1.0));
-    assert!(c.metric("corral_cloud_instance_checks_total{result=\"gone\"}").await >= Some(1.0));
+    assert_eq!(
+        c.metric("corral_cloud_workers_reassigned_total").await,
+        Some(1.0)
+    );
+    assert!(
+        c.metric("corral_cloud_instance_checks_total{result=\"gone\"}")
+            .await
+            >= Some(1.0)
+    );
     // X's job runs again elsewhere, while Z (silent too) still holds its own.
     let d = tmp();
     let y = worker("wy", worker_config(&c.url, d.path())).await;
     let done = wait_state(&c.url, &x_job, pb::JobState::Completed, 10).await;
     assert_eq!(done.worker_id, "wy");
-    assert!(listed(&c.url, "wz").await, "Z is still within its heartbeat timeout");
     assert!(
-        c.metric("corral_cloud_instance_checks_total{result=\"running\"}").await >= Some(1.0),
+        listed(&c.url, "wz").await,
+        "Z is still within its heartbeat timeout"
+    );
+    assert!(
+        c.metric("corral_cloud_instance_checks_total{result=\"running\"}")
+            .await
+            >= Some(1.0),
         "Z was asked about and kept"
     );
     // The API was asked with the key, about the group and its instances.
     let calls = api.calls();
     assert!(calls.iter().all(|c| c.status == 200), "{calls:?}");
-    assert!(calls.iter().any(|c| c.path.ends_with("/containers/corral-workers")));
-    assert!(calls.iter().any(|c| c.path.ends_with("/containers/corral-workers/instances")));
+    assert!(calls
+        .iter()
+        .any(|c| c.path.ends_with("/containers/corral-workers")));
+    assert!(calls
+        .iter()
+        .any(|c| c.path.ends_with("/containers/corral-workers/instances")));
     drop((x, z));
     y.stop().await;
     c.stop().await;
@@ -418,7 +539,7 @@ async fn desired_workers_rise_and_fall_with_the_load_within_bounds() {
     cfg.cloud.cold_start_s = 0.0;
     cfg.cloud.scale_target_drain_s = 1.0;
     cfg.cloud.default_job_s = 1.0;
-    cfg.salad = corral::cloud::SaladApiConfig {
+    cfg.cloud.api = corral::cloud::SaladApiConfig {
         set_replicas: true,
         replicas_interval_s: 0.1,
         ..api.config()
@@ -439,7 +560,10 @@ async fn desired_workers_rise_and_fall_with_the_load_within_bounds() {
     .await;
     wait_desired(&c, 4.0, &mut seen).await;
     let a = &api;
-    wait_until(10, "the replica count set to 4", move || async move { a.replicas() == 4 }).await;
+    wait_until(10, "the replica count set to 4", move || async move {
+        a.replicas() == 4
+    })
+    .await;
     // Workers drain the queue; once the lower want has held for the
     // cooldown, the signal falls back to the minimum.
     let (d1, d2) = (tmp(), tmp());
@@ -449,7 +573,10 @@ async fn desired_workers_rise_and_fall_with_the_load_within_bounds() {
         wait_state(&c.url, id, pb::JobState::Completed, 30).await;
     }
     wait_desired(&c, 1.0, &mut seen).await;
-    wait_until(10, "the replica count set to 1", move || async move { a.replicas() == 1 }).await;
+    wait_until(10, "the replica count set to 1", move || async move {
+        a.replicas() == 1
+    })
+    .await;
     assert!(seen.iter().all(|v| (1.0..=4.0).contains(v)), "{seen:?}");
     let patches = api.replica_patches();
     assert!(patches.iter().all(|n| (1..=4).contains(n)), "{patches:?}");
@@ -471,7 +598,10 @@ async fn ready_once_connected() {
     let d = tmp();
     let w = CloudWorker::start("wr", worker_config(&url, d.path()), None).await;
     let (status, why) = w.ready().await;
-    assert_eq!((status, why.trim()), (503, "not connected to the coordinator"));
+    assert_eq!(
+        (status, why.trim()),
+        (503, "not connected to the coordinator")
+    );
     let data = tmp();
     let cfg = CoordinatorConfig {
         data_dir: data.path().to_path_buf(),
@@ -483,7 +613,12 @@ async fn ready_once_connected() {
         let _ = rx.await;
     }));
     let wr = &w;
-    wait_until(20, "ready", move || async move { wr.ready().await.0 == 200 }).await;
+    wait_until(
+        20,
+        "ready",
+        move || async move { wr.ready().await.0 == 200 },
+    )
+    .await;
     assert!(w.worker.readiness().is_ok());
     w.stop().await;
     let _ = stop.send(());

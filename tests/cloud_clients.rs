@@ -9,7 +9,7 @@ use std::time::Duration;
 use corral::cloud::agent::Agent;
 use corral::cloud::api::{InstanceState, SaladApi};
 use corral::cloud::imds::{Imds, Status};
-use corral::cloud::SaladWorkerConfig;
+use corral::cloud::WorkerCloudConfig;
 
 fn imds(url: &str) -> Imds {
     Imds::new(url, Duration::from_secs(2)).unwrap()
@@ -29,21 +29,35 @@ async fn every_imds_endpoint_round_trips_with_the_metadata_header() {
     assert!(c.token().await.unwrap().expose().starts_with("eyJ"));
     c.set_deletion_cost(1234).await.unwrap();
     assert_eq!(c.deletion_cost().await.unwrap(), 1234);
-    c.reallocate("insufficient download bandwidth").await.unwrap();
+    c.reallocate("insufficient download bandwidth")
+        .await
+        .unwrap();
     c.recreate().await.unwrap();
     c.restart().await.unwrap();
     let calls = m.calls();
     assert_eq!(calls.len(), 7);
     for call in &calls {
-        assert!(call.status < 300, "{} {} -> {}", call.method, call.path, call.status);
+        assert!(
+            call.status < 300,
+            "{} {} -> {}",
+            call.method,
+            call.path,
+            call.status
+        );
         assert_eq!(call.headers.get("metadata").unwrap(), "true");
-        assert!(!call.headers.keys().any(|k| k.as_str().starts_with("x-forwarded")));
+        assert!(!call
+            .headers
+            .keys()
+            .any(|k| k.as_str().starts_with("x-forwarded")));
     }
     let put = &m.accepted("PUT", "/v1/deletion-cost")[0];
     assert_eq!(put.headers.get("content-type").unwrap(), "application/json");
     assert_eq!(put.body, r#"{"deletion_cost":1234}"#);
     let realloc = &m.accepted("POST", "/v1/reallocate")[0];
-    assert_eq!(realloc.body, r#"{"reason":"insufficient download bandwidth"}"#);
+    assert_eq!(
+        realloc.body,
+        r#"{"reason":"insufficient download bandwidth"}"#
+    );
 }
 
 #[tokio::test]
@@ -52,7 +66,11 @@ async fn imds_refuses_requests_without_the_header_or_forwarded() {
     // never trips it (above).
     let m = cloud_mock::Imds::start().await;
     let http = reqwest::Client::new();
-    let bare = http.get(format!("{}/v1/status", m.url)).send().await.unwrap();
+    let bare = http
+        .get(format!("{}/v1/status", m.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bare.status(), 403);
     assert_eq!(
         bare.headers().get("content-type").unwrap(),
@@ -77,7 +95,10 @@ async fn imds_errors_name_the_endpoint_and_the_problem() {
     m.fail_next(&[404]);
     let e = c.reallocate("x").await.unwrap_err().to_string();
     assert!(e.contains("IMDS POST /v1/reallocate"), "{e}");
-    assert!(e.contains("HTTP 404") && e.contains("injected failure"), "{e}");
+    assert!(
+        e.contains("HTTP 404") && e.contains("injected failure"),
+        "{e}"
+    );
     // A server fault is retried, then succeeds.
     m.fail_next(&[503, 500]);
     c.set_deletion_cost(7).await.unwrap();
@@ -107,7 +128,10 @@ async fn an_unreachable_imds_fails_within_its_bounds() {
         .expect("bounded")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("IMDS GET /v1/status") && e.contains("could not connect"), "{e}");
+    assert!(
+        e.contains("IMDS GET /v1/status") && e.contains("could not connect"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -123,7 +147,10 @@ async fn the_api_client_reads_instances_and_sets_replicas() {
     assert_eq!(list.len(), 2);
     let b = list.iter().find(|i| i.machine_id == "machine-b").unwrap();
     assert_eq!(b.state, InstanceState::Stopping);
-    assert_eq!(api.instance(&b.id).await.unwrap().unwrap().machine_id, "machine-b");
+    assert_eq!(
+        api.instance(&b.id).await.unwrap().unwrap().machine_id,
+        "machine-b"
+    );
     assert!(api
         .instance("0e3f0c2a-0000-4000-8000-999999999999")
         .await
@@ -141,7 +168,7 @@ async fn a_wrong_api_key_is_named_but_never_shown() {
     let m = cloud_mock::Api::start().await;
     let mut cfg = m.config();
     let wrong = "wrong-key-never-to-be-printed-42";
-    cfg.api_key = Some(corral::auth::Secret::new(wrong));
+    cfg.key = Some(corral::auth::Secret::new(wrong));
     let api = SaladApi::new(&cfg.group().unwrap(), Duration::from_secs(2)).unwrap();
     let e = api.instances().await.unwrap_err();
     let text = e.to_string();
@@ -158,7 +185,10 @@ async fn a_wrong_api_key_is_named_but_never_shown() {
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -166,7 +196,7 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 #[tokio::test]
 async fn the_agent_sets_the_latest_advice_at_most_once_per_interval() {
     let m = cloud_mock::Imds::start().await;
-    let cfg = SaladWorkerConfig {
+    let cfg = WorkerCloudConfig {
         enabled: true,
         imds_url: m.url.clone(),
         deletion_cost_interval_s: 0.3,
@@ -174,7 +204,7 @@ async fn the_agent_sets_the_latest_advice_at_most_once_per_interval() {
         container_group_id: Some(cloud_mock::GROUP_ID.into()),
         ..Default::default()
     };
-    let agent = Agent::start(&cfg).unwrap().unwrap();
+    let agent = Agent::start(&cfg).await.unwrap().unwrap();
     assert_eq!(agent.instance().machine_id, "machine-a");
     // Twenty advices within a few milliseconds: the first is set at once,
     // the rest collapse into the latest, set once the interval has passed.
@@ -200,6 +230,47 @@ async fn the_agent_sets_the_latest_advice_at_most_once_per_interval() {
 }
 
 #[tokio::test]
+async fn without_configured_ids_the_agent_reads_the_identity_token() {
+    let m = cloud_mock::Imds::start().await;
+    let cfg = WorkerCloudConfig {
+        enabled: true,
+        imds_url: m.url.clone(),
+        ..Default::default()
+    };
+    // (SALAD_MACHINE_ID is not set where tests run.)
+    let agent = Agent::start(&cfg).await.unwrap().unwrap();
+    assert_eq!(agent.instance().machine_id, cloud_mock::TOKEN_MACHINE);
+    assert_eq!(agent.instance().container_group_id, cloud_mock::GROUP_ID);
+    assert_eq!(m.accepted("GET", "/v1/token").len(), 1);
+    // A configured machine id wins; the token still supplies the group.
+    let cfg = WorkerCloudConfig {
+        machine_id: Some("machine-a".into()),
+        ..cfg
+    };
+    let agent = Agent::start(&cfg).await.unwrap().unwrap();
+    assert_eq!(agent.instance().machine_id, "machine-a");
+    assert_eq!(agent.instance().container_group_id, cloud_mock::GROUP_ID);
+    // No ids anywhere and no IMDS: the worker refuses to start, saying why.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = format!("http://{}", l.local_addr().unwrap());
+    drop(l);
+    let cfg = WorkerCloudConfig {
+        enabled: true,
+        imds_url: gone,
+        imds_timeout_s: 0.5,
+        ..Default::default()
+    };
+    let e = Agent::start(&cfg).await.unwrap_err().to_string();
+    assert!(
+        e.contains("no machine id") && e.contains("SALAD_MACHINE_ID"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
 async fn a_disabled_agent_calls_nothing() {
-    assert!(Agent::start(&SaladWorkerConfig::default()).unwrap().is_none());
+    assert!(Agent::start(&WorkerCloudConfig::default())
+        .await
+        .unwrap()
+        .is_none());
 }

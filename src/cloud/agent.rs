@@ -1,5 +1,6 @@
-//! The worker's side of the cloud (`[worker.salad] enabled`): it announces
-//! the machine it runs on, keeps its SaladCloud deletion cost equal to what
+//! The worker's side of the cloud (`[worker.cloud] enabled`): it learns the
+//! machine it runs on (config, SaladCloud's variables, else the claims of
+//! IMDS's identity token) for the worker's Hello, keeps its SaladCloud deletion cost equal to what
 //! the coordinator advises (one PUT to IMDS at most every
 //! `deletion_cost_interval_s`, the latest value winning), and reallocates
 //! the container to another machine when the coordinator judges the node bad
@@ -16,7 +17,7 @@ use prometheus_client::encoding::DescriptorEncoder;
 use tokio::sync::watch;
 use tracing::{info, info_span, warn, Instrument};
 
-use super::config::SaladWorkerConfig;
+use super::config::WorkerCloudConfig;
 use super::imds::Imds;
 use super::CloudInstance;
 use crate::error::Result;
@@ -43,13 +44,14 @@ pub struct Agent {
 
 impl Agent {
     /// The agent for `cfg`, its PUT loop started; `None` when the cloud is
-    /// off. Needs a tokio runtime.
-    pub fn start(cfg: &SaladWorkerConfig) -> Result<Option<Arc<Self>>> {
+    /// off. Needs a tokio runtime. Fails when no machine id can be found.
+    pub async fn start(cfg: &WorkerCloudConfig) -> Result<Option<Arc<Self>>> {
         if !cfg.enabled {
             return Ok(None);
         }
         cfg.validate()?;
-        let imds = Imds::new(&cfg.imds_url, Duration::from_secs_f64(cfg.timeout_s))?;
+        let imds = Imds::new(&cfg.imds_url, Duration::from_secs_f64(cfg.imds_timeout_s))?;
+        let instance = identify(cfg, &imds).await?;
         let (wanted, rx) = watch::channel(None);
         let counters = Arc::new(Counters {
             cost_set: AtomicI64::new(i64::MIN),
@@ -60,8 +62,7 @@ impl Agent {
             put_loop(imds.clone(), rx, every, counters.clone())
                 .instrument(info_span!("imds_deletion_cost")),
         );
-        let instance = cfg.instance()?;
-        info!(machine_id = %instance.machine_id, imds = %cfg.imds_url, "SaladCloud instance metadata service on");
+        info!(machine_id = %instance.machine_id, container_group_id = %instance.container_group_id, imds = %cfg.imds_url, "SaladCloud instance metadata service on");
         Ok(Some(Arc::new(Self {
             imds,
             instance,
@@ -71,7 +72,7 @@ impl Agent {
         })))
     }
 
-    /// The machine to announce after Hello.
+    /// The machine to announce in Hello.
     pub fn instance(&self) -> &CloudInstance {
         &self.instance
     }
@@ -111,6 +112,38 @@ impl Agent {
     pub fn collector(&self) -> Box<dyn Collector> {
         Box::new(Series(self.counters.clone()))
     }
+}
+
+/// The machine and container group: from the config or SaladCloud's
+/// variables, else from the claims of IMDS's identity token
+/// (`salad_machine_id`, `salad_container_group_id`; read, not verified:
+/// they only name this container to the coordinator).
+async fn identify(cfg: &WorkerCloudConfig, imds: &Imds) -> Result<CloudInstance> {
+    let (mut machine, mut group) = cfg.configured_ids();
+    if machine.is_none() || group.is_none() {
+        match imds.token().await.and_then(|t| super::imds::claims(&t)) {
+            Ok(c) => {
+                machine = machine.or(c.salad_machine_id);
+                group = group.or(c.salad_container_group_id);
+            }
+            Err(e) if machine.is_some() => {
+                warn!(error = %e, "no container group id: the coordinator will not ask the API about this worker");
+            }
+            Err(e) => {
+                return Err(crate::Error::Config(format!(
+                    "cloud.enabled: no machine id (set cloud.machine_id or SALAD_MACHINE_ID, \
+                     or run where IMDS answers /v1/token): {e}"
+                )))
+            }
+        }
+    }
+    let machine = machine.ok_or_else(|| {
+        crate::Error::Config(
+            "cloud.enabled: no machine id in cloud.machine_id, SALAD_MACHINE_ID or IMDS's token"
+                .into(),
+        )
+    })?;
+    CloudInstance::new(machine, group.unwrap_or_default())
 }
 
 async fn put_loop(

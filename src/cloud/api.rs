@@ -50,7 +50,8 @@ impl InstanceState {
 /// One container group instance (the fields Corral reads).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct Instance {
-    /// The instance id.
+    /// The instance id (`instance_id` in the API's earliest versions).
+    #[serde(alias = "instance_id")]
     pub id: String,
     /// The machine it runs on (what workers report as `machine_id`).
     pub machine_id: String,
@@ -126,7 +127,10 @@ impl SaladApi {
     /// One instance; `None` when the API does not know it (404).
     pub async fn instance(&self, id: &str) -> Result<Option<Instance>> {
         if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-            return Err(Error::invalid("instance_id", format!("{id:?} is not an id")));
+            return Err(Error::invalid(
+                "instance_id",
+                format!("{id:?} is not an id"),
+            ));
         }
         let path = format!("{}/instances/{id}", self.group_path);
         let r = self.http.send(Method::GET, &path, None).await?;
@@ -167,5 +171,9 @@ mod tests {
         let l: Instances = serde_json::from_str(body).unwrap();
         assert_eq!(l.instances[0].state, InstanceState::Running);
         assert_eq!(l.instances[1].state, InstanceState::Unknown);
+        // The earliest API versions named the id `instance_id`.
+        let old = r#"{"instance_id":"i-3","machine_id":"m-3","state":"stopping"}"#;
+        let i: Instance = serde_json::from_str(old).unwrap();
+        assert_eq!((i.id.as_str(), i.state), ("i-3", InstanceState::Stopping));
     }
 }

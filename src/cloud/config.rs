@@ -1,8 +1,10 @@
 //! The cloud tables of the config file: `[coordinator.cloud]` (policy:
-//! deletion-cost advice, bad nodes, the desired-workers signal),
-//! `[coordinator.salad]` (SaladCloud's public API) and `[worker.salad]`
+//! deletion-cost advice, bad nodes, the desired-workers signal), its
+//! `[coordinator.cloud.api]` (SaladCloud's public API), and `[worker.cloud]`
 //! (SaladCloud's instance metadata service). Every key gets a flag and a
-//! `CORRAL_*` variable like any other (src/cli/overrides.rs).
+//! `CORRAL_*` variable like any other (src/cli/overrides.rs): the
+//! coordinator's `api.key` is `--cloud-api-key` / `CORRAL_CLOUD_API_KEY`,
+//! the worker's `enabled` is `--cloud-enabled` / `CORRAL_CLOUD_ENABLED`.
 //!
 //! Nothing here is required: with the defaults, no cloud is called and the
 //! wire carries nothing new.
@@ -71,6 +73,8 @@ pub struct CloudConfig {
     pub scale_headroom: f64,
     /// Mean job seconds assumed before any job has completed. Default: 10.
     pub default_job_s: f64,
+    /// SaladCloud's public API (`[coordinator.cloud.api]`). Default: off.
+    pub api: SaladApiConfig,
 }
 
 impl Default for CloudConfig {
@@ -96,6 +100,7 @@ impl Default for CloudConfig {
             scale_target_drain_s: 300.0,
             scale_headroom: 1.25,
             default_job_s: 10.0,
+            api: SaladApiConfig::default(),
         }
     }
 }
@@ -136,10 +141,15 @@ impl CloudConfig {
                 "cloud.bad_bandwidth_median_ratio must be in (0, 1]".into(),
             ));
         }
-        positive("cloud.bad_bandwidth_sustain_s", self.bad_bandwidth_sustain_s)?;
+        positive(
+            "cloud.bad_bandwidth_sustain_s",
+            self.bad_bandwidth_sustain_s,
+        )?;
         positive("cloud.bad_failures_window_s", self.bad_failures_window_s)?;
         if self.bad_failures == 0 {
-            return Err(Error::Config("cloud.bad_failures must be at least 1".into()));
+            return Err(Error::Config(
+                "cloud.bad_failures must be at least 1".into(),
+            ));
         }
         if self.min_workers > self.max_workers || self.max_workers == 0 {
             return Err(Error::Config(
@@ -155,11 +165,12 @@ impl CloudConfig {
                 "cloud.scale_headroom must be at least 1".into(),
             ));
         }
-        positive("cloud.default_job_s", self.default_job_s)
+        positive("cloud.default_job_s", self.default_job_s)?;
+        self.api.validate()
     }
 }
 
-/// `[coordinator.salad]`: SaladCloud's public API, for the instance of a
+/// `[coordinator.cloud.api]`: SaladCloud's public API, for the instance of a
 /// silent worker and, optionally, the container group's replica count. Off
 /// unless `api_key`, `organization`, `project` and `container_group` are
 /// all set.
@@ -167,9 +178,9 @@ impl CloudConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct SaladApiConfig {
     /// Base URL. Default: https://api.salad.com/api/public.
-    pub api_url: String,
+    pub url: String,
     /// API key, sent as `Salad-Api-Key`; never logged. Default: none.
-    pub api_key: Option<Secret>,
+    pub key: Option<Secret>,
     /// Organization name. Default: none.
     pub organization: Option<String>,
     /// Project name. Default: none.
@@ -190,8 +201,8 @@ pub struct SaladApiConfig {
 impl Default for SaladApiConfig {
     fn default() -> Self {
         Self {
-            api_url: "https://api.salad.com/api/public".into(),
-            api_key: None,
+            url: "https://api.salad.com/api/public".into(),
+            key: None,
             organization: None,
             project: None,
             container_group: None,
@@ -216,9 +227,9 @@ pub struct GroupRef {
 impl SaladApiConfig {
     /// The group to call the API about; `None` when the API is off.
     pub fn group(&self) -> Option<GroupRef> {
-        let key = self.api_key.clone().filter(|k| !k.is_empty())?;
+        let key = self.key.clone().filter(|k| !k.is_empty())?;
         Some(GroupRef {
-            api_url: self.api_url.trim_end_matches('/').to_owned(),
+            api_url: self.url.trim_end_matches('/').to_owned(),
             api_key: key,
             organization: self.organization.clone()?,
             project: self.project.clone()?,
@@ -227,22 +238,22 @@ impl SaladApiConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        positive("salad.timeout_s", self.timeout_s)?;
-        non_negative("salad.cache_s", self.cache_s)?;
-        positive("salad.replicas_interval_s", self.replicas_interval_s)?;
+        positive("cloud.api.timeout_s", self.timeout_s)?;
+        non_negative("cloud.api.cache_s", self.cache_s)?;
+        positive("cloud.api.replicas_interval_s", self.replicas_interval_s)?;
         let named = [&self.organization, &self.project, &self.container_group];
-        let keyed = self.api_key.as_ref().is_some_and(|k| !k.is_empty());
+        let keyed = self.key.as_ref().is_some_and(|k| !k.is_empty());
         if keyed && named.iter().any(|n| n.is_none()) {
             return Err(Error::Config(
-                "salad.api_key is set: salad.organization, salad.project and \
-                 salad.container_group are needed too"
+                "cloud.api.key is set: cloud.api.organization, cloud.api.project and \
+                 cloud.api.container_group are needed too"
                     .into(),
             ));
         }
         for (what, v) in [
-            ("salad.organization", &self.organization),
-            ("salad.project", &self.project),
-            ("salad.container_group", &self.container_group),
+            ("cloud.api.organization", &self.organization),
+            ("cloud.api.project", &self.project),
+            ("cloud.api.container_group", &self.container_group),
         ] {
             if let Some(v) = v {
                 if !valid_name(v) {
@@ -255,11 +266,11 @@ impl SaladApiConfig {
         }
         if self.set_replicas && !keyed {
             return Err(Error::Config(
-                "salad.set_replicas needs salad.api_key (and the group's names)".into(),
+                "cloud.api.set_replicas needs cloud.api.key (and the group's names)".into(),
             ));
         }
-        url::Url::parse(&self.api_url)
-            .map_err(|e| Error::Config(format!("salad.api_url {:?}: {e}", self.api_url)))?;
+        url::Url::parse(&self.url)
+            .map_err(|e| Error::Config(format!("cloud.api.url {:?}: {e}", self.url)))?;
         Ok(())
     }
 }
@@ -275,32 +286,34 @@ fn valid_name(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
-/// `[worker.salad]`: SaladCloud's instance metadata service (IMDS).
+/// `[worker.cloud]`: SaladCloud's instance metadata service (IMDS).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
-pub struct SaladWorkerConfig {
+pub struct WorkerCloudConfig {
     /// Announce this worker's machine to the coordinator and act on its
     /// advice through IMDS (deletion cost, reallocation). Default: false.
     pub enabled: bool,
-    /// IMDS base URL. Default: http://169.254.169.254:80.
+    /// IMDS base URL. Default: http://169.254.169.254.
     pub imds_url: String,
     /// Seconds between deletion-cost updates, at least. Default: 5.
     pub deletion_cost_interval_s: f64,
     /// Seconds one IMDS request may take. Default: 2.
-    pub timeout_s: f64,
-    /// The machine id to announce. Default: $SALAD_MACHINE_ID.
+    pub imds_timeout_s: f64,
+    /// The machine id to announce. Default: $SALAD_MACHINE_ID, else the
+    /// `salad_machine_id` claim of IMDS's identity token.
     pub machine_id: Option<String>,
-    /// The container group id to announce. Default: $SALAD_CONTAINER_GROUP_ID.
+    /// The container group id to announce. Default:
+    /// $SALAD_CONTAINER_GROUP_ID, else the token's `salad_container_group_id`.
     pub container_group_id: Option<String>,
 }
 
-impl Default for SaladWorkerConfig {
+impl Default for WorkerCloudConfig {
     fn default() -> Self {
         Self {
             enabled: false,
-            imds_url: "http://169.254.169.254:80".into(),
+            imds_url: super::imds::DEFAULT_URL.into(),
             deletion_cost_interval_s: 5.0,
-            timeout_s: 2.0,
+            imds_timeout_s: 2.0,
             machine_id: None,
             container_group_id: None,
         }
@@ -310,42 +323,34 @@ impl Default for SaladWorkerConfig {
 /// Longest id accepted in `CloudInstance`.
 pub const MAX_ID_BYTES: usize = 128;
 
-impl SaladWorkerConfig {
+impl WorkerCloudConfig {
     pub fn validate(&self) -> Result<()> {
         positive(
-            "salad.deletion_cost_interval_s",
+            "cloud.deletion_cost_interval_s",
             self.deletion_cost_interval_s,
         )?;
-        positive("salad.timeout_s", self.timeout_s)?;
+        positive("cloud.imds_timeout_s", self.imds_timeout_s)?;
         url::Url::parse(&self.imds_url)
-            .map_err(|e| Error::Config(format!("salad.imds_url {:?}: {e}", self.imds_url)))?;
-        if self.enabled {
-            self.instance()?;
-        }
+            .map_err(|e| Error::Config(format!("cloud.imds_url {:?}: {e}", self.imds_url)))?;
         Ok(())
     }
 
-    /// The machine this worker announces: the configured ids, else
-    /// SaladCloud's variables.
-    pub fn instance(&self) -> Result<super::CloudInstance> {
+    /// The ids the config or SaladCloud's variables give (machine id,
+    /// container group id), either possibly missing: the agent then reads
+    /// them from IMDS's identity token (src/cloud/agent.rs).
+    pub fn configured_ids(&self) -> (Option<String>, Option<String>) {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let machine_id = self
+        let machine = self
             .machine_id
             .clone()
-            .or_else(|| var("SALAD_MACHINE_ID"))
-            .ok_or_else(|| {
-                Error::Config(
-                    "salad.enabled: no machine id (set salad.machine_id, or run where \
-                     SALAD_MACHINE_ID is set)"
-                        .into(),
-                )
-            })?;
-        let container_group_id = self
+            .filter(|v| !v.is_empty())
+            .or_else(|| var("SALAD_MACHINE_ID"));
+        let group = self
             .container_group_id
             .clone()
-            .or_else(|| var("SALAD_CONTAINER_GROUP_ID"))
-            .unwrap_or_default();
-        super::CloudInstance::new(machine_id, container_group_id)
+            .filter(|v| !v.is_empty())
+            .or_else(|| var("SALAD_CONTAINER_GROUP_ID"));
+        (machine, group)
     }
 }
 
@@ -357,17 +362,21 @@ mod tests {
     fn defaults_validate_and_the_api_is_off() {
         CloudConfig::default().validate().unwrap();
         SaladApiConfig::default().validate().unwrap();
-        SaladWorkerConfig::default().validate().unwrap();
+        WorkerCloudConfig::default().validate().unwrap();
         assert!(SaladApiConfig::default().group().is_none());
     }
 
     #[test]
     fn an_api_key_needs_the_group_names() {
         let mut c = SaladApiConfig {
-            api_key: Some(Secret::new("k-0123456789")),
+            key: Some(Secret::new("k-0123456789")),
             ..Default::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("organization"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("organization"));
         c.organization = Some("acme".into());
         c.project = Some("prod".into());
         c.container_group = Some("Bad_Name".into());

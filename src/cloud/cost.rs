@@ -201,8 +201,14 @@ mod tests {
         let models: BTreeMap<ModelId, ModelValue> =
             [("m".into(), value(0.1, 2))].into_iter().collect();
         let p = CostParams::default();
-        let two = deletion_costs(&[w("a", 0, &[("m", false)]), w("b", 0, &[("m", false)])], &models, &p);
-        let many: Vec<WorkerLoad> = (0..8).map(|i| w(&format!("w{i}"), 0, &[("m", false)])).collect();
+        let two = deletion_costs(
+            &[w("a", 0, &[("m", false)]), w("b", 0, &[("m", false)])],
+            &models,
+            &p,
+        );
+        let many: Vec<WorkerLoad> = (0..8)
+            .map(|i| w(&format!("w{i}"), 0, &[("m", false)]))
+            .collect();
         let eight = deletion_costs(&many, &models, &p);
         assert!(two[0] > eight[0] * 3.9, "{two:?} {eight:?}");
     }

@@ -143,7 +143,12 @@ impl JsonClient {
     }
 
     /// The JSON body of a 2xx reply as `T`.
-    pub fn parse<T: DeserializeOwned>(&self, method: Method, path: &str, reply: &Reply) -> Result<T> {
+    pub fn parse<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        reply: &Reply,
+    ) -> Result<T> {
         serde_json::from_slice(&reply.body).map_err(|e| {
             Error::Unavailable(format!(
                 "{} {method} {path}: unexpected response body: {e}",

@@ -21,7 +21,7 @@ use super::http::JsonClient;
 use crate::error::{Error, Result};
 
 /// The default base URL.
-pub const DEFAULT_URL: &str = "http://169.254.169.254:80";
+pub const DEFAULT_URL: &str = "http://169.254.169.254";
 
 /// `GET /v1/status`.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -45,6 +45,30 @@ struct Token {
 #[derive(Serialize)]
 struct Reallocate<'a> {
     reason: &'a str,
+}
+
+/// The identity token's claims Corral reads (SaladCloud's JWT
+/// authentication guide names them).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    pub salad_machine_id: Option<String>,
+    pub salad_container_group_id: Option<String>,
+}
+
+/// The claims of an identity token, read without verifying its signature
+/// (the token came from this machine's IMDS; nothing is granted by it).
+pub fn claims(token: &crate::auth::Secret) -> Result<Claims> {
+    use base64::Engine as _;
+    let bad = |why: &str| Error::Unavailable(format!("IMDS GET /v1/token: {why}"));
+    let payload = token
+        .expose()
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| bad("the token is not a JWT"))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| bad("the token's payload is not base64url"))?;
+    serde_json::from_slice(&bytes).map_err(|_| bad("the token's payload is not a JSON object"))
 }
 
 /// An IMDS client.
@@ -77,7 +101,10 @@ impl Imds {
     }
 
     pub async fn deletion_cost(&self) -> Result<i32> {
-        let r = self.http.call(Method::GET, "/v1/deletion-cost", None).await?;
+        let r = self
+            .http
+            .call(Method::GET, "/v1/deletion-cost", None)
+            .await?;
         let c: DeletionCost = self.http.parse(Method::GET, "/v1/deletion-cost", &r)?;
         Ok(c.deletion_cost)
     }
@@ -97,7 +124,11 @@ impl Imds {
     /// `reason` (cut to 1000 bytes) is reported to SaladCloud support.
     pub async fn reallocate(&self, reason: &str) -> Result<()> {
         let reason = super::truncate(reason.trim(), super::MAX_REASON_BYTES);
-        let reason = if reason.is_empty() { "unspecified" } else { reason };
+        let reason = if reason.is_empty() {
+            "unspecified"
+        } else {
+            reason
+        };
         let body = serde_json::to_vec(&Reallocate { reason })
             .map_err(|e| Error::Internal(e.to_string()))?;
         self.http
@@ -116,5 +147,27 @@ impl Imds {
     pub async fn restart(&self) -> Result<()> {
         self.http.call(Method::POST, "/v1/restart", None).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Secret;
+
+    #[test]
+    fn token_claims_are_read_and_junk_is_named() {
+        // {"sub":"m-1","salad_machine_id":"m-1","salad_container_group_id":"g-1"}
+        let jwt = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJtLTEiLCJzYWxhZF9tYWNoaW5lX2lkIjoibS0xIiwic2FsYWRfY29udGFpbmVyX2dyb3VwX2lkIjoiZy0xIn0.c2ln";
+        let c = claims(&Secret::new(jwt)).unwrap();
+        assert_eq!(c.salad_machine_id.as_deref(), Some("m-1"));
+        assert_eq!(c.salad_container_group_id.as_deref(), Some("g-1"));
+        // {"sub":"x"}: no Salad claims.
+        let c = claims(&Secret::new("e30.eyJzdWIiOiJ4In0.c2ln")).unwrap();
+        assert_eq!(c, Claims::default());
+        for bad in ["not-a-jwt", "a.!!!.c", "a.bm90IGpzb24.c"] {
+            let e = claims(&Secret::new(bad)).unwrap_err().to_string();
+            assert!(e.contains("IMDS GET /v1/token"), "{e}");
+        }
     }
 }

@@ -110,7 +110,10 @@ const HOUR_MS: Millis = 3_600_000;
 impl Judge {
     /// A load or inference failure on `worker`.
     pub fn failure(&mut self, worker: &WorkerId, now: Millis) {
-        self.failures.entry(worker.clone()).or_default().push_back(now);
+        self.failures
+            .entry(worker.clone())
+            .or_default()
+            .push_back(now);
     }
 
     /// Forgets a node (it left, or came back on another machine).
@@ -256,7 +259,9 @@ mod tests {
     }
 
     fn fleet(slow_bps: u64) -> Vec<NodeView> {
-        let mut v: Vec<NodeView> = (0..19).map(|i| node(&format!("w{i}"), 100_000_000 + i)).collect();
+        let mut v: Vec<NodeView> = (0..19)
+            .map(|i| node(&format!("w{i}"), 100_000_000 + i))
+            .collect();
         v.push(node("slow", slow_bps));
         v
     }
@@ -294,10 +299,22 @@ mod tests {
         let nodes = [node("a", 0), node("b", 0)];
         j.failure(&"a".into(), 0);
         j.failure(&"a".into(), 70_000);
-        assert!(j.evaluate(&nodes, 70_000, &p).is_empty(), "the first fell out of the window");
+        assert!(
+            j.evaluate(&nodes, 70_000, &p).is_empty(),
+            "the first fell out of the window"
+        );
         j.failure(&"a".into(), 80_000);
         let v = j.evaluate(&nodes, 80_000, &p);
-        assert_eq!(v, vec![("a".into(), BadReason::Failures { count: 2, window_s: 60 })]);
+        assert_eq!(
+            v,
+            vec![(
+                "a".into(),
+                BadReason::Failures {
+                    count: 2,
+                    window_s: 60
+                }
+            )]
+        );
     }
 
     #[test]

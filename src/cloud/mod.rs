@@ -1,12 +1,12 @@
 //! The cloud around the fleet: SaladCloud's instance metadata service (IMDS)
 //! on the worker, and its public API on the coordinator, so that the fleet
 //! heals and scales with its cache in mind. Nothing here is required: without
-//! `[worker.salad] enabled` and `[coordinator.salad]` credentials, no cloud is
-//! called and the wire carries nothing new (docs/saladcloud.md).
+//! `[worker.cloud] enabled` and `[coordinator.cloud.api]` credentials, no
+//! cloud is called and the wire carries nothing new (docs/saladcloud.md).
 //!
 //! What lives here:
-//! - `config`: the `[coordinator.cloud]`, `[coordinator.salad]` and
-//!   `[worker.salad]` tables.
+//! - `config`: the `[coordinator.cloud]` (with `[coordinator.cloud.api]`)
+//!   and `[worker.cloud]` tables.
 //! - `http`: bounded, retried JSON calls whose errors name the endpoint and
 //!   never carry a credential; `imds` and `api` are the two clients on it.
 //! - `cost`, `judge`, `scale`: pure decisions (no I/O, no tokio), shared with
@@ -34,12 +34,12 @@ pub mod scale;
 pub mod steward;
 pub mod watch;
 
-pub use config::{CloudConfig, SaladApiConfig, SaladWorkerConfig};
+pub use config::{CloudConfig, SaladApiConfig, WorkerCloudConfig};
 pub use steward::Steward;
 
 use crate::error::{Error, Result};
 
-/// Which cloud machine a worker runs on (workers.proto `CloudInstance`).
+/// Which cloud machine a worker runs on (workers.proto `Hello.cloud`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CloudInstance {
     /// SaladCloud's `SALAD_MACHINE_ID`.
@@ -52,22 +52,21 @@ impl CloudInstance {
     /// Checks the ids: a machine id is required, both are short printable
     /// ASCII (they go into logs and are compared with the API's).
     pub fn new(machine_id: String, container_group_id: String) -> Result<Self> {
-        let ok = |s: &str| {
-            s.len() <= config::MAX_ID_BYTES && s.bytes().all(|b| b.is_ascii_graphic())
-        };
+        let ok =
+            |s: &str| s.len() <= config::MAX_ID_BYTES && s.bytes().all(|b| b.is_ascii_graphic());
         if machine_id.is_empty() || !ok(&machine_id) {
             return Err(Error::invalid(
-                "cloud_instance.machine_id",
-                format!(
-                    "must be 1-{} printable ASCII bytes",
-                    config::MAX_ID_BYTES
-                ),
+                "hello.cloud.machine_id",
+                format!("must be 1-{} printable ASCII bytes", config::MAX_ID_BYTES),
             ));
         }
         if !ok(&container_group_id) {
             return Err(Error::invalid(
-                "cloud_instance.container_group_id",
-                format!("must be at most {} printable ASCII bytes", config::MAX_ID_BYTES),
+                "hello.cloud.container_group_id",
+                format!(
+                    "must be at most {} printable ASCII bytes",
+                    config::MAX_ID_BYTES
+                ),
             ));
         }
         Ok(Self {

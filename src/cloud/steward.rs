@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::config::{CloudConfig, SaladApiConfig};
+use super::config::CloudConfig;
 use super::cost::{self, CostParams, Holding, ModelValue, WorkerLoad};
 use super::judge::{BadReason, Judge, JudgeParams, NodeView};
 use super::scale::{Load, Rate, ScaleParams, Scaler};
@@ -63,7 +63,10 @@ pub struct FleetView {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     /// Send `Advice { deletion_cost }`.
-    Advise { worker: WorkerId, deletion_cost: i32 },
+    Advise {
+        worker: WorkerId,
+        deletion_cost: i32,
+    },
     /// Stop assigning to it, and send `Drain { reason, reallocate: true }`.
     Reallocate { worker: WorkerId, reason: BadReason },
     /// Its machine no longer runs it: remove it and requeue its jobs now.
@@ -121,7 +124,6 @@ struct Api {
 #[derive(Debug)]
 pub struct Steward {
     cfg: CloudConfig,
-    salad: SaladApiConfig,
     cost_model: CostModel,
     state: Mutex<State>,
     api: OnceLock<Option<Api>>,
@@ -130,7 +132,7 @@ pub struct Steward {
 }
 
 impl Steward {
-    pub fn new(cfg: CloudConfig, salad: SaladApiConfig, cost_model: CostModel) -> Self {
+    pub fn new(cfg: CloudConfig, cost_model: CostModel) -> Self {
         let scaler = Scaler::new(ScaleParams::from(&cfg));
         Self {
             desired: AtomicU64::new(u64::from(scaler.current())),
@@ -144,7 +146,6 @@ impl Steward {
                 arrivals: Rate::new(60_000),
             }),
             cfg,
-            salad,
             cost_model,
             api: OnceLock::new(),
             counters: Counters::default(),
@@ -160,11 +161,11 @@ impl Steward {
         if let Some(api) = self.api.get() {
             return api.as_ref();
         }
-        let group = self.salad.group()?;
+        let group = self.cfg.api.group()?;
         tokio::runtime::Handle::try_current().ok()?;
         self.api
             .get_or_init(|| {
-                let timeout = Duration::from_secs_f64(self.salad.timeout_s);
+                let timeout = Duration::from_secs_f64(self.cfg.api.timeout_s);
                 let client = match super::api::SaladApi::new(&group, timeout) {
                     Ok(c) => c,
                     Err(e) => {
@@ -172,17 +173,17 @@ impl Steward {
                         return None;
                     }
                 };
-                info!(group = %group.container_group, set_replicas = self.salad.set_replicas, "asking the SaladCloud API about silent workers");
-                let cache = Duration::from_secs_f64(self.salad.cache_s);
+                info!(group = %group.container_group, set_replicas = self.cfg.api.set_replicas, "asking the SaladCloud API about silent workers");
+                let cache = Duration::from_secs_f64(self.cfg.api.cache_s);
                 Some(Api {
                     watch: InstanceWatch::spawn(client.clone(), cache),
-                    replicas: self.salad.set_replicas.then(|| {
+                    replicas: self.cfg.api.set_replicas.then(|| {
                         ReplicaSetter::spawn(
                             client,
-                            Duration::from_secs_f64(self.salad.replicas_interval_s),
+                            Duration::from_secs_f64(self.cfg.api.replicas_interval_s),
                         )
                     }),
-                    cache_ms: (self.salad.cache_s * 1000.0) as Millis,
+                    cache_ms: (self.cfg.api.cache_s * 1000.0) as Millis,
                 })
             })
             .as_ref()
@@ -208,6 +209,17 @@ impl Steward {
                 seen_ms: now,
             },
         );
+    }
+
+    /// A worker that said Hello without a cloud machine: nothing cloudy
+    /// about it any more.
+    pub fn forget(&self, worker: &WorkerId) {
+        let mut s = self.state();
+        if s.announced.remove(worker).is_some() {
+            s.judge.forget(worker);
+            s.advised.remove(worker);
+            s.asked.remove(worker);
+        }
     }
 
     /// Whether the worker announced a cloud machine.
@@ -238,7 +250,7 @@ impl Steward {
         if now >= s.next_eval_ms {
             return Some(true);
         }
-        let watching = self.salad.group().is_some() && !s.announced.is_empty();
+        let watching = self.cfg.api.group().is_some() && !s.announced.is_empty();
         watching.then_some(false)
     }
 
@@ -318,7 +330,8 @@ impl Steward {
 
     fn ask_about_silent(&self, s: &mut State, api: &Api, view: &FleetView) {
         let now = view.now_ms;
-        s.asked.retain(|w, _| view.workers.iter().any(|v| &v.worker == w));
+        s.asked
+            .retain(|w, _| view.workers.iter().any(|v| &v.worker == w));
         for w in &view.workers {
             if now.saturating_sub(w.last_seen_ms) <= view.heartbeat_interval_ms {
                 continue;
@@ -329,10 +342,9 @@ impl Steward {
             if a.instance.container_group_id.is_empty() {
                 continue;
             }
-            let recently = s
-                .asked
-                .get(&w.worker)
-                .is_some_and(|t| now.saturating_sub(*t) < api.cache_ms.max(view.heartbeat_interval_ms));
+            let recently = s.asked.get(&w.worker).is_some_and(|t| {
+                now.saturating_sub(*t) < api.cache_ms.max(view.heartbeat_interval_ms)
+            });
             if recently {
                 continue;
             }
@@ -381,7 +393,8 @@ impl Steward {
             })
             .collect();
         let costs = cost::deletion_costs(&loads, &models, &CostParams::from(&self.cfg));
-        s.advised.retain(|w, _| view.workers.iter().any(|v| &v.worker == w));
+        s.advised
+            .retain(|w, _| view.workers.iter().any(|v| &v.worker == w));
         for (w, seconds) in view.workers.iter().zip(costs) {
             if !s.announced.contains_key(&w.worker) {
                 continue;
@@ -413,7 +426,10 @@ impl Steward {
                 cache_max_bytes: w.cache_max_bytes,
             })
             .collect();
-        for (worker, reason) in s.judge.evaluate(&nodes, view.now_ms, &JudgeParams::from(&self.cfg)) {
+        for (worker, reason) in s
+            .judge
+            .evaluate(&nodes, view.now_ms, &JudgeParams::from(&self.cfg))
+        {
             let c = &self.counters;
             match reason {
                 BadReason::Disk { .. } => &c.bad_disk,
@@ -443,7 +459,12 @@ impl Steward {
         let desired = s.scaler.update(&load, view.now_ms);
         let before = self.desired.swap(u64::from(desired), Relaxed);
         if before != u64::from(desired) {
-            info!(desired, queued = view.queued, arrival_per_s, "desired workers changed");
+            info!(
+                desired,
+                queued = view.queued,
+                arrival_per_s,
+                "desired workers changed"
+            );
         }
         if let Some(r) = api.and_then(|a| a.replicas.as_ref()) {
             r.want(desired);
@@ -452,11 +473,15 @@ impl Steward {
 
     /// The cloud series of the coordinator's `/metrics`.
     pub fn encode(&self, g: &mut Scrape<'_, '_>) -> Result<(), std::fmt::Error> {
-        #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+        #[derive(
+            Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet,
+        )]
         struct Reason {
             reason: &'static str,
         }
-        #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+        #[derive(
+            Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet,
+        )]
         struct Result_ {
             result: &'static str,
         }

@@ -199,7 +199,11 @@ impl Task {
                 self.api.group_name()
             ));
         }
-        let list = self.list.as_ref().map(|(_, l)| l.as_slice()).unwrap_or_default();
+        let list = self
+            .list
+            .as_ref()
+            .map(|(_, l)| l.as_slice())
+            .unwrap_or_default();
         // Two instances on one machine: if either runs, so may the worker.
         let states: Vec<&InstanceState> = list
             .iter()

@@ -12,6 +12,19 @@ use crate::cloud::steward::{Action, FleetView, ModelView, WorkerView};
 use crate::types::*;
 
 impl Coordinator {
+    /// A worker's Hello named its cloud machine, or named none (then any
+    /// machine it announced on an earlier stream is forgotten).
+    pub(super) fn cloud_hello(
+        &self,
+        worker: &WorkerId,
+        cloud: Option<crate::cloud::CloudInstance>,
+    ) {
+        match cloud {
+            Some(instance) => self.cloud.announce(worker, instance, self.now_ms()),
+            None => self.cloud.forget(worker),
+        }
+    }
+
     /// The cloud's part of a tick (after the snapshot is refreshed).
     pub(super) fn cloud_tick(&self) {
         let now = self.now_ms();

@@ -253,11 +253,6 @@ impl Coordinator {
                 warn!(worker_id = %worker, model_id = %p.model_id, reason = %crate::redact::text(&p.reason), "prefetch failed");
                 Ok(())
             }
-            Msg::CloudInstance(c) => {
-                let instance = crate::cloud::CloudInstance::try_from(c)?;
-                self.cloud.announce(worker, instance, self.now_ms());
-                Ok(())
-            }
             Msg::GoingAway(g) => {
                 let reason = crate::redact::text(&g.reason);
                 self.worker_gone(worker, conn, &format!("went away: {reason}"), true);

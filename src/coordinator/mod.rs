@@ -98,11 +98,7 @@ impl Coordinator {
                 cluster::Gauges(me.clone()),
             )))),
             sched: Mutex::new(Scheduler::new(cfg.scheduler())),
-            cloud: crate::cloud::Steward::new(
-                cfg.cloud.clone(),
-                cfg.salad.clone(),
-                cfg.scheduler().cost,
-            ),
+            cloud: crate::cloud::Steward::new(cfg.cloud.clone(), cfg.scheduler().cost),
             cfg,
             clock,
             records: Arc::new(Records::default()),

@@ -10,8 +10,8 @@
 //! to an outbox that outlives any one stream, so a result finished while
 //! the stream was down is delivered after the reconnect.
 //!
-//! On SaladCloud (`[worker.salad] enabled`) it also announces its machine
-//! after Hello, passes the coordinator's deletion-cost Advice to the metadata
+//! On SaladCloud (`[worker.cloud] enabled`) it also names its machine in
+//! Hello, passes the coordinator's deletion-cost Advice to the metadata
 //! service, and on `Drain { reallocate }` drains like on SIGTERM, then asks
 //! to be moved to another machine (src/cloud/agent.rs).
 
@@ -56,7 +56,7 @@ pub struct Worker {
     /// The largest message the coordinator takes (its Welcome says).
     max_message_bytes: std::sync::atomic::AtomicU64,
     metrics: crate::metrics::WorkerMetrics,
-    /// SaladCloud's metadata service, when `[worker.salad] enabled`.
+    /// SaladCloud's metadata service, when `[worker.cloud] enabled`.
     cloud: Option<Arc<crate::cloud::agent::Agent>>,
     /// A stream to the coordinator is up (Welcome received).
     connected: AtomicBool,
@@ -84,7 +84,7 @@ impl Worker {
         .await?;
         let (outbox, rx) = mpsc::unbounded_channel();
         let resident = Residency::new(cfg.vram_budget(), cfg.max_loaded_models);
-        let cloud = crate::cloud::agent::Agent::start(&cfg.salad)?;
+        let cloud = crate::cloud::agent::Agent::start(&cfg.cloud).await?;
         let worker = Arc::new_cyclic(|me| {
             let metrics = crate::metrics::WorkerMetrics::new();
             metrics.add_collector(Box::new(super::http::Gauges(me.clone())));
@@ -698,14 +698,11 @@ async fn connect_once(
         .max_encoding_message_size(256 << 20);
     let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(1024);
     let up = |m: Up| pb::WorkerMessage { msg: Some(m) };
-    tx.send(up(Up::Hello((&worker.hello()).into())))
+    let mut hello: pb::Hello = (&worker.hello()).into();
+    hello.cloud = worker.cloud.as_ref().map(|a| a.instance().into());
+    tx.send(up(Up::Hello(hello)))
         .await
         .map_err(|_| Error::Internal("fresh channel closed".into()))?;
-    if let Some(agent) = &worker.cloud {
-        tx.send(up(Up::CloudInstance(agent.instance().into())))
-            .await
-            .map_err(|_| Error::Internal("fresh channel closed".into()))?;
-    }
     // A coordinator that accepts the connection but never answers (a
     // paused process) must not hold the worker.
     let connected = tokio::time::timeout(

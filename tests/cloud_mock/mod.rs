@@ -1,7 +1,7 @@
 //! Local stand-ins for SaladCloud's instance metadata service (IMDS) and
 //! public API, built from their public OpenAPI documents (IMDS 0.9.0-alpha,
 //! API 0.9.0-alpha), that record every request. Point Corral at them with
-//! `[worker.salad] imds_url` and `[coordinator.salad] api_url`.
+//! `[worker.cloud] imds_url` and `[coordinator.cloud.api] url`.
 //!
 //! IMDS rules implemented: every request needs `Metadata: true` and no
 //! `X-Forwarded-For/Host/Proto` header, else 403; bodies are JSON; errors
@@ -70,7 +70,9 @@ async fn serve(app: axum::Router) -> String {
 
 async fn record(req: Request) -> (Call, Bytes) {
     let (parts, body) = req.into_parts();
-    let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
     let call = Call {
         method: parts.method,
         path: parts.uri.path().to_owned(),
@@ -174,10 +176,7 @@ fn imds_answer(st: &ImdsState, call: &Call, body: &[u8]) -> Response {
             StatusCode::OK,
             serde_json::json!({"ready": true, "started": true}),
         ),
-        ("GET", "/v1/token") => json(
-            StatusCode::OK,
-            serde_json::json!({"jwt": "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJtIn0.c2ln"}),
-        ),
+        ("GET", "/v1/token") => json(StatusCode::OK, serde_json::json!({ "jwt": token() })),
         ("GET", "/v1/deletion-cost") => json(
             StatusCode::OK,
             serde_json::json!({"deletion_cost": *st.deletion_cost.lock().unwrap()}),
@@ -216,6 +215,26 @@ fn imds_answer(st: &ImdsState, call: &Call, body: &[u8]) -> Response {
     }
 }
 
+/// An identity token like SaladCloud's: a JWT whose claims name the machine
+/// and the container group (the signature is not checked by Corral).
+pub fn token() -> String {
+    use base64::Engine as _;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let header = b64(serde_json::json!({"alg": "ES256", "typ": "JWT"}));
+    let claims = b64(serde_json::json!({
+        "sub": TOKEN_MACHINE,
+        "salad_machine_id": TOKEN_MACHINE,
+        "salad_container_group_id": GROUP_ID,
+        "salad_organization_name": ORG,
+    }));
+    format!("{header}.{claims}.c2lnbmF0dXJl")
+}
+
+/// The machine the stand-in's identity token names.
+pub const TOKEN_MACHINE: &str = "4f1d7c2e-9a0b-4c3d-8e5f-112233445566";
+
 // ---- API ----------------------------------------------------------------------
 
 pub const ORG: &str = "acme";
@@ -252,11 +271,11 @@ impl Api {
         }
     }
 
-    /// `[coordinator.salad]` pointing at this server.
+    /// `[coordinator.cloud.api]` pointing at this server.
     pub fn config(&self) -> corral::cloud::SaladApiConfig {
         corral::cloud::SaladApiConfig {
-            api_url: self.url.clone(),
-            api_key: Some(corral::auth::Secret::new(KEY)),
+            url: self.url.clone(),
+            key: Some(corral::auth::Secret::new(KEY)),
             organization: Some(ORG.into()),
             project: Some(PROJECT.into()),
             container_group: Some(GROUP.into()),
@@ -323,7 +342,10 @@ fn instance_json(id: &str, machine: &str, state: &str) -> serde_json::Value {
 }
 
 fn api_answer(st: &ApiState, call: &Call, body: &[u8]) -> Response {
-    let key = call.headers.get("salad-api-key").and_then(|v| v.to_str().ok());
+    let key = call
+        .headers
+        .get("salad-api-key")
+        .and_then(|v| v.to_str().ok());
     if key != Some(KEY) {
         return problem(
             StatusCode::UNAUTHORIZED,
@@ -333,7 +355,11 @@ fn api_answer(st: &ApiState, call: &Call, body: &[u8]) -> Response {
     }
     let group_path = format!("/organizations/{ORG}/projects/{PROJECT}/containers/{GROUP}");
     let Some(rest) = call.path.strip_prefix(&group_path) else {
-        return problem(StatusCode::NOT_FOUND, "not-found", "no such container group");
+        return problem(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "no such container group",
+        );
     };
     let group = |replicas: u32| {
         serde_json::json!({
