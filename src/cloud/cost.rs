@@ -113,7 +113,7 @@ pub fn deletion_costs(
 
 /// What one of `copies` copies of a model is worth.
 fn copy_value(m: &ModelValue, copies: u32, p: &CostParams) -> f64 {
-    if !(m.demand_per_s > 0.0) || !(m.refill_s > 0.0) {
+    if !positive(m.demand_per_s) || !positive(m.refill_s) {
         return 0.0;
     }
     let asked = 1.0 - (-m.demand_per_s * p.horizon_s).exp();
@@ -128,9 +128,14 @@ fn copy_value(m: &ModelValue, copies: u32, p: &CostParams) -> f64 {
     m.refill_s * asked * weight
 }
 
+/// Above zero (NaN is not).
+fn positive(v: f64) -> bool {
+    v > 0.0
+}
+
 /// Seconds as a deletion cost: tenths of a second, 0..=100000.
 pub fn to_deletion_cost(seconds: f64) -> i32 {
-    if !(seconds > 0.0) {
+    if !positive(seconds) {
         return 0;
     }
     (seconds * 10.0).round().min(f64::from(MAX_DELETION_COST)) as i32
