@@ -595,8 +595,14 @@ async fn ready_once_connected() {
     // The coordinator's port is bound but not served yet.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
+    // One model baked into the "image".
+    let (models, pre) = (tmp(), tmp());
+    make_model(models.path(), "baked");
+    copy_dir(&models.path().join("baked"), &pre.path().join("baked"));
     let d = tmp();
-    let w = CloudWorker::start("wr", worker_config(&url, d.path()), None).await;
+    let mut wcfg = worker_config(&url, d.path());
+    wcfg.preloaded_dir = Some(pre.path().to_path_buf());
+    let w = CloudWorker::start("wr", wcfg, None).await;
     let (status, why) = w.ready().await;
     assert_eq!(
         (status, why.trim()),
@@ -619,8 +625,28 @@ async fn ready_once_connected() {
         move || async move { wr.ready().await.0 == 200 },
     )
     .await;
-    assert!(w.worker.readiness().is_ok());
-    w.stop().await;
+    let (_, body) = w.ready().await;
+    assert_eq!(body.trim(), "ready: connected, 1 preloaded models verified");
+    assert_eq!(w.worker.readiness(), Ok(1));
+    // The coordinator goes away: not ready until the worker reconnects.
     let _ = stop.send(());
     let _ = coord.await;
+    wait_until(20, "not ready", move || async move {
+        wr.ready().await == (503, "not connected to the coordinator\n".into())
+    })
+    .await;
+    w.stop().await;
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
 }

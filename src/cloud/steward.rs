@@ -243,12 +243,13 @@ impl Steward {
     }
 
     /// What the next [`tick`](Self::tick) needs: `None`, nothing (skip it);
-    /// `Some(false)`, the workers' liveness only; `Some(true)`, the full
-    /// view (an evaluation is due).
+    /// `Some(false)`, the workers' liveness and load only; `Some(true)`, the
+    /// full view (an evaluation is due and some worker is a cloud worker).
     pub fn wants_view(&self, now: Millis) -> Option<bool> {
         let s = self.state();
         if now >= s.next_eval_ms {
-            return Some(true);
+            // Holdings and demand matter only with cloud workers to advise.
+            return Some(!s.announced.is_empty());
         }
         let watching = self.cfg.api.group().is_some() && !s.announced.is_empty();
         watching.then_some(false)
@@ -284,9 +285,11 @@ impl Steward {
             return out;
         }
         s.next_eval_ms = now + (self.cfg.advice_interval_s * 1000.0) as Millis;
-        self.advise(&mut s, view, &mut out);
-        if self.cfg.bad_nodes {
-            self.judge(&mut s, view, &mut out);
+        if !s.announced.is_empty() {
+            self.advise(&mut s, view, &mut out);
+            if self.cfg.bad_nodes {
+                self.judge(&mut s, view, &mut out);
+            }
         }
         self.scale(&mut s, view, api);
         out
@@ -550,5 +553,158 @@ impl Steward {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(id: &str, holds: &[&str], cache_max_bytes: u64) -> WorkerView {
+        WorkerView {
+            worker: id.into(),
+            last_seen_ms: 0,
+            running_jobs: 0,
+            slots: 1,
+            holds: holds
+                .iter()
+                .map(|m| Holding {
+                    model: (*m).into(),
+                    preloaded: false,
+                })
+                .collect(),
+            download_bps: 50_000_000,
+            cache_max_bytes,
+            draining: false,
+        }
+    }
+
+    fn view(now_ms: Millis, workers: Vec<WorkerView>, hot_rate: f64) -> FleetView {
+        let model = |rate: f64| ModelView {
+            demand_per_s: rate,
+            replica_target: 2,
+            bytes: 2_000_000_000,
+        };
+        FleetView {
+            now_ms,
+            heartbeat_interval_ms: 1_000,
+            workers,
+            models: [("hot".into(), model(hot_rate)), ("cold".into(), model(0.0))]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn costs(actions: &[Action]) -> BTreeMap<String, i32> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Advise {
+                    worker,
+                    deletion_cost,
+                } => Some((worker.0.clone(), *deletion_cost)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn advice_goes_to_cloud_workers_on_change_only() {
+        let cfg = CloudConfig {
+            advice_interval_s: 1.0,
+            ..Default::default()
+        };
+        let st = Steward::new(cfg, CostModel::default());
+        let fleet = || {
+            vec![
+                worker("alone", &["hot"], 1 << 40),
+                worker("spare", &["cold"], 1 << 40),
+                worker("plain", &["hot"], 1 << 40),
+            ]
+        };
+        // "plain" never named a cloud machine: no advice for it, ever.
+        for w in ["alone", "spare"] {
+            st.announce(
+                &w.into(),
+                CloudInstance::new(format!("m-{w}"), String::new()).unwrap(),
+                0,
+            );
+        }
+        let first = costs(&st.tick(&view(0, fleet(), 0.5)));
+        assert_eq!(first.keys().collect::<Vec<_>>(), ["alone", "spare"]);
+        assert!(first["alone"] > 0 && first["spare"] == 0, "{first:?}");
+        // Within the interval: nothing; after it, unchanged: nothing.
+        assert!(st.tick(&view(500, fleet(), 0.5)).is_empty());
+        assert!(costs(&st.tick(&view(1_000, fleet(), 0.5))).is_empty());
+        // "plain" drops its copy: "alone" now holds the only one, worth more.
+        let mut f = fleet();
+        f[2].holds.clear();
+        let later = costs(&st.tick(&view(2_000, f, 0.5)));
+        assert_eq!(later.keys().collect::<Vec<_>>(), ["alone"]);
+        assert!(later["alone"] > first["alone"], "{first:?} {later:?}");
+        // A worker that reconnects without a cloud machine is forgotten.
+        st.forget(&"alone".into());
+        assert!(!st.is_cloud(&"alone".into()));
+    }
+
+    #[test]
+    fn a_small_disk_is_judged_once() {
+        let cfg = CloudConfig {
+            advice_interval_s: 1.0,
+            min_disk_bytes: 1_000,
+            ..Default::default()
+        };
+        let st = Steward::new(cfg, CostModel::default());
+        st.announce(
+            &"small".into(),
+            CloudInstance::new("m-s".into(), String::new()).unwrap(),
+            0,
+        );
+        let fleet = || vec![worker("small", &[], 10), worker("plain-small", &[], 10)];
+        let verdicts = |actions: Vec<Action>| -> Vec<String> {
+            actions
+                .into_iter()
+                .filter_map(|a| match a {
+                    Action::Reallocate { worker, reason } => {
+                        Some(format!("{worker}: {}", reason.kind()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(verdicts(st.tick(&view(0, fleet(), 0.0))), ["small: disk"]);
+        assert!(verdicts(st.tick(&view(5_000, fleet(), 0.0))).is_empty());
+    }
+
+    #[test]
+    fn desired_workers_follow_the_queue() {
+        let cfg = CloudConfig {
+            advice_interval_s: 1.0,
+            min_workers: 2,
+            max_workers: 8,
+            cold_start_s: 0.0,
+            scale_target_drain_s: 10.0,
+            scale_down_cooldown_s: 0.0,
+            ..Default::default()
+        };
+        let st = Steward::new(cfg, CostModel::default());
+        assert_eq!(st.desired_workers(), 2);
+        let mut v = view(0, vec![], 0.0);
+        v.queued = 30;
+        v.mean_job_s = Some(2.0);
+        st.tick(&v);
+        // 30 jobs x 2 s over 10 s: 6 workers.
+        assert_eq!(st.desired_workers(), 6);
+        v.now_ms = 1_000;
+        v.queued = 1_000;
+        st.tick(&v);
+        assert_eq!(st.desired_workers(), 8, "the maximum");
+        v.now_ms = 2_000;
+        v.queued = 0;
+        st.tick(&v);
+        v.now_ms = 3_000;
+        st.tick(&v);
+        assert_eq!(st.desired_workers(), 2, "the minimum");
     }
 }

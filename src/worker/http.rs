@@ -1,8 +1,9 @@
 //! The worker's HTTP port (`http_listen`): Prometheus `/metrics` with what
 //! the session counts (jobs by tier, phase durations, failures) and what the
 //! disk cache counts (through [`worker_cache_stats`]); and `/ready`, 200 once
-//! the worker is connected to the coordinator and taking jobs, 503 (with
-//! why) otherwise, for a container platform's readiness probe.
+//! the worker is connected to the coordinator and taking jobs (its preloaded
+//! bundles were verified before the port opened), 503 with why otherwise,
+//! for a container platform's readiness probe.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
@@ -127,7 +128,11 @@ async fn ready(State(w): State<Weak<Worker>>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, "worker stopped\n").into_response();
     };
     match w.readiness() {
-        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(preloaded) => (
+            StatusCode::OK,
+            format!("ready: connected, {preloaded} preloaded models verified\n"),
+        )
+            .into_response(),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     }
 }

@@ -126,15 +126,18 @@ impl Worker {
     }
 
     /// Ready for the container platform's probe: connected to the
-    /// coordinator and taking jobs. (Preloaded models were verified when the
-    /// cache opened, before this worker existed.) Otherwise why not.
-    pub fn readiness(&self) -> std::result::Result<(), &'static str> {
+    /// coordinator (Welcome received) and not draining. The preloaded
+    /// bundles were verified when the cache opened, before this worker
+    /// existed (a bad one is skipped, never served); `Ok` says how many
+    /// passed. Otherwise why not.
+    pub fn readiness(&self) -> std::result::Result<usize, &'static str> {
         if !self.connected.load(Ordering::SeqCst) {
             Err("not connected to the coordinator")
         } else if self.draining.load(Ordering::SeqCst) {
             Err("draining")
         } else {
-            Ok(())
+            let report = self.cache.report();
+            Ok(report.disk_models.iter().filter(|d| d.preloaded).count())
         }
     }
 
