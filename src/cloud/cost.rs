@@ -19,6 +19,11 @@
 //! So a worker holding only widely held or unrequested models costs little,
 //! and one that alone holds a model in demand costs much; when a SaladCloud
 //! container group scales in, the cheapest instances go first.
+//!
+//! To play a scale-in (the simulator): one [`WorkerLoad`] per live worker,
+//! one [`ModelValue::new`] per model with its demand and replica target,
+//! then [`deletion_costs`]; remove the workers with the lowest costs first
+//! (SaladCloud compares [`to_deletion_cost`] of them, so equal tenths tie).
 
 use std::collections::BTreeMap;
 
@@ -51,6 +56,26 @@ pub struct ModelValue {
     pub replica_target: u32,
     /// Seconds to re-create a copy: download plus load.
     pub refill_s: f64,
+}
+
+impl ModelValue {
+    /// A model of `bytes` with this demand, its copies re-created at
+    /// `download_bps` (0: the cost model's default) plus the load time, as
+    /// the scheduler's cost model estimates them.
+    pub fn new(
+        demand_per_s: f64,
+        replica_target: u32,
+        bytes: u64,
+        download_bps: u64,
+        cost: &crate::scheduler::CostModel,
+    ) -> Self {
+        let ms = cost.download_ms(bytes, download_bps) + cost.load_ms(bytes);
+        Self {
+            demand_per_s,
+            replica_target,
+            refill_s: ms as f64 / 1000.0,
+        }
+    }
 }
 
 /// The tunables (`[coordinator.cloud]` cost_*).

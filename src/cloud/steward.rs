@@ -385,13 +385,13 @@ impl Steward {
             .models
             .iter()
             .map(|(id, m)| {
-                let ms = self.cost_model.download_ms(m.bytes, median_bps)
-                    + self.cost_model.load_ms(m.bytes);
-                let v = ModelValue {
-                    demand_per_s: m.demand_per_s,
-                    replica_target: m.replica_target,
-                    refill_s: ms as f64 / 1000.0,
-                };
+                let v = ModelValue::new(
+                    m.demand_per_s,
+                    m.replica_target,
+                    m.bytes,
+                    median_bps,
+                    &self.cost_model,
+                );
                 (id.clone(), v)
             })
             .collect();
