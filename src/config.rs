@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Secret;
 use crate::error::{Error, Result};
-use crate::scheduler::SchedulerConfig;
+use crate::scheduler::{CostModel, SchedulerConfig};
 
 /// The whole file: one table per role.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -218,6 +218,8 @@ pub struct CoordinatorConfig {
     /// token could otherwise make workers read any directory).
     pub local_sources_anywhere: Option<bool>,
     pub limits: JobLimits,
+    /// The scheduler's tunables (`[coordinator.scheduler]`).
+    pub scheduler: SchedulerTunables,
     /// Cloud workers: deletion-cost advice, bad nodes, the desired-workers
     /// signal, SaladCloud's API (`[coordinator.cloud]` and
     /// `[coordinator.cloud.api]`, src/cloud/config.rs). Default: no API.
@@ -248,8 +250,149 @@ impl Default for CoordinatorConfig {
             local_source_root: None,
             local_sources_anywhere: None,
             limits: JobLimits::default(),
+            scheduler: SchedulerTunables::default(),
             cloud: Default::default(),
             auth: None,
+        }
+    }
+}
+
+/// The scheduler's tunables, in the file's units (seconds, MB/s, GB/s).
+/// The defaults are those the simulator's figures were measured with
+/// (docs/sim.md); `corral sim` takes the same keys. Replication: for every
+/// model with recent demand the scheduler keeps enough copies on disk to
+/// serve its load (arrival rate x generation time, in busy workers) times
+/// `replica_headroom`, at least `min_warm_replicas`, within
+/// `replica_disk_share` of the fleet's disk, by prefetching.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerTunables {
+    /// How many queued models a free worker considers fetching per decision. Default: 32.
+    pub cold_scan_models: usize,
+    /// Fewest workers that keep a copy of a model with recent demand. Default: 2.
+    pub min_warm_replicas: u32,
+    /// Copies kept per busy worker's worth of a model's load. Default: 1.5.
+    pub replica_headroom: f64,
+    /// Demand below this many jobs per hour is not recent: no copies are
+    /// kept for it. Default: 6.
+    pub recent_demand_per_hour: f64,
+    /// Time constant of the fast arrival rate per model (rises quickly). Default: 60.
+    pub demand_fast_s: f64,
+    /// Time constant of the slow arrival rate per model (forgets slowly). Default: 900.
+    pub demand_slow_s: f64,
+    /// Seconds between replication rounds. Default: 5.
+    pub replicate_interval_s: f64,
+    /// Share of the live workers' cache budgets that replica targets may
+    /// fill; the rest is the workers' own LRU. Default: 0.8.
+    pub replica_disk_share: f64,
+    /// Most prefetches per replication round. Default: 256.
+    pub max_prefetch_per_round: usize,
+    /// Seconds a prefetch not yet in the worker's report counts as a copy. Default: 120.
+    pub prefetch_pending_s: f64,
+    /// Download rate assumed for a worker that has not measured one, MB/s. Default: 25.
+    pub default_download_mb_per_s: f64,
+    /// Fixed part of loading a model into VRAM, seconds. Default: 1.5.
+    pub load_base_s: f64,
+    /// Rate of loading model bytes into VRAM, GB/s. Default: 1.5.
+    pub load_gb_per_s: f64,
+    /// Generation time assumed before any has been observed, seconds. Default: 5.
+    pub default_service_s: f64,
+}
+
+impl Default for SchedulerTunables {
+    fn default() -> Self {
+        let d = SchedulerConfig::default();
+        let secs = |ms: u64| ms as f64 / 1e3;
+        Self {
+            cold_scan_models: d.cold_scan_models,
+            min_warm_replicas: d.min_warm_replicas,
+            replica_headroom: d.replica_headroom,
+            recent_demand_per_hour: d.recent_demand_per_hour,
+            demand_fast_s: secs(d.demand_fast_ms),
+            demand_slow_s: secs(d.demand_slow_ms),
+            replicate_interval_s: secs(d.replicate_interval_ms),
+            replica_disk_share: d.replica_disk_share,
+            max_prefetch_per_round: d.max_prefetch_per_round,
+            prefetch_pending_s: secs(d.prefetch_pending_ms),
+            default_download_mb_per_s: d.cost.default_download_bps as f64 / 1e6,
+            load_base_s: secs(d.cost.load_base_ms),
+            load_gb_per_s: d.cost.load_bps as f64 / 1e9,
+            default_service_s: secs(d.cost.default_service_ms),
+        }
+    }
+}
+
+impl SchedulerTunables {
+    /// Every value in its range; the error names the key.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("replica_headroom", self.replica_headroom),
+            ("demand_fast_s", self.demand_fast_s),
+            ("demand_slow_s", self.demand_slow_s),
+            ("replicate_interval_s", self.replicate_interval_s),
+            ("default_download_mb_per_s", self.default_download_mb_per_s),
+            ("load_gb_per_s", self.load_gb_per_s),
+            ("default_service_s", self.default_service_s),
+        ];
+        for (k, v) in positive {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::Config(format!(
+                    "scheduler.{k} must be a positive number, got {v}"
+                )));
+            }
+        }
+        let non_negative = [
+            ("recent_demand_per_hour", self.recent_demand_per_hour),
+            ("prefetch_pending_s", self.prefetch_pending_s),
+            ("load_base_s", self.load_base_s),
+        ];
+        for (k, v) in non_negative {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::Config(format!(
+                    "scheduler.{k} must be zero or more, got {v}"
+                )));
+            }
+        }
+        if !(self.replica_disk_share > 0.0 && self.replica_disk_share <= 1.0) {
+            return Err(Error::Config(format!(
+                "scheduler.replica_disk_share must be in (0, 1], got {}",
+                self.replica_disk_share
+            )));
+        }
+        if self.demand_fast_s > self.demand_slow_s {
+            return Err(Error::Config(
+                "scheduler.demand_fast_s must not exceed scheduler.demand_slow_s".into(),
+            ));
+        }
+        if self.cold_scan_models == 0 {
+            return Err(Error::Config(
+                "scheduler.cold_scan_models must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// These values over `base` (whose liveness fields are kept).
+    fn apply(&self, base: SchedulerConfig) -> SchedulerConfig {
+        let ms = |s: f64| (s * 1e3).round() as u64;
+        SchedulerConfig {
+            cold_scan_models: self.cold_scan_models,
+            min_warm_replicas: self.min_warm_replicas,
+            replica_headroom: self.replica_headroom,
+            recent_demand_per_hour: self.recent_demand_per_hour,
+            demand_fast_ms: ms(self.demand_fast_s),
+            demand_slow_ms: ms(self.demand_slow_s),
+            replicate_interval_ms: ms(self.replicate_interval_s),
+            replica_disk_share: self.replica_disk_share,
+            max_prefetch_per_round: self.max_prefetch_per_round,
+            prefetch_pending_ms: ms(self.prefetch_pending_s),
+            cost: CostModel {
+                default_download_bps: (self.default_download_mb_per_s * 1e6) as u64,
+                load_base_ms: ms(self.load_base_s),
+                load_bps: (self.load_gb_per_s * 1e9) as u64,
+                default_service_ms: ms(self.default_service_s),
+            },
+            ..base
         }
     }
 }
@@ -271,6 +414,7 @@ impl CoordinatorConfig {
                 "limits: min_side_px must be in 1..=max_side_px".into(),
             ));
         }
+        self.scheduler.validate()?;
         if self.max_message_bytes < 1 << 20 {
             return Err(Error::Config(
                 "max_message_bytes must be at least 1 MiB".into(),
@@ -353,12 +497,12 @@ impl CoordinatorConfig {
     }
 
     pub fn scheduler(&self) -> SchedulerConfig {
-        SchedulerConfig {
+        self.scheduler.apply(SchedulerConfig {
             heartbeat_timeout_ms: self.heartbeat_interval_ms() * u64::from(self.heartbeat_missed),
             max_attempts: self.max_attempts,
             starvation_ms: (self.starvation_s * 1000.0) as u64,
             ..SchedulerConfig::default()
-        }
+        })
     }
 }
 
@@ -530,5 +674,33 @@ mod tests {
         assert_eq!(c.coordinator.heartbeat_missed, 3);
         assert_eq!(c.worker.engine, EngineKind::Synthetic);
         assert_eq!(c.coordinator.scheduler().heartbeat_timeout_ms, 15_000);
+    }
+
+    #[test]
+    fn scheduler_table_defaults_are_the_schedulers_and_keys_arrive() {
+        let c = CoordinatorConfig::default();
+        let want = SchedulerConfig {
+            heartbeat_timeout_ms: 15_000,
+            ..SchedulerConfig::default()
+        };
+        assert_eq!(c.scheduler(), want);
+        let c: FileConfig = toml::from_str(
+            "[coordinator.scheduler]\nmin_warm_replicas = 4\ndemand_fast_s = 30\n\
+             default_download_mb_per_s = 10\n",
+        )
+        .unwrap();
+        let s = c.coordinator.scheduler();
+        assert_eq!(s.min_warm_replicas, 4);
+        assert_eq!(s.demand_fast_ms, 30_000);
+        assert_eq!(s.cost.default_download_bps, 10_000_000);
+        let bad: FileConfig =
+            toml::from_str("[coordinator.scheduler]\nreplica_disk_share = 1.5\n").unwrap();
+        let e = bad
+            .coordinator
+            .scheduler
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("scheduler.replica_disk_share"), "{e}");
     }
 }

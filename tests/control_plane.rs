@@ -170,9 +170,15 @@ async fn stale_attempt_result_is_ignored() {
     let out = done.output.unwrap();
     assert_eq!(out.images, vec![common::raw::png_like(b"fresh")]);
     assert_eq!(out.worker_id, "fresh");
-    // A second result for the finished job changes nothing.
+    // A second result for the finished job changes nothing. The stream's
+    // messages are applied in order: once a later job's result has landed,
+    // the duplicate has been seen.
+    let marker = submit(&c.url, spec("sd-a", 1)).await;
+    let a3 = fresh.next_assign().await;
+    assert_eq!(a3.job_id, marker.id);
     fresh.result(&job.id, 2, b"again").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    fresh.result(&marker.id, a3.attempt, b"marker").await;
+    wait_state(&c.url, &marker.id, pb::JobState::Completed, 10).await;
     assert_eq!(
         get(&c.url, &job.id).await.output.unwrap().images,
         vec![common::raw::png_like(b"fresh")]

@@ -258,7 +258,7 @@ impl Cluster {
         let took = loop {
             let moved = {
                 let c = c.lock().unwrap();
-                (0..COORDINATORS)
+                (0..c.coordinators.len())
                     .any(|i| i != l && count_logged(&c.coordinators[i], "assigned") > before[i])
             };
             if moved {
