@@ -389,6 +389,33 @@ mod tests {
     }
 
     #[test]
+    fn the_tables_parse_from_the_file_and_unknown_keys_are_refused() {
+        let c: crate::config::FileConfig = toml::from_str(
+            "[coordinator.cloud]\nmin_workers = 2\nmax_workers = 9\n\
+             [coordinator.cloud.api]\nkey = \"k-0123456789abcdef\"\norganization = \"acme\"\n\
+             project = \"prod\"\ncontainer_group = \"corral-workers\"\nset_replicas = true\n\
+             [worker.cloud]\nenabled = true\nmachine_id = \"m-1\"\n",
+        )
+        .unwrap();
+        let cloud = &c.coordinator.cloud;
+        assert_eq!((cloud.min_workers, cloud.max_workers), (2, 9));
+        cloud.validate().unwrap();
+        assert_eq!(cloud.api.group().unwrap().organization, "acme");
+        assert!(c.worker.cloud.enabled);
+        assert_eq!(c.worker.cloud.machine_id.as_deref(), Some("m-1"));
+        let e = toml::from_str::<crate::config::FileConfig>(
+            "[coordinator.cloud.api]\napi_key = \"x\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("api_key"), "{e}");
+        // Without the tables: no API, no IMDS.
+        let c: crate::config::FileConfig = toml::from_str("").unwrap();
+        assert!(c.coordinator.cloud.api.group().is_none());
+        assert!(!c.worker.cloud.enabled);
+    }
+
+    #[test]
     fn names_follow_saladclouds_rule() {
         for ok in ["ab", "corral-1", "a1"] {
             assert!(valid_name(ok), "{ok}");
