@@ -220,6 +220,10 @@ pub struct CoordinatorConfig {
     pub limits: JobLimits,
     /// The scheduler's tunables (`[coordinator.scheduler]`).
     pub scheduler: SchedulerTunables,
+    /// Cloud workers: deletion-cost advice, bad nodes, the desired-workers
+    /// signal, SaladCloud's API (`[coordinator.cloud]` and
+    /// `[coordinator.cloud.api]`, src/cloud/config.rs). Default: no API.
+    pub cloud: crate::cloud::CloudConfig,
     /// The file's `[auth]` table (or `--insecure-no-auth`); required.
     #[serde(skip)]
     pub auth: Option<AuthConfig>,
@@ -247,6 +251,7 @@ impl Default for CoordinatorConfig {
             local_sources_anywhere: None,
             limits: JobLimits::default(),
             scheduler: SchedulerTunables::default(),
+            cloud: Default::default(),
             auth: None,
         }
     }
@@ -437,6 +442,7 @@ impl CoordinatorConfig {
                 "tls_cert and tls_key go together: give both or neither".into(),
             ));
         }
+        self.cloud.validate()?;
         match &self.auth {
             None => Err(Error::Config(
                 "no [auth] table: configure admin_tokens, worker_tokens and [[auth.clients]], \
@@ -560,8 +566,11 @@ pub struct WorkerConfig {
     pub token: Option<Secret>,
     /// PEM CA certificate to trust for an https:// coordinator. Default: the public roots.
     pub ca_cert: Option<PathBuf>,
-    /// HTTP address for this worker's `/metrics`; none: no HTTP port. Default: none.
+    /// HTTP address for this worker's `/metrics` and `/ready`; none: no HTTP port. Default: none.
     pub http_listen: Option<SocketAddr>,
+    /// SaladCloud's instance metadata service (`[worker.cloud]`,
+    /// src/cloud/config.rs). Default: off.
+    pub cloud: crate::cloud::WorkerCloudConfig,
 }
 
 impl Default for WorkerConfig {
@@ -586,6 +595,7 @@ impl Default for WorkerConfig {
             token: None,
             ca_cert: None,
             http_listen: None,
+            cloud: Default::default(),
         }
     }
 }
@@ -602,7 +612,7 @@ impl WorkerConfig {
                 "max_loaded_models and max_concurrent_downloads must be at least 1".into(),
             ));
         }
-        Ok(())
+        self.cloud.validate()
     }
 
     pub fn vram_budget(&self) -> u64 {

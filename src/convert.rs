@@ -442,7 +442,37 @@ impl From<&WorkerHello> for pb::Hello {
             cache_max_bytes: h.cache_max_bytes,
             max_concurrent_jobs: h.max_concurrent_jobs,
             state: Some((&h.state).into()),
+            cloud: None,
         }
+    }
+}
+
+impl TryFrom<pb::CloudInstance> for crate::cloud::CloudInstance {
+    type Error = Error;
+    fn try_from(c: pb::CloudInstance) -> Result<Self> {
+        Self::new(c.machine_id, c.container_group_id)
+    }
+}
+
+impl From<&crate::cloud::CloudInstance> for pb::CloudInstance {
+    fn from(c: &crate::cloud::CloudInstance) -> Self {
+        pb::CloudInstance {
+            machine_id: c.machine_id.clone(),
+            container_group_id: c.container_group_id.clone(),
+        }
+    }
+}
+
+/// The cloud machine a first message (a Hello) names, if any; checked like
+/// the rest of the Hello (`required_hello`).
+pub fn hello_cloud(
+    m: &Option<pb::worker_message::Msg>,
+) -> Result<Option<crate::cloud::CloudInstance>> {
+    match m {
+        Some(pb::worker_message::Msg::Hello(h)) => {
+            h.cloud.clone().map(TryInto::try_into).transpose()
+        }
+        _ => Ok(None),
     }
 }
 
@@ -661,6 +691,8 @@ impl From<crate::coordinator::ToWorker> for pb::CoordinatorMessage {
             ToWorker::Prefetch(models) => Msg::Prefetch(pb::Prefetch {
                 models: models.iter().map(|m| m.as_ref().clone().into()).collect(),
             }),
+            ToWorker::Drain { reason, reallocate } => Msg::Drain(pb::Drain { reason, reallocate }),
+            ToWorker::Advice { deletion_cost } => Msg::Advice(pb::Advice { deletion_cost }),
         };
         pb::CoordinatorMessage { msg: Some(msg) }
     }

@@ -20,6 +20,7 @@
 //! - `worker`: the stream to the coordinator, the disk cache, downloads,
 //!   VRAM residency, engines.
 //! - `pipeline`: the Stable Diffusion pipelines on ONNX Runtime (`ort`).
+//! - `cloud`: SaladCloud's instance metadata service and API (optional).
 //! - `auth`: tokens and TLS on the client side (`coordinator::auth` checks
 //!   them); `http`: the HTTP ports and the connection acceptor.
 //! - `metrics`: Prometheus registries (one per coordinator and per worker).
@@ -35,6 +36,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod cloud;
 pub mod config;
 pub mod convert;
 pub mod coordinator;

@@ -153,9 +153,10 @@ fn pb_hello() -> impl Strategy<Value = pb::Hello> {
         any::<u64>(),
         0u32..100,
         proptest::option::of(pb_heartbeat()),
+        proptest::option::of((nasty(), nasty())),
     )
         .prop_map(
-            |(worker_id, version, vram_bytes, cache_max_bytes, slots, state)| pb::Hello {
+            |(worker_id, version, vram_bytes, cache_max_bytes, slots, state, cloud)| pb::Hello {
                 worker_id,
                 version,
                 gpu_name: "gpu".into(),
@@ -163,6 +164,10 @@ fn pb_hello() -> impl Strategy<Value = pb::Hello> {
                 cache_max_bytes,
                 max_concurrent_jobs: slots,
                 state,
+                cloud: cloud.map(|(machine_id, container_group_id)| pb::CloudInstance {
+                    machine_id,
+                    container_group_id,
+                }),
             },
         )
 }
@@ -228,6 +233,9 @@ proptest! {
     #[test]
     fn hellos_and_heartbeats_convert_or_name_the_field(h in pb_hello(), hb in pb_heartbeat()) {
         let msg = Some(pb::worker_message::Msg::Hello(h));
+        if let Err(e) = corral::convert::hello_cloud(&msg) {
+            names_a_field(&e)?;
+        }
         if let Err(e) = corral::convert::required_hello(msg) {
             names_a_field(&e)?;
         }

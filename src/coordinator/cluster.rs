@@ -381,6 +381,8 @@ impl prometheus_client::collector::Collector for Gauges {
                 })
             }),
         )?;
+        // corral_desired_workers and the cloud counters (src/cloud/steward.rs).
+        c.cloud.encode(&mut g)?;
         Ok(())
     }
 }

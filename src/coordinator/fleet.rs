@@ -50,6 +50,15 @@ pub enum ToWorker {
         attempt: u32,
     },
     Prefetch(Vec<Arc<ModelManifest>>),
+    /// Stop taking jobs; `reallocate`: then move to another machine.
+    Drain {
+        reason: String,
+        reallocate: bool,
+    },
+    /// The deletion cost to set (cloud workers only).
+    Advice {
+        deletion_cost: i32,
+    },
 }
 
 pub type WorkerTx = mpsc::Sender<ToWorker>;
@@ -236,6 +245,7 @@ impl Coordinator {
                     // Counted only once accepted: a stale report changes nothing.
                     warn!(job_id = %job, worker_id = %worker, attempt = f.attempt, %reason, retryable = f.retryable, kind = kind.as_str(), "attempt failed");
                     self.metrics.attempt_failed(kind);
+                    self.cloud.attempt_failed(worker, kind, now);
                     Ok(((), effects))
                 })
             }

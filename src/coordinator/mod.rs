@@ -25,6 +25,7 @@ mod accept;
 mod admin;
 pub mod auth;
 mod catalogue;
+mod cloud;
 mod cluster;
 mod fleet;
 pub mod http;
@@ -67,6 +68,8 @@ pub struct Coordinator {
     serving: AtomicBool,
     metrics: Arc<crate::metrics::CoordMetrics>,
     snapshot: RwLock<Arc<Snapshot>>,
+    /// Cloud workers, the desired-workers signal, SaladCloud's API (cloud.rs).
+    cloud: crate::cloud::Steward,
 }
 
 impl Coordinator {
@@ -95,6 +98,7 @@ impl Coordinator {
                 cluster::Gauges(me.clone()),
             )))),
             sched: Mutex::new(Scheduler::new(cfg.scheduler())),
+            cloud: crate::cloud::Steward::new(cfg.cloud.clone(), cfg.scheduler().cost),
             cfg,
             clock,
             records: Arc::new(Records::default()),
@@ -191,6 +195,7 @@ impl Coordinator {
             }
         }
         self.refresh_snapshot();
+        self.cloud_tick();
     }
 
     /// Carries out a scheduler operation's effects (scheduler locked).

@@ -39,6 +39,7 @@ impl pb::workers_server::Workers for WorkersService {
             .await
             .map_err(|_| Status::deadline_exceeded("no Hello within 10 s"))??
             .ok_or_else(|| Status::invalid_argument("stream closed before Hello"))?;
+        let cloud = crate::convert::hello_cloud(&first.msg)?;
         let hello = crate::convert::required_hello(first.msg)?;
         let worker = hello.worker_id.clone();
         let coord = self.0.clone();
@@ -58,6 +59,7 @@ impl pb::workers_server::Workers for WorkersService {
         })
         .map_err(|_| Status::internal("fresh channel is full"))?;
         let conn = coord.worker_connected(hello, tx)?;
+        coord.cloud_hello(&worker, cloud);
         let span = info_span!("worker_stream", worker_id = %worker, conn);
         tokio::spawn(
             async move {

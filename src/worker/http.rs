@@ -1,6 +1,9 @@
 //! The worker's HTTP port (`http_listen`): Prometheus `/metrics` with what
 //! the session counts (jobs by tier, phase durations, failures) and what the
-//! disk cache counts (through [`worker_cache_stats`]).
+//! disk cache counts (through [`worker_cache_stats`]); and `/ready`, 200 once
+//! the worker is connected to the coordinator and taking jobs (its preloaded
+//! bundles were verified before the port opened), 503 with why otherwise,
+//! for a container platform's readiness probe.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
@@ -114,9 +117,24 @@ pub fn serve(listener: TcpListener, worker: &Arc<Worker>) -> Result<HttpGuard> {
         .map_err(|e| Error::io("http listener", e))?;
     let app = axum::Router::new()
         .route("/metrics", get(handler))
+        .route("/ready", get(ready))
         .with_state(Arc::downgrade(worker));
-    info!(%addr, "worker HTTP listening (/metrics)");
+    info!(%addr, "worker HTTP listening (/metrics, /ready)");
     crate::http::serve(listener, app)
+}
+
+async fn ready(State(w): State<Weak<Worker>>) -> Response {
+    let Some(w) = w.upgrade() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "worker stopped\n").into_response();
+    };
+    match w.readiness() {
+        Ok(preloaded) => (
+            StatusCode::OK,
+            format!("ready: connected, {preloaded} preloaded models verified\n"),
+        )
+            .into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    }
 }
 
 async fn handler(State(w): State<Weak<Worker>>) -> Response {

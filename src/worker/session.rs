@@ -9,6 +9,11 @@
 //! streams their progress, and returns results. Messages produced by jobs go
 //! to an outbox that outlives any one stream, so a result finished while
 //! the stream was down is delivered after the reconnect.
+//!
+//! On SaladCloud (`[worker.cloud] enabled`) it also names its machine in
+//! Hello, passes the coordinator's deletion-cost Advice to the metadata
+//! service, and on `Drain { reallocate }` drains like on SIGTERM, then asks
+//! to be moved to another machine (src/cloud/agent.rs).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -51,6 +56,15 @@ pub struct Worker {
     /// The largest message the coordinator takes (its Welcome says).
     max_message_bytes: std::sync::atomic::AtomicU64,
     metrics: crate::metrics::WorkerMetrics,
+    /// SaladCloud's metadata service, when `[worker.cloud] enabled`.
+    cloud: Option<Arc<crate::cloud::agent::Agent>>,
+    /// A stream to the coordinator is up (Welcome received).
+    connected: AtomicBool,
+    /// The coordinator asked this node to drain and move to another machine
+    /// (`Drain { reallocate: true }`): why.
+    reallocate: Mutex<Option<String>>,
+    /// Wakes the session to start draining as on SIGTERM.
+    stop: tokio::sync::Notify,
 }
 
 impl Worker {
@@ -70,9 +84,13 @@ impl Worker {
         .await?;
         let (outbox, rx) = mpsc::unbounded_channel();
         let resident = Residency::new(cfg.vram_budget(), cfg.max_loaded_models);
+        let cloud = crate::cloud::agent::Agent::start(&cfg.cloud).await?;
         let worker = Arc::new_cyclic(|me| {
             let metrics = crate::metrics::WorkerMetrics::new();
             metrics.add_collector(Box::new(super::http::Gauges(me.clone())));
+            if let Some(agent) = &cloud {
+                metrics.add_collector(agent.collector());
+            }
             Self {
                 cfg,
                 id,
@@ -84,6 +102,10 @@ impl Worker {
                 outbox,
                 max_message_bytes: std::sync::atomic::AtomicU64::new(64 << 20),
                 metrics,
+                cloud,
+                connected: AtomicBool::new(false),
+                reallocate: Mutex::new(None),
+                stop: tokio::sync::Notify::new(),
             }
         });
         Ok((worker, rx))
@@ -101,6 +123,22 @@ impl Worker {
     /// The disk cache, for its counters on `/metrics`.
     pub fn cache(&self) -> &DiskCache {
         &self.cache
+    }
+
+    /// Ready for the container platform's probe: connected to the
+    /// coordinator (Welcome received) and not draining. The preloaded
+    /// bundles were verified when the cache opened, before this worker
+    /// existed (a bad one is skipped, never served); `Ok` says how many
+    /// passed. Otherwise why not.
+    pub fn readiness(&self) -> std::result::Result<usize, &'static str> {
+        if !self.connected.load(Ordering::SeqCst) {
+            Err("not connected to the coordinator")
+        } else if self.draining.load(Ordering::SeqCst) {
+            Err("draining")
+        } else {
+            let report = self.cache.report();
+            Ok(report.disk_models.iter().filter(|d| d.preloaded).count())
+        }
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<JobId, Running>> {
@@ -234,9 +272,24 @@ impl Worker {
                 }
                 Ok(())
             }
-            Msg::Drain(_) => {
-                info!("drain requested: finishing running jobs, taking no more");
+            Msg::Drain(d) if d.reallocate && self.cloud.is_some() => {
+                let reason = crate::cloud::truncate(&d.reason, crate::cloud::MAX_REASON_BYTES);
+                warn!(%reason, "the coordinator judged this node bad: draining, then reallocating");
+                *self.reallocate.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(reason.to_owned());
+                // The SIGTERM path: finish or hand back jobs, say GoingAway.
+                self.stop.notify_one();
+                Ok(())
+            }
+            Msg::Drain(d) => {
+                info!(reason = %d.reason, "drain requested: finishing running jobs, taking no more");
                 self.draining.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            Msg::Advice(a) => {
+                if let Some(agent) = &self.cloud {
+                    agent.advise(a.deletion_cost);
+                }
                 Ok(())
             }
         }
@@ -547,8 +600,10 @@ pub async fn run(
             &mut shutdown,
             &mut stop_deadline,
         );
-        match session.await {
-            Ok(SessionEnd::Finished) => return Ok(()),
+        let ended = session.await;
+        worker.connected.store(false, Ordering::SeqCst);
+        match ended {
+            Ok(SessionEnd::Finished) => return reallocate_if_asked(&worker).await,
             Ok(SessionEnd::Dropped(why)) => {
                 warn!(reason = %why, "stream to coordinator dropped; reconnecting");
                 failures = 1;
@@ -568,14 +623,39 @@ pub async fn run(
         }
         if stop_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             warn!("shutting down without a coordinator to hand jobs back to");
-            return Ok(());
+            return reallocate_if_asked(&worker).await;
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff(failures)) => {}
             _ = &mut shutdown, if stop_deadline.is_none() => {
                 start_draining(&worker, &mut stop_deadline);
             }
+            _ = worker.stop.notified(), if stop_deadline.is_none() => {
+                start_draining(&worker, &mut stop_deadline);
+            }
         }
+    }
+}
+
+/// After the session, if the coordinator judged this node bad: ask the
+/// cloud to move the container to another machine (once per process).
+async fn reallocate_if_asked(worker: &Worker) -> Result<()> {
+    let reason = worker
+        .reallocate
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    let (Some(reason), Some(agent)) = (reason, &worker.cloud) else {
+        return Ok(());
+    };
+    match agent.reallocate(&reason).await {
+        Ok(_) => {
+            info!("reallocation requested; exiting");
+            Ok(())
+        }
+        // The container restarts here instead; the coordinator may judge
+        // it again (within its hourly cap).
+        Err(e) => Err(e),
     }
 }
 
@@ -621,7 +701,9 @@ async fn connect_once(
         .max_encoding_message_size(256 << 20);
     let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(1024);
     let up = |m: Up| pb::WorkerMessage { msg: Some(m) };
-    tx.send(up(Up::Hello((&worker.hello()).into())))
+    let mut hello: pb::Hello = (&worker.hello()).into();
+    hello.cloud = worker.cloud.as_ref().map(|a| a.instance().into());
+    tx.send(up(Up::Hello(hello)))
         .await
         .map_err(|_| Error::Internal("fresh channel closed".into()))?;
     // A coordinator that accepts the connection but never answers (a
@@ -667,6 +749,7 @@ async fn connect_once(
         }
     };
     info!(coordinator = %url, heartbeat_ms = welcome.heartbeat_interval_ms, "connected");
+    worker.connected.store(true, Ordering::SeqCst);
     if welcome.max_message_bytes > 0 {
         worker
             .max_message_bytes
@@ -681,6 +764,10 @@ async fn connect_once(
             _ = &mut *shutdown, if stop_deadline.is_none() => {
                 start_draining(worker, stop_deadline);
                 // Tell the coordinator at once to assign nothing more.
+                let _ = tx.send(up(Up::Heartbeat((&worker.report()).into()))).await;
+            }
+            _ = worker.stop.notified(), if stop_deadline.is_none() => {
+                start_draining(worker, stop_deadline);
                 let _ = tx.send(up(Up::Heartbeat((&worker.report()).into()))).await;
             }
             _ = heartbeat.tick() => {
@@ -714,7 +801,12 @@ async fn connect_once(
                     for r in worker.running().values() {
                         r.cancel.store(true, Ordering::SeqCst);
                     }
-                    let reason = if idle { "shutdown" } else { "shutdown grace period over" };
+                    let reason = match (idle, worker.reallocate.lock().unwrap_or_else(|e| e.into_inner()).is_some()) {
+                        (true, false) => "shutdown",
+                        (false, false) => "shutdown grace period over",
+                        (true, true) => "reallocating to another machine",
+                        (false, true) => "reallocating to another machine; grace period over",
+                    };
                     let _ = tx.send(up(Up::GoingAway(pb::GoingAway { reason: reason.into() }))).await;
                     drop(tx);
                     // Wait for the coordinator to close its side, briefly.
