@@ -552,10 +552,17 @@ fn output_to_pb(o: &JobOutput, images: Option<&Images>) -> pb::JobOutput {
 }
 
 /// A job for the wire; `images` only when asked for and completed.
+/// A job as clients see it. `spec.init_image` (up to 16 MiB, the client's
+/// own input) is sent back only with `images`, that is to GetJob with
+/// `include_images`, so that listings and answers stay small.
 pub fn job_to_pb(r: &JobRecord, images: Option<&Images>, estimated_start_s: f64) -> pb::Job {
+    let mut spec: pb::JobSpec = r.spec.as_ref().into();
+    if images.is_none() {
+        spec.init_image = Default::default();
+    }
     pb::Job {
         id: r.id.0.clone(),
-        spec: Some(r.spec.as_ref().into()),
+        spec: Some(spec),
         state: pb::JobState::from(r.state) as i32,
         attempt: r.attempt,
         worker_id: r.worker.as_ref().map(|w| w.0.clone()).unwrap_or_default(),

@@ -261,6 +261,26 @@ async fn loras_sdxl_img2img_vae_and_upscalers_end_to_end() {
         ),
         (64, 64)
     );
+    // The input comes back only with include_images; listings leave it out.
+    assert_eq!(i2i.spec.as_ref().unwrap().init_image, init);
+    let plain = common::jobs(&c.url)
+        .await
+        .get_job(pb::GetJobRequest {
+            job_id: i2i.id.clone(),
+            include_images: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(plain.spec.unwrap().init_image.is_empty());
+    let listed = common::jobs(&c.url)
+        .await
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mine = listed.jobs.iter().find(|j| j.id == i2i.id).unwrap();
+    assert!(mine.spec.as_ref().unwrap().init_image.is_empty());
     let up = done(
         &c.url,
         pb::JobSpec {

@@ -28,26 +28,38 @@ pub fn validate(spec: &JobSpec, l: &JobLimits) -> Result<()> {
         if v < l.min_side_px || v > l.max_side_px {
             return Err(Error::invalid(
                 field,
-                format!("{v} is outside {}..={}", l.min_side_px, l.max_side_px),
+                format!(
+                    "{v} is outside {}..={} (limits.min_side_px, limits.max_side_px)",
+                    l.min_side_px, l.max_side_px
+                ),
             ));
         }
     }
     if spec.steps == 0 || spec.steps > l.max_steps {
         return Err(Error::invalid(
             "steps",
-            format!("{} is outside 1..={}", spec.steps, l.max_steps),
+            format!(
+                "{} is outside 1..={} (limits.max_steps)",
+                spec.steps, l.max_steps
+            ),
         ));
     }
     if !(0.0..=l.max_guidance).contains(&spec.guidance_scale) {
         return Err(Error::invalid(
             "guidance_scale",
-            format!("{} is outside 0..={}", spec.guidance_scale, l.max_guidance),
+            format!(
+                "{} is outside 0..={} (limits.max_guidance)",
+                spec.guidance_scale, l.max_guidance
+            ),
         ));
     }
     if spec.num_images == 0 || spec.num_images > l.max_images {
         return Err(Error::invalid(
             "num_images",
-            format!("{} is outside 1..={}", spec.num_images, l.max_images),
+            format!(
+                "{} is outside 1..={} (limits.max_images)",
+                spec.num_images, l.max_images
+            ),
         ));
     }
     for (field, p) in [
@@ -57,7 +69,11 @@ pub fn validate(spec: &JobSpec, l: &JobLimits) -> Result<()> {
         if p.len() > l.max_prompt_bytes {
             return Err(Error::invalid(
                 field,
-                format!("{} bytes is more than {}", p.len(), l.max_prompt_bytes),
+                format!(
+                    "{} bytes is more than {} (limits.max_prompt_bytes)",
+                    p.len(),
+                    l.max_prompt_bytes
+                ),
             ));
         }
     }
@@ -118,6 +134,8 @@ impl JobsService {
             Some(o) if req.include_images && v.record.state == JobState::Completed => {
                 Some(self.0.images(&id, o.image_count).await?)
             }
+            // No images yet: an empty set still asks for the spec's init_image.
+            _ if req.include_images => Some(Images::default()),
             _ => None,
         };
         Ok(convert::job_to_pb(
