@@ -259,10 +259,24 @@ fn watch_stream(coord: Arc<Coordinator>, id: JobId, w: Watch) -> EventStream {
         if st.done {
             return None;
         }
+        // The stream never ends without a terminal event unless it says
+        // why: a client that sees UNAVAILABLE watches again.
+        let lost = |mut st: State, why: String| {
+            st.done = true;
+            Some((
+                Err(Status::unavailable(format!(
+                    "watch of job {} ended early: {why}; call WatchJob again",
+                    st.id.0
+                ))),
+                st,
+            ))
+        };
         let event = match st.pending.take() {
             Some(e) => e,
             None => {
-                let rx = st.rx.as_mut()?;
+                let Some(rx) = st.rx.as_mut() else {
+                    return lost(st, "the coordinator has no event channel for it".into());
+                };
                 match rx.recv().await {
                     Ok(e) => e,
                     Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
@@ -270,9 +284,13 @@ fn watch_stream(coord: Arc<Coordinator>, id: JobId, w: Watch) -> EventStream {
                         // the job finished between events, or the
                         // coordinator is reloading its state; either way
                         // the job as it is now says what happened.
-                        let w = st.coord.watch(&st.id).await.ok()?;
-                        st.rx = w.rx;
-                        w.first
+                        match st.coord.watch(&st.id).await {
+                            Ok(w) => {
+                                st.rx = w.rx;
+                                w.first
+                            }
+                            Err(e) => return lost(st, e.to_string()),
+                        }
                     }
                 }
             }
