@@ -80,6 +80,20 @@ fn job_goes_to_worker_holding_its_model() {
 }
 
 #[test]
+fn a_worker_that_says_hello_while_draining_gets_no_work() {
+    let mut s = sched();
+    let mut h = hello("w1", 1, &["a"], &["a"]);
+    h.state.draining = true;
+    s.connect(h, 0);
+    let e = s.submit("j1".into(), spec("a", 0), 10).unwrap();
+    assert!(assigned(&e).is_empty(), "{e:?}");
+    // A worker that is not draining takes it (downloading the model).
+    let mut e = s.connect(hello("w2", 1, &[], &[]), 20);
+    e.extend(s.schedule(30));
+    assert_eq!(assigned(&e), vec![("w2".into(), "j1".into(), 1)]);
+}
+
+#[test]
 fn vram_beats_disk_beats_download() {
     let mut s = sched();
     s.connect(hello("disk", 1, &["a"], &[]), 0);

@@ -238,7 +238,8 @@ impl Scheduler {
             hello,
             report: CacheReport::default(),
             last_seen_ms: now,
-            draining: false,
+            // A worker that reconnects while draining stays draining.
+            draining: report.draining,
             running: Default::default(),
             stopping: Default::default(),
             vram: Default::default(),
