@@ -403,7 +403,13 @@ impl Worker {
     ) -> std::result::Result<(Vec<Vec<u8>>, Timings), (FailureKind, Error)> {
         let download = |e: Error| (FailureKind::Download, e);
         let load = |e: Error| (FailureKind::Load, e);
-        let generating = |e: Error| (FailureKind::Inference, e);
+        // A request the pipeline refuses (too few steps for the strength, a
+        // size a fixed-shape UNet cannot take) is the job's fault, not the
+        // run's.
+        let generating = |e: Error| match e {
+            Error::InvalidArgument { .. } => (FailureKind::Invalid, e),
+            e => (FailureKind::Inference, e),
+        };
         let mut t = Timings {
             queue_s: queued_s,
             ..Default::default()
