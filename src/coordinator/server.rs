@@ -1,13 +1,19 @@
 //! Serving: the three Corral services, health and reflection (v1 and
 //! v1alpha, for grpcurl 1.8), on a listener the caller bound.
+//!
+//! Connections come through [`Acceptor`]: at most `max_connections` open
+//! (by default the open-file limit less a reserve, so that idle sockets
+//! cannot use up the descriptors the store and the workers need), a
+//! handshake deadline (TLS and the HTTP/2 preface), an idle deadline (no
+//! call in progress), and a logged backoff when `accept` fails. HTTP/2
+//! keepalive pings close connections whose peer stopped answering.
 
 use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tracing::{info, info_span, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 use super::admin::AdminService;
 use super::auth::{Authenticator, Guard, Service};
@@ -17,7 +23,43 @@ use super::Coordinator;
 use crate::clock::{Clock, SystemClock};
 use crate::config::CoordinatorConfig;
 use crate::error::{Error, Result};
+use crate::http::accept::{self, AcceptLimits, Acceptor, IdleBy, TrackCalls};
 use crate::pb;
+
+/// Bytes of the HTTP/2 client preface: a connection has done its
+/// handshake once it sent them.
+const HTTP2_PREFACE_BYTES: u64 = 24;
+
+/// Seconds between HTTP/2 keepalive pings, and to wait for their answer.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The gRPC port's connection limits from the config; `max_connections`
+/// defaults to what the open-file limit leaves.
+fn grpc_limits(cfg: &CoordinatorConfig) -> AcceptLimits {
+    let files = accept::raise_open_file_limit();
+    let max_connections = match (cfg.max_connections, files) {
+        (Some(m), Some(f)) if m as u64 >= f => {
+            warn!(
+                max_connections = m,
+                open_file_limit = f,
+                "max_connections is above the open-file limit: accepts will fail \
+                 (and back off) before the cap is reached"
+            );
+            m
+        }
+        (Some(m), _) => m,
+        (None, Some(f)) => accept::connections_for_file_limit(f),
+        (None, None) => 1024,
+    };
+    AcceptLimits {
+        max_connections,
+        handshake_timeout: Duration::from_secs_f64(cfg.handshake_timeout_s),
+        handshake_bytes: HTTP2_PREFACE_BYTES,
+        idle_timeout: Duration::from_secs_f64(cfg.idle_timeout_s),
+        idle: IdleBy::Calls,
+    }
+}
 
 /// The services, for tests that call inner functions.
 pub struct Services {
@@ -130,7 +172,8 @@ pub async fn serve(
             .expect("validate() requires an auth decision"),
     ));
     let guard = |s: Service| Guard::new(auth.clone(), s);
-    let tls = super::auth::server_tls(&cfg)?;
+    let limits = grpc_limits(&cfg);
+    let tls = super::auth::server_tls(&cfg)?.map(|t| t.timeout(limits.handshake_timeout));
     let coord = services.coordinator.clone();
     spawn_ticker(Arc::downgrade(&coord), tick);
     super::recovery::spawn_sweeper(Arc::downgrade(&coord), retention_s);
@@ -154,8 +197,20 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener", e))?;
-    info!(%addr, tls = tls.is_some(), "coordinator listening");
-    let mut server = tonic::transport::Server::builder();
+    info!(
+        %addr,
+        tls = tls.is_some(),
+        max_connections = limits.max_connections,
+        handshake_timeout_s = cfg.handshake_timeout_s,
+        idle_timeout_s = cfg.idle_timeout_s,
+        "coordinator listening"
+    );
+    let incoming =
+        Acceptor::new(listener, limits, coord.metrics().ports.port("grpc"), "grpc").into_stream();
+    let mut server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(TrackCalls);
     if let Some(tls) = tls {
         server = server
             .tls_config(tls)
@@ -163,7 +218,6 @@ pub async fn serve(
     }
     use tonic::service::interceptor::InterceptedService;
     server
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -185,7 +239,7 @@ pub async fn serve(
                 .max_encoding_message_size(max),
             guard(Service::Admin),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             // Worker streams never end on their own: close them, so that
             // the server's graceful shutdown can finish.
