@@ -65,7 +65,7 @@ pub fn spawn(listener: TcpListener, coord: &Arc<Coordinator>) -> Result<HttpGuar
         .route("/api/cluster", get(cluster))
         .with_state(state.clone());
     let token = coord.config().http_token.clone();
-    info!(%addr, token = token.is_some(), "coordinator HTTP listening (/metrics, /, /api/cluster)");
+    info!(%addr, with_token = token.is_some(), "coordinator HTTP listening (/metrics, /, /api/cluster)");
     let sampler = Arc::downgrade(&state);
     tokio::spawn(
         async move {

@@ -30,6 +30,10 @@ use crate::pb;
 /// handshake once it sent them.
 const HTTP2_PREFACE_BYTES: u64 = 24;
 
+/// How long a shutdown waits for calls in progress (a WatchJob of a job
+/// that will not finish soon) before it closes their connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 /// Seconds between HTTP/2 keepalive pings, and to wait for their answer.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -205,8 +209,10 @@ pub async fn serve(
         idle_timeout_s = cfg.idle_timeout_s,
         "coordinator listening"
     );
-    let incoming =
-        Acceptor::new(listener, limits, coord.metrics().ports.port("grpc"), "grpc").into_stream();
+    let acceptor = Acceptor::new(listener, limits, coord.metrics().ports.port("grpc"), "grpc");
+    let closer = acceptor.closer();
+    let incoming = acceptor.into_stream();
+    let (signalled, stopping_now) = tokio::sync::oneshot::channel::<()>();
     let mut server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
@@ -217,7 +223,7 @@ pub async fn serve(
             .map_err(|e| Error::Config(format!("TLS: {e}")))?;
     }
     use tonic::service::interceptor::InterceptedService;
-    server
+    let served = server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -244,9 +250,28 @@ pub async fn serve(
             // Worker streams never end on their own: close them, so that
             // the server's graceful shutdown can finish.
             stopping.close_worker_streams();
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("server: {e}")))?;
+            let _ = signalled.send(());
+        });
+    tokio::pin!(served);
+    // Other calls (WatchJob streams) get a grace period, then their
+    // connections are closed: a watcher must not hold up a shutdown.
+    let served = tokio::select! {
+        r = &mut served => r,
+        _ = async {
+            match stopping_now.await {
+                Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+                Err(_) => std::future::pending().await,
+            }
+        } => {
+            warn!(
+                grace_s = SHUTDOWN_GRACE.as_secs(),
+                "calls still open after the shutdown grace period; closing their connections"
+            );
+            closer.close_all();
+            served.await
+        }
+    };
+    served.map_err(|e| Error::Internal(format!("server: {e}")))?;
     coord.close_store().await?;
     info!("coordinator stopped");
     Ok(())

@@ -76,6 +76,18 @@ pub struct Acceptor {
     backoff: Duration,
     refused_log: RateLimited,
     error_log: RateLimited,
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+/// Closes every connection of an [`Acceptor`] (at the end of a graceful
+/// shutdown, when some calls did not finish).
+#[derive(Clone, Debug)]
+pub struct Closer(tokio::sync::watch::Sender<bool>);
+
+impl Closer {
+    pub fn close_all(&self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl Acceptor {
@@ -95,7 +107,13 @@ impl Acceptor {
             backoff: Duration::ZERO,
             refused_log: RateLimited::default(),
             error_log: RateLimited::default(),
+            closing: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// A handle that closes every connection this acceptor gave out.
+    pub fn closer(&self) -> Closer {
+        Closer(self.closing.clone())
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -132,7 +150,11 @@ impl Acceptor {
                     }
                     let _ = socket.set_nodelay(true);
                     self.metrics.accepted.inc();
-                    let conn = Conn::new(socket, self.limits.clone(), self.slot());
+                    let mut closing = self.closing.subscribe();
+                    let closing = Box::pin(async move {
+                        let _ = closing.wait_for(|c| *c).await;
+                    });
+                    let conn = Conn::new(socket, self.limits.clone(), self.slot(), closing);
                     return (conn, addr);
                 }
                 // The peer gave up before we accepted: nothing to do.
@@ -295,10 +317,17 @@ pub struct Conn {
     limits: Arc<AcceptLimits>,
     timer: Pin<Box<Sleep>>,
     slot: Slot,
+    /// Resolves when [`Closer::close_all`] is called.
+    closing: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
 impl Conn {
-    fn new(io: TcpStream, limits: Arc<AcceptLimits>, slot: Slot) -> Self {
+    fn new(
+        io: TcpStream,
+        limits: Arc<AcceptLimits>,
+        slot: Slot,
+        closing: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> Self {
         let opened = Instant::now();
         Self {
             io,
@@ -313,6 +342,7 @@ impl Conn {
             )),
             limits,
             slot,
+            closing,
         }
     }
 
@@ -374,6 +404,9 @@ impl AsyncRead for Conn {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending if me.closing.as_mut().poll(cx).is_ready() => Poll::Ready(Err(
+                io::Error::new(io::ErrorKind::ConnectionAborted, "the server is stopping"),
+            )),
             Poll::Pending => match me.check_deadlines(cx) {
                 Some(e) => Poll::Ready(Err(e)),
                 None => Poll::Pending,
