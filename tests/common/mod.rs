@@ -2,6 +2,7 @@
 //! over real gRPC on 127.0.0.1 (bound first, then served).
 #![allow(dead_code)]
 
+pub mod disk;
 pub mod procs;
 pub mod raw;
 

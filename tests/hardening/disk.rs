@@ -5,63 +5,15 @@
 //! disk is full, submits until the disk fills, recovery once space is
 //! freed, and a SIGKILL restart that must show every acknowledged job.
 
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use corral::pb;
 use tokio::task::block_in_place;
 use tonic::Code;
 
+use crate::common::disk::Tmpfs;
 use crate::common::raw::{png_like, RawWorker};
 use crate::common::*;
-
-/// A tmpfs mounted for the test, unmounted when dropped.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(dir: &Path, size_mib: u32) -> Option<Self> {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
-            .arg(dir)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Self {
-            dir: dir.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.dir)
-            .status();
-    }
-}
-
-/// Fills the file system holding `dir` with a ballast file; returns it
-/// and its length.
-fn fill(dir: &Path) -> (File, u64) {
-    let path = dir.join("ballast");
-    let mut f = File::create(&path).unwrap();
-    let mut len = 0u64;
-    for chunk in [1 << 20, 4096] {
-        let buf = vec![0xA5u8; chunk];
-        while f.write_all(&buf).is_ok() {
-            len += chunk as u64;
-        }
-    }
-    let _ = f.sync_all();
-    len = f.metadata().unwrap().len().max(len);
-    (f, len)
-}
 
 const NOT_SERVING: i32 = 2;
 const SERVING: i32 = 1;
@@ -155,7 +107,7 @@ async fn a_full_disk_loses_no_acknowledged_job() {
     w.heartbeat(running.clone());
 
     // 1. J's result (4 MiB) arrives on a full disk: its commit fails.
-    let (ballast, len) = fill(&disk.dir);
+    let mut ballast = disk.fill();
     let failed_at = Instant::now();
     w.send(pb::worker_message::Msg::Result(pb::JobResult {
         job_id: j.id.clone(),
@@ -181,7 +133,7 @@ async fn a_full_disk_loses_no_acknowledged_job() {
 
     // 2. Some space comes back: serving again, by itself; J is queued
     // again (its worker's stream was closed), not lost and not stuck.
-    ballast.set_len(len - (2 << 20)).unwrap();
+    ballast.free(2 << 20);
     let to_serving = wait_health(&url, SERVING, 30).await;
     assert_eq!(store_up().await, 1.0);
     let again = try_get(&url, &j.id).await.unwrap();
@@ -213,7 +165,6 @@ async fn a_full_disk_loses_no_acknowledged_job() {
     // 4. All space back: serving again. J's worker reconnects still running
     // it and returns the result, which is stored now.
     drop(ballast);
-    std::fs::remove_file(disk.dir.join("ballast")).unwrap();
     wait_health(&url, SERVING, 30).await;
     drop(w);
     let w = RawWorker::connect(&url, "w1", running.clone()).await;
