@@ -262,8 +262,9 @@ pub struct CoordinatorConfig {
     /// as soon as it is accepted. Default: none: the process's open-file
     /// limit less a reserve of max(64, limit / 8) for the store and logs.
     pub max_connections: Option<usize>,
-    /// Seconds a new connection has to finish its TLS handshake and send
-    /// the HTTP/2 preface before it is closed. Default: 10.
+    /// Seconds a new gRPC connection has to finish its TLS handshake,
+    /// send the HTTP/2 preface and start its first call before it is
+    /// closed. Default: 10.
     pub handshake_timeout_s: f64,
     /// Seconds a connection may stay open with no call in progress before
     /// it is closed (clients reconnect on their next call). Default: 300.

@@ -26,7 +26,7 @@ use tracing::{info_span, warn, Instrument};
 use crate::auth::Secret;
 use crate::error::{Error, Result};
 use crate::metrics::ConnMetrics;
-use accept::{AcceptLimits, Acceptor, IdleBy};
+use accept::{AcceptLimits, Acceptor, Activity};
 
 /// Most connections open at once on an HTTP port (scrapers and pages).
 pub const HTTP_MAX_CONNECTIONS: usize = 128;
@@ -36,9 +36,8 @@ fn http_limits() -> AcceptLimits {
     AcceptLimits {
         max_connections: HTTP_MAX_CONNECTIONS,
         handshake_timeout: Duration::from_secs(10),
-        handshake_bytes: 1,
         idle_timeout: Duration::from_secs(60),
-        idle: IdleBy::Reads,
+        activity: Activity::Reads,
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::procs;
@@ -466,6 +467,87 @@ async fn a_heartbeat_listing_a_million_models_is_refused() {
         bytes as f64 / 1e6,
         refused_in.as_secs_f64() * 1e3,
         asked.elapsed().as_secs_f64() * 1e3
+    );
+    c.stop().await;
+}
+
+/// With TLS: a socket that stalls inside the TLS handshake, and one that
+/// completes it but never sends the HTTP/2 preface, are both closed after
+/// the handshake timeout; a TLS client is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tls_handshakes_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    use tokio_rustls::rustls;
+
+    let certs = tmp();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (cert, key, ca) = (
+        certs.path().join("cert.pem"),
+        certs.path().join("key.pem"),
+        certs.path().join("ca.pem"),
+    );
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&ca, ck.cert.pem()).unwrap();
+    let c = coordinator(CoordinatorConfig {
+        tls_cert: Some(cert),
+        tls_key: Some(key),
+        handshake_timeout_s: 1.0,
+        ..fast_config()
+    })
+    .await;
+    let addr = addr_of(&c.url);
+    let https = c.url.replace("http://", "https://");
+    let served = || async {
+        let ch = corral::auth::connect(&https, Some(&ca), None).await;
+        match ch {
+            Ok(ch) => pb::admin_client::AdminClient::new(ch)
+                .list_workers(pb::ListWorkersRequest {})
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    };
+    wait_until(10, "a TLS client to be served", served).await;
+    let started = Instant::now();
+    // Stalls inside the TLS handshake: a ClientHello record header that
+    // announces more bytes than ever come.
+    let mut partial = TcpStream::connect(&addr).await.unwrap();
+    partial
+        .write_all(&[
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ])
+        .await
+        .unwrap();
+    // Completes the TLS handshake, then sends nothing.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut quiet = connector
+        .connect(name, TcpStream::connect(&addr).await.unwrap())
+        .await
+        .expect("the TLS handshake completes");
+    assert!(served().await, "a TLS client is served meanwhile");
+    let closed = async {
+        until_closed(partial).await;
+        let _ = tokio::io::copy(&mut quiet, &mut tokio::io::sink()).await;
+    };
+    tokio::time::timeout(Duration::from_secs(20), closed)
+        .await
+        .expect("both stalled connections are closed");
+    println!(
+        "connections (TLS): a stalled TLS handshake and a TLS connection without the HTTP/2 \
+         preface closed {:.2} s after they opened (handshake_timeout_s = 1)",
+        started.elapsed().as_secs_f64()
     );
     c.stop().await;
 }

@@ -4,9 +4,11 @@
 //! Connections come through [`Acceptor`]: at most `max_connections` open
 //! (by default the open-file limit less a reserve, so that idle sockets
 //! cannot use up the descriptors the store and the workers need), a
-//! handshake deadline (TLS and the HTTP/2 preface), an idle deadline (no
-//! call in progress), and a logged backoff when `accept` fails. HTTP/2
-//! keepalive pings close connections whose peer stopped answering.
+//! handshake deadline (TLS, the HTTP/2 preface and the first call must
+//! come within `handshake_timeout_s`), an idle deadline (no call in
+//! progress for `idle_timeout_s`), and a logged backoff when `accept`
+//! fails. HTTP/2 keepalive pings close connections whose peer stopped
+//! answering.
 
 use std::future::Future;
 use std::sync::{Arc, Weak};
@@ -23,12 +25,8 @@ use super::Coordinator;
 use crate::clock::{Clock, SystemClock};
 use crate::config::CoordinatorConfig;
 use crate::error::{Error, Result};
-use crate::http::accept::{self, AcceptLimits, Acceptor, IdleBy, TrackCalls};
+use crate::http::accept::{self, AcceptLimits, Acceptor, Activity, TrackCalls};
 use crate::pb;
-
-/// Bytes of the HTTP/2 client preface: a connection has done its
-/// handshake once it sent them.
-const HTTP2_PREFACE_BYTES: u64 = 24;
 
 /// How long a shutdown waits for calls in progress (a WatchJob of a job
 /// that will not finish soon) before it closes their connections.
@@ -59,9 +57,8 @@ fn grpc_limits(cfg: &CoordinatorConfig) -> AcceptLimits {
     AcceptLimits {
         max_connections,
         handshake_timeout: Duration::from_secs_f64(cfg.handshake_timeout_s),
-        handshake_bytes: HTTP2_PREFACE_BYTES,
         idle_timeout: Duration::from_secs_f64(cfg.idle_timeout_s),
-        idle: IdleBy::Calls,
+        activity: Activity::Calls,
     }
 }
 

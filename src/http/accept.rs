@@ -13,21 +13,24 @@
 //! timer finds a deadline passed the read fails, which makes the server
 //! close the connection.
 //!
-//! - Handshake: until a connection has sent `handshake_bytes` (24 for
-//!   gRPC: the HTTP/2 client preface; a TLS ClientHello is longer, and
-//!   tonic's own TLS timeout bounds the rest of the TLS handshake), it
-//!   must do so within `handshake_timeout`.
-//! - Idle: with [`IdleBy::Calls`], a connection with no call in progress
-//!   for `idle_timeout` is closed; the [`TrackCalls`] layer counts calls.
-//!   (HTTP/2 keepalive pings are answered by any live client, so bytes
-//!   alone cannot tell an idle connection.) With [`IdleBy::Reads`] (plain
-//!   HTTP/1), a connection that sent nothing for `idle_timeout` is closed.
+//! What counts as activity depends on the port ([`Activity`]):
+//!
+//! - [`Activity::Calls`] (gRPC): the [`TrackCalls`] layer counts the calls
+//!   in progress on each connection. A connection must start its first
+//!   call within `handshake_timeout` (which covers the TLS handshake, the
+//!   HTTP/2 preface and settings, and the first request's headers; tonic's
+//!   own TLS timeout is set to the same value), and is closed after
+//!   `idle_timeout` without a call in progress. Bytes alone cannot tell an
+//!   idle connection: every live HTTP/2 client answers keepalive pings.
+//! - [`Activity::Reads`] (HTTP/1): a connection must send its first byte
+//!   within `handshake_timeout`, and is closed after `idle_timeout`
+//!   without sending anything.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -40,12 +43,12 @@ use tracing::{debug, warn};
 
 use crate::metrics::ConnMetrics;
 
-/// How a connection's idleness is judged.
+/// What counts as a connection's activity (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IdleBy {
-    /// No call in progress (gRPC; needs the [`TrackCalls`] layer).
+pub enum Activity {
+    /// Calls (gRPC; needs the [`TrackCalls`] layer).
     Calls,
-    /// Nothing read (HTTP/1).
+    /// Bytes read (HTTP/1).
     Reads,
 }
 
@@ -54,10 +57,8 @@ pub enum IdleBy {
 pub struct AcceptLimits {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
-    /// Bytes a connection must have sent for its handshake to count as done.
-    pub handshake_bytes: u64,
     pub idle_timeout: Duration,
-    pub idle: IdleBy,
+    pub activity: Activity,
 }
 
 /// First and longest wait after a failed `accept`.
@@ -259,6 +260,8 @@ impl Drop for Slot {
 struct ConnState {
     opened: Instant,
     bytes_read: AtomicU64,
+    /// Whether a call has begun on this connection.
+    called: AtomicBool,
     calls: AtomicUsize,
     /// Milliseconds after `opened` when the connection last became idle.
     idle_since_ms: AtomicU64,
@@ -271,6 +274,7 @@ impl ConnState {
 
     fn call_started(&self) {
         self.calls.fetch_add(1, Ordering::AcqRel);
+        self.called.store(true, Ordering::Release);
     }
 
     fn call_ended(&self) {
@@ -282,7 +286,11 @@ impl ConnState {
 
     /// The deadline in force, or why the connection is over.
     fn verdict(&self, now: Instant, l: &AcceptLimits) -> Result<Instant, Expired> {
-        if self.bytes_read.load(Ordering::Acquire) < l.handshake_bytes {
+        let shook = match l.activity {
+            Activity::Calls => self.called.load(Ordering::Acquire),
+            Activity::Reads => self.bytes_read.load(Ordering::Acquire) > 0,
+        };
+        if !shook {
             let at = self.opened + l.handshake_timeout;
             return if now >= at {
                 Err(Expired::Handshake)
@@ -290,7 +298,7 @@ impl ConnState {
                 Ok(at)
             };
         }
-        if l.idle == IdleBy::Calls && self.calls.load(Ordering::Acquire) > 0 {
+        if l.activity == Activity::Calls && self.calls.load(Ordering::Acquire) > 0 {
             // Busy: look again later (a call ending does not wake us).
             return Ok(now + l.idle_timeout);
         }
@@ -334,6 +342,7 @@ impl Conn {
             state: Arc::new(ConnState {
                 opened,
                 bytes_read: AtomicU64::new(0),
+                called: AtomicBool::new(false),
                 calls: AtomicUsize::new(0),
                 idle_since_ms: AtomicU64::new(0),
             }),
@@ -371,7 +380,7 @@ impl Conn {
         let what = match why {
             Expired::Handshake => {
                 self.slot.metrics.handshake_timeouts.inc();
-                "no handshake within handshake_timeout_s"
+                "no handshake (first call or byte) within handshake_timeout_s"
             }
             Expired::Idle => {
                 self.slot.metrics.idle_timeouts.inc();
@@ -396,7 +405,7 @@ impl AsyncRead for Conn {
                 let n = (buf.filled().len() - before) as u64;
                 if n > 0 {
                     me.state.bytes_read.fetch_add(n, Ordering::AcqRel);
-                    if me.limits.idle == IdleBy::Reads {
+                    if me.limits.activity == Activity::Reads {
                         let ms = me.state.ms(Instant::now());
                         me.state.idle_since_ms.store(ms, Ordering::Release);
                     }
