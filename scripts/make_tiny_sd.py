@@ -352,6 +352,9 @@ def write_variant(root, fp16):
     save(un, os.path.join(out, "unet", "model.onnx"))
     write_name_map(os.path.join(out, "text_encoder", "model.onnx"), te_state, "text_encoder")
     write_name_map(os.path.join(out, "unet", "model.onnx"), un_state, "unet")
+    # As optimum exports it: the coordinator reads the family from cross_attention_dim.
+    with open(os.path.join(out, "unet", "config.json"), "w") as f:
+        json.dump({"_class_name": "UNet2DConditionModel", "cross_attention_dim": D}, f, indent=2)
     save(vae, os.path.join(out, "vae_decoder", "model.onnx"))
     with open(os.path.join(out, "vae_decoder", "config.json"), "w") as f:
         json.dump({"_class_name": "AutoencoderKL", "latent_channels": 4, "scaling_factor": 0.18215}, f, indent=2)
@@ -542,7 +545,8 @@ def write_sdxl(root):
         with open(os.path.join(out, part, "config.json"), "w") as f:
             json.dump(vae_cfg, f, indent=2)
     with open(os.path.join(out, "unet", "config.json"), "w") as f:
-        json.dump({"_class_name": "UNet2DConditionModel", "sample_size": 128, "addition_time_embed_dim": 256}, f, indent=2)
+        json.dump({"_class_name": "UNet2DConditionModel", "sample_size": 128, "addition_time_embed_dim": 256,
+                   "cross_attention_dim": XL_D1 + XL_D2}, f, indent=2)
     sched = {
         "_class_name": "EulerDiscreteScheduler",
         "beta_start": 0.00085,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Secret;
 use crate::error::{Error, Result};
-use crate::scheduler::SchedulerConfig;
+use crate::scheduler::{CostModel, SchedulerConfig};
 
 /// The whole file: one table per role.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -206,6 +206,12 @@ pub struct JobLimits {
     /// Longest reason a worker may give (JobFailed, PrefetchFailed,
     /// GoingAway), in bytes; longer ones are cut. Default: 8192.
     pub max_worker_reason_bytes: usize,
+    /// Most LoRAs one job may name. Default: 8.
+    pub max_loras: usize,
+    /// Largest LoRA weight, either way. Default: 4.
+    pub max_lora_weight: f32,
+    /// Largest image-to-image input, in bytes. Default: 16 MiB.
+    pub max_init_image_bytes: usize,
 }
 
 impl Default for JobLimits {
@@ -223,6 +229,9 @@ impl Default for JobLimits {
             max_worker_downloads: 1_000,
             max_worker_jobs: 1_000,
             max_worker_reason_bytes: 8192,
+            max_loras: 8,
+            max_lora_weight: 4.0,
+            max_init_image_bytes: 16 << 20,
         }
     }
 }
@@ -234,6 +243,21 @@ pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     /// Where the coordinator keeps its state. Default: ./corral-data.
     pub data_dir: PathBuf,
+    /// The job store: none (or empty) for the embedded store under
+    /// `data_dir`; a `postgres://` URL for PostgreSQL, shared by every
+    /// coordinator of a group, one of which leads (docs/ha.md). Put the
+    /// password in `PGPASSWORD`, not in the URL. Default: none.
+    pub store: Option<Secret>,
+    /// The URL workers and clients reach this coordinator at; followers
+    /// send callers to the leader's. Default: `http://` (`https://` with
+    /// TLS) and `listen`, with the host name when `listen` is 0.0.0.0 or
+    /// [::], and the bound port when `listen` has port 0.
+    pub advertise_url: Option<String>,
+    /// Seconds a leader's lease lasts without renewal (PostgreSQL store);
+    /// it renews every fifth of it, and a follower takes over within about
+    /// this long after the leader stops (at once when its process died).
+    /// Default: 5.
+    pub leader_lease_s: f64,
     /// How often workers heartbeat. Default: 5.
     pub heartbeat_interval_s: f64,
     /// Missed heartbeat intervals before a worker is dead. Default: 3.
@@ -277,6 +301,8 @@ pub struct CoordinatorConfig {
     /// token could otherwise make workers read any directory).
     pub local_sources_anywhere: Option<bool>,
     pub limits: JobLimits,
+    /// The scheduler's tunables (`[coordinator.scheduler]`).
+    pub scheduler: SchedulerTunables,
     /// The file's `[auth]` table (or `--insecure-no-auth`); required.
     #[serde(skip)]
     pub auth: Option<AuthConfig>,
@@ -287,6 +313,9 @@ impl Default for CoordinatorConfig {
         Self {
             listen: "127.0.0.1:7700".parse().expect("valid address"),
             data_dir: PathBuf::from("corral-data"),
+            store: None,
+            advertise_url: None,
+            leader_lease_s: 5.0,
             heartbeat_interval_s: 5.0,
             heartbeat_missed: 3,
             max_attempts: 3,
@@ -304,7 +333,148 @@ impl Default for CoordinatorConfig {
             local_source_root: None,
             local_sources_anywhere: None,
             limits: JobLimits::default(),
+            scheduler: SchedulerTunables::default(),
             auth: None,
+        }
+    }
+}
+
+/// The scheduler's tunables, in the file's units (seconds, MB/s, GB/s).
+/// The defaults are those the simulator's figures were measured with
+/// (docs/sim.md); `corral sim` takes the same keys. Replication: for every
+/// model with recent demand the scheduler keeps enough copies on disk to
+/// serve its load (arrival rate x generation time, in busy workers) times
+/// `replica_headroom`, at least `min_warm_replicas`, within
+/// `replica_disk_share` of the fleet's disk, by prefetching.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerTunables {
+    /// How many queued models a free worker considers fetching per decision. Default: 32.
+    pub cold_scan_models: usize,
+    /// Fewest workers that keep a copy of a model with recent demand. Default: 2.
+    pub min_warm_replicas: u32,
+    /// Copies kept per busy worker's worth of a model's load. Default: 1.5.
+    pub replica_headroom: f64,
+    /// Demand below this many jobs per hour is not recent: no copies are
+    /// kept for it. Default: 6.
+    pub recent_demand_per_hour: f64,
+    /// Time constant of the fast arrival rate per model (rises quickly). Default: 60.
+    pub demand_fast_s: f64,
+    /// Time constant of the slow arrival rate per model (forgets slowly). Default: 900.
+    pub demand_slow_s: f64,
+    /// Seconds between replication rounds. Default: 5.
+    pub replicate_interval_s: f64,
+    /// Share of the live workers' cache budgets that replica targets may
+    /// fill; the rest is the workers' own LRU. Default: 0.8.
+    pub replica_disk_share: f64,
+    /// Most prefetches per replication round. Default: 256.
+    pub max_prefetch_per_round: usize,
+    /// Seconds a prefetch not yet in the worker's report counts as a copy. Default: 120.
+    pub prefetch_pending_s: f64,
+    /// Download rate assumed for a worker that has not measured one, MB/s. Default: 25.
+    pub default_download_mb_per_s: f64,
+    /// Fixed part of loading a model into VRAM, seconds. Default: 1.5.
+    pub load_base_s: f64,
+    /// Rate of loading model bytes into VRAM, GB/s. Default: 1.5.
+    pub load_gb_per_s: f64,
+    /// Generation time assumed before any has been observed, seconds. Default: 5.
+    pub default_service_s: f64,
+}
+
+impl Default for SchedulerTunables {
+    fn default() -> Self {
+        let d = SchedulerConfig::default();
+        let secs = |ms: u64| ms as f64 / 1e3;
+        Self {
+            cold_scan_models: d.cold_scan_models,
+            min_warm_replicas: d.min_warm_replicas,
+            replica_headroom: d.replica_headroom,
+            recent_demand_per_hour: d.recent_demand_per_hour,
+            demand_fast_s: secs(d.demand_fast_ms),
+            demand_slow_s: secs(d.demand_slow_ms),
+            replicate_interval_s: secs(d.replicate_interval_ms),
+            replica_disk_share: d.replica_disk_share,
+            max_prefetch_per_round: d.max_prefetch_per_round,
+            prefetch_pending_s: secs(d.prefetch_pending_ms),
+            default_download_mb_per_s: d.cost.default_download_bps as f64 / 1e6,
+            load_base_s: secs(d.cost.load_base_ms),
+            load_gb_per_s: d.cost.load_bps as f64 / 1e9,
+            default_service_s: secs(d.cost.default_service_ms),
+        }
+    }
+}
+
+impl SchedulerTunables {
+    /// Every value in its range; the error names the key.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("replica_headroom", self.replica_headroom),
+            ("demand_fast_s", self.demand_fast_s),
+            ("demand_slow_s", self.demand_slow_s),
+            ("replicate_interval_s", self.replicate_interval_s),
+            ("default_download_mb_per_s", self.default_download_mb_per_s),
+            ("load_gb_per_s", self.load_gb_per_s),
+            ("default_service_s", self.default_service_s),
+        ];
+        for (k, v) in positive {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::Config(format!(
+                    "scheduler.{k} must be a positive number, got {v}"
+                )));
+            }
+        }
+        let non_negative = [
+            ("recent_demand_per_hour", self.recent_demand_per_hour),
+            ("prefetch_pending_s", self.prefetch_pending_s),
+            ("load_base_s", self.load_base_s),
+        ];
+        for (k, v) in non_negative {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::Config(format!(
+                    "scheduler.{k} must be zero or more, got {v}"
+                )));
+            }
+        }
+        if !(self.replica_disk_share > 0.0 && self.replica_disk_share <= 1.0) {
+            return Err(Error::Config(format!(
+                "scheduler.replica_disk_share must be in (0, 1], got {}",
+                self.replica_disk_share
+            )));
+        }
+        if self.demand_fast_s > self.demand_slow_s {
+            return Err(Error::Config(
+                "scheduler.demand_fast_s must not exceed scheduler.demand_slow_s".into(),
+            ));
+        }
+        if self.cold_scan_models == 0 {
+            return Err(Error::Config(
+                "scheduler.cold_scan_models must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// These values over `base` (whose liveness fields are kept).
+    fn apply(&self, base: SchedulerConfig) -> SchedulerConfig {
+        let ms = |s: f64| (s * 1e3).round() as u64;
+        SchedulerConfig {
+            cold_scan_models: self.cold_scan_models,
+            min_warm_replicas: self.min_warm_replicas,
+            replica_headroom: self.replica_headroom,
+            recent_demand_per_hour: self.recent_demand_per_hour,
+            demand_fast_ms: ms(self.demand_fast_s),
+            demand_slow_ms: ms(self.demand_slow_s),
+            replicate_interval_ms: ms(self.replicate_interval_s),
+            replica_disk_share: self.replica_disk_share,
+            max_prefetch_per_round: self.max_prefetch_per_round,
+            prefetch_pending_ms: ms(self.prefetch_pending_s),
+            cost: CostModel {
+                default_download_bps: (self.default_download_mb_per_s * 1e6) as u64,
+                load_base_ms: ms(self.load_base_s),
+                load_bps: (self.load_gb_per_s * 1e9) as u64,
+                default_service_ms: ms(self.default_service_s),
+            },
+            ..base
         }
     }
 }
@@ -326,6 +496,7 @@ impl CoordinatorConfig {
                 "limits: min_side_px must be in 1..=max_side_px".into(),
             ));
         }
+        self.scheduler.validate()?;
         if self.max_message_bytes < 1 << 20 {
             return Err(Error::Config(
                 "max_message_bytes must be at least 1 MiB".into(),
@@ -351,6 +522,23 @@ impl CoordinatorConfig {
                 "http_token must be at least {MIN_TOKEN_BYTES} bytes of printable ASCII without spaces"
             )));
         }
+        if !(self.leader_lease_s >= 0.5 && self.leader_lease_s <= 600.0) {
+            return Err(Error::Config("leader_lease_s must be in [0.5, 600]".into()));
+        }
+        if let Some(s) = self.postgres_url() {
+            if !(s.starts_with("postgres://") || s.starts_with("postgresql://")) {
+                return Err(Error::Config(
+                    "store must be empty (the embedded store) or a postgres:// URL".into(),
+                ));
+            }
+        }
+        if let Some(u) = &self.advertise_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(Error::Config(format!(
+                    "advertise_url {u:?} must be an http:// or https:// URL"
+                )));
+            }
+        }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(Error::Config(
                 "tls_cert and tls_key go together: give both or neither".into(),
@@ -366,6 +554,39 @@ impl CoordinatorConfig {
         }
     }
 
+    /// The PostgreSQL URL, when the store is PostgreSQL.
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.store
+            .as_ref()
+            .map(|s| s.expose().trim())
+            .filter(|s| !s.is_empty())
+    }
+
+    /// `advertise_url`, or the URL derived from the address bound.
+    pub fn advertised_url(&self, bound: SocketAddr) -> String {
+        if let Some(u) = &self.advertise_url {
+            return u.trim_end_matches('/').to_owned();
+        }
+        let scheme = if self.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let host = if bound.ip().is_unspecified() {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into())
+        } else {
+            match bound.ip() {
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            }
+        };
+        format!("{scheme}://{host}:{}", bound.port())
+    }
+
     /// Whether local model sources are accepted outside `local_source_root`.
     pub fn local_sources_anywhere(&self) -> bool {
         self.local_sources_anywhere
@@ -377,12 +598,12 @@ impl CoordinatorConfig {
     }
 
     pub fn scheduler(&self) -> SchedulerConfig {
-        SchedulerConfig {
+        self.scheduler.apply(SchedulerConfig {
             heartbeat_timeout_ms: self.heartbeat_interval_ms() * u64::from(self.heartbeat_missed),
             max_attempts: self.max_attempts,
             starvation_ms: (self.starvation_s * 1000.0) as u64,
             ..SchedulerConfig::default()
-        }
+        })
     }
 }
 
@@ -435,6 +656,9 @@ pub struct WorkerConfig {
     pub vram_budget_bytes: u64,
     /// Most models loaded at once. Default: 2.
     pub max_loaded_models: usize,
+    /// Apply LoRAs to 3x3 convolutions. Default: on with CUDA; off on CPU,
+    /// where it slows generation 30-50% (such a LoRA is then refused).
+    pub lora_conv: Option<bool>,
     /// Seconds to let running jobs finish on SIGTERM before handing them back. Default: 30.
     pub shutdown_grace_s: u64,
     /// Milliseconds per step of the synthetic engine. Default: 20.
@@ -463,6 +687,7 @@ impl Default for WorkerConfig {
             allow_cpu_fallback: false,
             vram_budget_bytes: 0,
             max_loaded_models: 2,
+            lora_conv: None,
             shutdown_grace_s: 30,
             synthetic_step_ms: 20,
             token: None,
@@ -575,5 +800,33 @@ mod tests {
         assert_eq!(c.coordinator.heartbeat_missed, 3);
         assert_eq!(c.worker.engine, EngineKind::Synthetic);
         assert_eq!(c.coordinator.scheduler().heartbeat_timeout_ms, 15_000);
+    }
+
+    #[test]
+    fn scheduler_table_defaults_are_the_schedulers_and_keys_arrive() {
+        let c = CoordinatorConfig::default();
+        let want = SchedulerConfig {
+            heartbeat_timeout_ms: 15_000,
+            ..SchedulerConfig::default()
+        };
+        assert_eq!(c.scheduler(), want);
+        let c: FileConfig = toml::from_str(
+            "[coordinator.scheduler]\nmin_warm_replicas = 4\ndemand_fast_s = 30\n\
+             default_download_mb_per_s = 10\n",
+        )
+        .unwrap();
+        let s = c.coordinator.scheduler();
+        assert_eq!(s.min_warm_replicas, 4);
+        assert_eq!(s.demand_fast_ms, 30_000);
+        assert_eq!(s.cost.default_download_bps, 10_000_000);
+        let bad: FileConfig =
+            toml::from_str("[coordinator.scheduler]\nreplica_disk_share = 1.5\n").unwrap();
+        let e = bad
+            .coordinator
+            .scheduler
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("scheduler.replica_disk_share"), "{e}");
     }
 }

@@ -82,7 +82,21 @@ impl TryFrom<pb::Model> for ModelManifest {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        for (field, v) in [("model.family", &m.family), ("model.format", &m.format)] {
+            if v.len() > 64
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b":._-".contains(&b))
+            {
+                return Err(Error::invalid(
+                    field,
+                    format!("{v:?} is not a family or format name"),
+                ));
+            }
+        }
         Ok(ModelManifest {
+            family: m.family,
+            format: m.format,
             id: model_id(m.id, "model.id")?,
             kind,
             source: m.source,
@@ -112,6 +126,8 @@ impl From<ModelManifest> for pb::Model {
                     sha256: f.sha256,
                 })
                 .collect(),
+            family: m.family,
+            format: m.format,
         }
     }
 }
@@ -136,7 +152,26 @@ impl TryFrom<pb::JobSpec> for JobSpec {
         if !s.guidance_scale.is_finite() {
             return Err(Error::invalid("guidance_scale", "must be a finite number"));
         }
+        let mut loras = Vec::with_capacity(s.loras.len());
+        for l in s.loras {
+            if !l.weight.is_finite() {
+                return Err(Error::invalid("loras.weight", "must be a finite number"));
+            }
+            loras.push(LoraRef {
+                model_id: model_id(l.model_id, "loras.model_id")?,
+                weight: l.weight,
+            });
+        }
+        if !s.strength.is_finite() {
+            return Err(Error::invalid("strength", "must be a finite number"));
+        }
+        let optional = |v: String, field| (!v.is_empty()).then(|| model_id(v, field)).transpose();
         Ok(JobSpec {
+            loras,
+            vae_id: optional(s.vae_id, "vae_id")?,
+            init_image: (!s.init_image.is_empty()).then(|| bytes::Bytes::from(s.init_image)),
+            strength: s.strength,
+            upscaler_id: optional(s.upscaler_id, "upscaler_id")?,
             model_id: model_id(s.model_id, "model_id")?,
             prompt: s.prompt,
             negative_prompt: s.negative_prompt,
@@ -168,6 +203,26 @@ impl From<&JobSpec> for pb::JobSpec {
             scheduler: s.scheduler.clone(),
             priority: s.priority,
             idempotency_key: s.idempotency_key.clone(),
+            loras: s
+                .loras
+                .iter()
+                .map(|l| pb::LoraRef {
+                    model_id: l.model_id.0.clone(),
+                    weight: l.weight,
+                })
+                .collect(),
+            vae_id: s.vae_id.as_ref().map(|m| m.0.clone()).unwrap_or_default(),
+            init_image: s
+                .init_image
+                .as_ref()
+                .map(|b| b.to_vec())
+                .unwrap_or_default(),
+            strength: s.strength,
+            upscaler_id: s
+                .upscaler_id
+                .as_ref()
+                .map(|m| m.0.clone())
+                .unwrap_or_default(),
         }
     }
 }
@@ -250,6 +305,8 @@ impl From<pb::Timings> for Timings {
             load_s: clean(t.load_s),
             inference_s: clean(t.inference_s),
             tier: tier_from_pb(t.tier),
+            lora_s: clean(t.lora_s),
+            upscale_s: clean(t.upscale_s),
         }
     }
 }
@@ -262,6 +319,8 @@ impl From<Timings> for pb::Timings {
             load_s: t.load_s,
             inference_s: t.inference_s,
             tier: tier_to_pb(t.tier) as i32,
+            lora_s: t.lora_s,
+            upscale_s: t.upscale_s,
         }
     }
 }
@@ -696,6 +755,7 @@ impl From<crate::coordinator::ToWorker> for pb::CoordinatorMessage {
                 attempt,
                 spec,
                 model,
+                extras,
                 queued_ms,
             } => Msg::Assign(pb::Assign {
                 job_id: job.0,
@@ -703,6 +763,7 @@ impl From<crate::coordinator::ToWorker> for pb::CoordinatorMessage {
                 spec: Some(spec.as_ref().into()),
                 model: Some(model.as_ref().clone().into()),
                 queued_s: queued_ms as f64 / 1000.0,
+                extra_models: extras.iter().map(|m| m.as_ref().clone().into()).collect(),
             }),
             ToWorker::Cancel { job, attempt } => Msg::Cancel(pb::Cancel {
                 job_id: job.0,
@@ -732,6 +793,7 @@ mod tests {
                     size_bytes: 1,
                     sha256: "0".repeat(64),
                 }],
+                ..Default::default()
             };
             assert!(ModelManifest::try_from(m).is_err(), "{bad:?} accepted");
         }

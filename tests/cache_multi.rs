@@ -236,6 +236,8 @@ async fn a_preloaded_lora_bundle_is_listed_and_served_without_budget() {
     corral::manifest::write_manifest_file(&dir).unwrap();
     // The catalogue knows the same files under an http source and kind Lora.
     let l = ModelManifest {
+        family: String::new(),
+        format: String::new(),
         id: ModelId::from("style-lora"),
         kind: ModelKind::Lora,
         source: srv.url("style-lora"),

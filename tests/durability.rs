@@ -24,6 +24,7 @@ struct Served {
 impl Served {
     async fn start(mut cfg: CoordinatorConfig, data_dir: &Path) -> Self {
         cfg.data_dir = data_dir.to_path_buf();
+        cfg.store = common::pg::store_for(data_dir);
         cfg.auth
             .get_or_insert_with(corral::config::AuthConfig::disabled);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -53,6 +53,8 @@ fn publish_at(srv: &TestServer, dir: &str, id: &str) -> Vec<corral::types::Model
 
 fn manifest(id: &str, source: String, files: Vec<corral::types::ModelFile>) -> ModelManifest {
     ModelManifest {
+        family: String::new(),
+        format: String::new(),
         id: ModelId::from(id),
         kind: ModelKind::Checkpoint,
         source,

@@ -119,6 +119,7 @@ impl pb::jobs_server::Jobs for CeilingJobs {
             spec: spec.clone(),
             model: Some(self.0.model.clone()),
             queued_s: 0.0,
+            extra_models: Vec::new(),
         });
         Ok(Response::new(pb::SubmitJobResponse {
             job: Some(pb::Job {

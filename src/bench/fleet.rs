@@ -12,8 +12,8 @@ use tokio::sync::watch;
 use super::BenchArgs;
 use crate::config::{EngineKind, WorkerConfig};
 use crate::error::{Error, Result};
-use crate::types::{JobSpec, ModelManifest};
-use crate::worker::engine::{Engine, LoadedModel};
+use crate::types::ModelManifest;
+use crate::worker::engine::{Engine, Job, LoadedModel, Output};
 
 /// Returns `payload` at once: the control plane's cost alone.
 struct PayloadEngine {
@@ -39,19 +39,19 @@ impl LoadedModel for PayloadModel {
     fn resident_bytes(&self) -> u64 {
         1
     }
-    fn generate(
-        &self,
-        spec: &JobSpec,
-        on_step: &mut dyn FnMut(u32, u32) -> bool,
-    ) -> Result<Vec<Vec<u8>>> {
+    fn generate(&self, job: &Job, on_step: &mut dyn FnMut(u32, u32) -> bool) -> Result<Output> {
+        let spec = job.spec;
         for step in 1..=spec.steps {
             if !on_step(step, spec.steps) {
                 return Err(crate::worker::engine::cancelled());
             }
         }
-        Ok((0..spec.num_images)
-            .map(|_| self.payload.as_ref().clone())
-            .collect())
+        Ok(Output {
+            images: (0..spec.num_images)
+                .map(|_| self.payload.as_ref().clone())
+                .collect(),
+            ..Output::default()
+        })
     }
 }
 

@@ -88,6 +88,10 @@ pub struct BenchArgs {
     pub rounds: u32,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+    /// The coordinator's store: a `postgres://` URL of an empty database
+    /// (docs/ha.md); none: the embedded store in a scratch directory.
+    #[arg(long, env = "CORRAL_BENCH_STORE", hide_env_values = true)]
+    pub store: Option<String>,
     /// Internal: be the worker fleet for the coordinator at this URL.
     #[arg(long, hide = true)]
     pub fleet_of: Option<String>,
@@ -114,6 +118,7 @@ impl Default for BenchArgs {
             ceiling: false,
             rounds: 1,
             format: Format::Table,
+            store: None,
             fleet_of: None,
             fleet_preloaded: None,
         }
@@ -334,6 +339,7 @@ pub async fn run_target(args: BenchArgs, target: Target) -> Result<BenchReport> 
         },
         // Loopback only: measure the control plane, not token checks.
         auth: Some(crate::config::AuthConfig::disabled()),
+        store: args.store.clone().map(crate::auth::Secret::new),
         ..CoordinatorConfig::default()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -356,9 +362,15 @@ pub async fn run_target(args: BenchArgs, target: Target) -> Result<BenchReport> 
     .await?;
     let (server, coord_task) = match target {
         Target::Corral => {
-            std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::io(&cfg.data_dir, e))?;
-            let services =
-                crate::coordinator::Services::open(cfg, Arc::new(crate::clock::SystemClock))?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| Error::io("listener", e))?;
+            let services = crate::coordinator::Services::open_store(
+                cfg,
+                Arc::new(crate::clock::SystemClock),
+                bound,
+            )
+            .await?;
             let coordinator = services.coordinator.clone();
             let task = tokio::spawn(crate::coordinator::serve(services, listener, None, stopped));
             crate::client::admin_client(&crate::client::ClientArgs::local(&url))

@@ -39,6 +39,16 @@ pub struct BenchPipelineArgs {
     pub device: DeviceKind,
     #[arg(long, default_value_t = 0)]
     pub device_id: i32,
+    /// A LoRA file and its weight, `FILE:WEIGHT` (repeatable): adds the
+    /// LoRA switch cost beside the full load and the image time.
+    #[arg(long = "lora", value_name = "FILE:WEIGHT")]
+    pub loras: Vec<String>,
+    /// Apply LoRAs to 3x3 convolutions too (off by default on CPU).
+    #[arg(long)]
+    pub lora_conv: bool,
+    /// An upscaler (.onnx file or a directory holding model.onnx) to time.
+    #[arg(long)]
+    pub upscaler: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -111,6 +121,14 @@ pub enum ModelsCmd {
         /// file:///dir, /dir, http(s)://host/prefix, s3://, gs://, az://
         #[arg(long)]
         source: String,
+        /// checkpoint, lora, vae or upscaler; default: guessed from the files
+        /// (one .safetensors: lora; one .onnx: upscaler; vae_decoder/ without
+        /// unet/: vae; else checkpoint).
+        #[arg(long)]
+        kind: Option<ModelKindArg>,
+        /// An upscaler's scale: x2 or x4 (other kinds: read from the files).
+        #[arg(long)]
+        format: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -171,6 +189,21 @@ pub struct SubmitArgs {
     pub priority: i32,
     #[arg(long, default_value = "")]
     pub idempotency_key: String,
+    /// A LoRA and its weight, `ID:WEIGHT` (weight 1 if omitted); repeatable.
+    #[arg(long = "lora", value_name = "ID:WEIGHT")]
+    pub loras: Vec<String>,
+    /// A VAE (catalogue id) replacing the checkpoint's own.
+    #[arg(long)]
+    pub vae: Option<String>,
+    /// Image-to-image: the input picture (PNG or JPEG, width x height).
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// Image-to-image: how much of the input is replaced, (0, 1]; default 0.75.
+    #[arg(long, default_value_t = 0.0)]
+    pub strength: f32,
+    /// An upscaler (catalogue id) run on each image after generation.
+    #[arg(long)]
+    pub upscaler: Option<String>,
     /// Where to write the image (several images: FILE-1.png, FILE-2.png, ...).
     #[arg(long, default_value = "out.png")]
     pub out: PathBuf,
@@ -206,4 +239,41 @@ pub enum JobsCmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+/// `--kind` of `models add`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ModelKindArg {
+    Checkpoint,
+    Lora,
+    Vae,
+    Upscaler,
+}
+
+impl From<ModelKindArg> for crate::types::ModelKind {
+    fn from(k: ModelKindArg) -> Self {
+        match k {
+            ModelKindArg::Checkpoint => Self::Checkpoint,
+            ModelKindArg::Lora => Self::Lora,
+            ModelKindArg::Vae => Self::Vae,
+            ModelKindArg::Upscaler => Self::Upscaler,
+        }
+    }
+}
+
+/// `ID:WEIGHT` (weight 1 when omitted).
+pub fn parse_lora(s: &str) -> Result<crate::pb::LoraRef> {
+    let (id, weight) = match s.rsplit_once(':') {
+        Some((id, w)) => (
+            id,
+            w.parse::<f32>().map_err(|_| {
+                Error::invalid("lora", format!("{s:?}: weight {w:?} is not a number"))
+            })?,
+        ),
+        None => (s, 1.0),
+    };
+    Ok(crate::pb::LoraRef {
+        model_id: id.to_owned(),
+        weight,
+    })
 }

@@ -1,5 +1,7 @@
 //! The client commands: each calls the coordinator and prints the answer.
 
+use std::path::PathBuf;
+
 use crate::client::{
     admin_client, follow, jobs_client, tier_word, write_images, ClientArgs, Finished,
 };
@@ -37,7 +39,16 @@ pub async fn plan_image(a: PlanImageCmd) -> Result<()> {
 }
 
 pub fn bench_pipeline(a: BenchPipelineArgs) -> Result<()> {
-    use crate::pipeline::{bench::bench, Device, PipelineConfig};
+    use crate::pipeline::bench::{bench_with, BenchOptions};
+    use crate::pipeline::{Device, PipelineConfig};
+    let loras = a
+        .loras
+        .iter()
+        .map(|s| {
+            let l = parse_lora(s)?;
+            Ok((PathBuf::from(l.model_id), l.weight))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let cfg = PipelineConfig {
         device: match a.device {
             DeviceKind::Cpu => Device::Cpu,
@@ -47,10 +58,18 @@ pub fn bench_pipeline(a: BenchPipelineArgs) -> Result<()> {
         },
         allow_cpu_fallback: false,
         intra_op_threads: None,
+        lora_conv: a.lora_conv.then_some(true),
         ..Default::default()
     };
-    let r = bench(&a.model_dir, &cfg, a.steps, a.width, a.height, a.runs)
-        .map_err(crate::worker::onnx::to_error)?;
+    let opts = BenchOptions {
+        steps: a.steps,
+        width: a.width,
+        height: a.height,
+        runs: a.runs,
+        loras,
+        upscaler: a.upscaler,
+    };
+    let r = bench_with(&a.model_dir, &cfg, &opts).map_err(crate::worker::onnx::to_error)?;
     if a.json {
         println!(
             "{}",
@@ -64,10 +83,19 @@ pub fn bench_pipeline(a: BenchPipelineArgs) -> Result<()> {
 
 pub async fn models(cmd: ModelsCmd) -> Result<()> {
     match cmd {
-        ModelsCmd::Add { id, source, client } => {
+        ModelsCmd::Add {
+            id,
+            source,
+            kind,
+            format,
+            client,
+        } => {
             let id = crate::convert::model_id(id, "id")?;
             let source = crate::source::absolute_if_local(&source)?;
-            let manifest = crate::manifest::manifest_from_source(&id, &source).await?;
+            let mut manifest = crate::manifest::manifest_from_source(&id, &source).await?;
+            manifest.kind =
+                kind.map_or_else(|| crate::manifest::guess_kind(&manifest.files), Into::into);
+            manifest.format = format.unwrap_or_default();
             let total = manifest.total_bytes();
             let files = manifest.files.len();
             let m = admin_client(&client)
@@ -164,6 +192,15 @@ pub async fn models(cmd: ModelsCmd) -> Result<()> {
 }
 
 pub async fn submit(a: SubmitArgs) -> Result<()> {
+    let loras = a
+        .loras
+        .iter()
+        .map(|s| parse_lora(s))
+        .collect::<Result<Vec<_>>>()?;
+    let init_image = match &a.init_image {
+        Some(p) => std::fs::read(p).map_err(|e| Error::io(p, e))?,
+        None => Vec::new(),
+    };
     let mut client = jobs_client(&a.client).await?;
     let r = client
         .submit_job(pb::SubmitJobRequest {
@@ -180,6 +217,11 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
                 scheduler: a.scheduler,
                 priority: a.priority,
                 idempotency_key: a.idempotency_key,
+                loras,
+                vae_id: a.vae.unwrap_or_default(),
+                init_image,
+                strength: a.strength,
+                upscaler_id: a.upscaler.unwrap_or_default(),
             }),
         })
         .await?

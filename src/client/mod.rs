@@ -16,7 +16,9 @@ use crate::pb;
 
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
-    /// Coordinator URL.
+    /// Coordinator URL; several, comma-separated (or a DNS name with
+    /// several addresses), for a group of coordinators: the one serving
+    /// (the leader) is used.
     #[arg(
         long,
         env = "CORRAL_COORDINATOR",
@@ -50,9 +52,20 @@ pub async fn channel(url: &str) -> Result<Channel> {
         .map_err(|e| Error::Unavailable(format!("cannot reach the coordinator at {url}: {e}")))
 }
 
-/// A channel to the coordinator that sends the token with every call.
+/// How long a command waits for a serving coordinator among several (a
+/// takeover takes a few seconds).
+const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// A channel to the coordinator (the leader, when several are given) that
+/// sends the token with every call.
 pub async fn authed_channel(c: &ClientArgs) -> Result<AuthedChannel> {
-    crate::auth::connect(&c.coordinator, c.ca_cert.as_deref(), c.token.as_ref()).await
+    crate::auth::connect_leader(
+        &c.coordinator,
+        c.ca_cert.as_deref(),
+        c.token.as_ref(),
+        LEADER_WAIT,
+    )
+    .await
 }
 
 pub async fn jobs_client(c: &ClientArgs) -> Result<pb::jobs_client::JobsClient<AuthedChannel>> {

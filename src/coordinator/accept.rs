@@ -39,11 +39,9 @@ impl Coordinator {
     /// Accepts a validated job for `client` ("" with authentication off),
     /// answering once it is durable. Returns the job and whether an earlier
     /// job with the same idempotency key was returned instead.
-    pub async fn submit(&self, client: &str, spec: JobSpec) -> Result<(JobView, bool)> {
+    pub async fn submit(&self, client: &str, mut spec: JobSpec) -> Result<(JobView, bool)> {
         self.check_serving()?;
-        if !self.models.contains_key(&spec.model_id) {
-            return Err(Error::UnknownModel(spec.model_id));
-        }
+        self.check_models(&mut spec)?;
         let key = scoped_key(client, &spec.idempotency_key);
         if let Some(k) = &key {
             if let Some(earlier) = self.records.key_owner(k) {
@@ -262,6 +260,198 @@ impl Coordinator {
             next.map(|c| c.token()).unwrap_or_default(),
         ))
     }
+}
+
+impl Coordinator {
+    /// Checks what a job names against the catalogue, and fills what it
+    /// leaves to defaults: the size (0 x 0: the checkpoint's, or the input
+    /// image's) and the image-to-image strength (0: 0.75). Errors name the
+    /// field and the model.
+    fn check_models(&self, spec: &mut JobSpec) -> Result<()> {
+        use crate::manifest::fits;
+        let l = &self.cfg.limits;
+        let ckpt = self
+            .models
+            .get(&spec.model_id)
+            .map(|m| m.clone())
+            .ok_or_else(|| Error::UnknownModel(spec.model_id.clone()))?;
+        if ckpt.kind != ModelKind::Checkpoint {
+            return Err(Error::invalid(
+                "model_id",
+                format!("{} is a {:?}, not a checkpoint", ckpt.id, ckpt.kind),
+            ));
+        }
+        let extra = |id: &ModelId, field: &'static str, kind: ModelKind| {
+            let m = self
+                .models
+                .get(id)
+                .map(|m| m.clone())
+                .ok_or_else(|| Error::invalid(field, format!("unknown model {id}")))?;
+            if m.kind != kind {
+                return Err(Error::invalid(
+                    field,
+                    format!("{id} is a {:?}, not a {kind:?}", m.kind),
+                ));
+            }
+            if !fits(&ckpt.family, &m.family) {
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "{id} is for {} models; checkpoint {} is {}",
+                        m.family, ckpt.id, ckpt.family
+                    ),
+                ));
+            }
+            Ok(m)
+        };
+        if spec.loras.len() > l.max_loras {
+            return Err(Error::invalid(
+                "loras",
+                format!(
+                    "{} LoRAs, more than {} (limits.max_loras)",
+                    spec.loras.len(),
+                    l.max_loras
+                ),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for lr in &spec.loras {
+            if !seen.insert(&lr.model_id) {
+                return Err(Error::invalid(
+                    "loras",
+                    format!("LoRA {} is named twice", lr.model_id),
+                ));
+            }
+            if lr.weight.abs() > l.max_lora_weight {
+                return Err(Error::invalid(
+                    "loras.weight",
+                    format!(
+                        "{} for LoRA {} is outside -{m}..={m} (limits.max_lora_weight)",
+                        lr.weight,
+                        lr.model_id,
+                        m = l.max_lora_weight
+                    ),
+                ));
+            }
+            extra(&lr.model_id, "loras.model_id", ModelKind::Lora)?;
+        }
+        if let Some(v) = &spec.vae_id {
+            extra(v, "vae_id", ModelKind::Vae)?;
+        }
+        let scale = match &spec.upscaler_id {
+            Some(u) => match extra(u, "upscaler_id", ModelKind::Upscaler)?
+                .format
+                .as_str()
+            {
+                "x2" => 2,
+                // Unknown: the largest, so that the size check is safe.
+                _ => 4,
+            },
+            None => 1,
+        };
+        match &spec.init_image {
+            Some(img) => {
+                if img.len() > l.max_init_image_bytes {
+                    return Err(Error::invalid(
+                        "init_image",
+                        format!(
+                            "{} bytes, more than {} (limits.max_init_image_bytes)",
+                            img.len(),
+                            l.max_init_image_bytes
+                        ),
+                    ));
+                }
+                let (w, h) = image_size(img).ok_or_else(|| {
+                    Error::invalid("init_image", "is not a PNG or JPEG file (or is truncated)")
+                })?;
+                if spec.width == 0 && spec.height == 0 {
+                    (spec.width, spec.height) = (w, h);
+                } else if (w, h) != (spec.width, spec.height) {
+                    return Err(Error::invalid(
+                        "init_image",
+                        format!(
+                            "is {w}x{h}; the job asks for {}x{} (the input is not resized)",
+                            spec.width, spec.height
+                        ),
+                    ));
+                }
+                if spec.strength == 0.0 {
+                    spec.strength = 0.75;
+                }
+                if !(spec.strength > 0.0 && spec.strength <= 1.0) {
+                    return Err(Error::invalid(
+                        "strength",
+                        format!("{} is outside (0, 1]", spec.strength),
+                    ));
+                }
+            }
+            None if spec.strength != 0.0 => {
+                return Err(Error::invalid(
+                    "strength",
+                    "is for image-to-image: give an init_image or leave it 0",
+                ))
+            }
+            None => {}
+        }
+        if spec.width == 0 && spec.height == 0 {
+            let side = if ckpt.family == "sdxl" { 1024 } else { 512 };
+            (spec.width, spec.height) = (side, side);
+        }
+        super::jobs::validate(spec, l)?;
+        // The result must fit one message to this coordinator (RGB PNG, at
+        // worst uncompressed, plus the rest of the message).
+        let per_image =
+            u64::from(spec.width * scale) * u64::from(spec.height * scale) * 3 + (64 << 10);
+        let worst = per_image * u64::from(spec.num_images);
+        let room = (self.cfg.max_message_bytes as u64).saturating_sub(1 << 20);
+        if worst > room {
+            return Err(Error::invalid(
+                "num_images",
+                format!(
+                    "{} images of {}x{} (upscaled x{scale}) may take {worst} bytes, more than one \
+                     result message may carry ({room}; max_message_bytes); ask for fewer images \
+                     per job",
+                    spec.num_images,
+                    spec.width * scale,
+                    spec.height * scale
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Width and height of a PNG or JPEG file, from its header.
+fn image_size(b: &[u8]) -> Option<(u32, u32)> {
+    if b.starts_with(b"\x89PNG\r\n\x1a\n") && b.len() >= 24 && &b[12..16] == b"IHDR" {
+        let w = u32::from_be_bytes(b[16..20].try_into().ok()?);
+        let h = u32::from_be_bytes(b[20..24].try_into().ok()?);
+        return Some((w, h));
+    }
+    if !b.starts_with(&[0xFF, 0xD8]) {
+        return None;
+    }
+    // JPEG: walk the markers to the first start-of-frame.
+    let mut i = 2;
+    while i + 9 <= b.len() {
+        if b[i] != 0xFF {
+            return None;
+        }
+        let marker = b[i + 1];
+        if marker == 0xFF {
+            i += 1;
+            continue;
+        }
+        let len = usize::from(u16::from_be_bytes([b[i + 2], b[i + 3]]));
+        let sof = (0xC0..=0xCF).contains(&marker) && ![0xC4, 0xC8, 0xCC].contains(&marker);
+        if sof {
+            let h = u32::from(u16::from_be_bytes([b[i + 5], b[i + 6]]));
+            let w = u32::from(u16::from_be_bytes([b[i + 7], b[i + 8]]));
+            return Some((w, h));
+        }
+        i += 2 + len;
+    }
+    None
 }
 
 /// Whether two submissions ask for the same thing (the key aside).

@@ -7,7 +7,7 @@ use tracing::info;
 
 use super::store::Op;
 use super::Coordinator;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::scheduler::Effect;
 use crate::types::*;
 
@@ -30,6 +30,11 @@ impl Coordinator {
 
     /// Removes a model no unfinished job needs; answers once durable.
     pub async fn remove_model(&self, id: &ModelId) -> Result<()> {
+        if self.records.uses_extra(id) {
+            return Err(Error::FailedPrecondition(format!(
+                "model {id} is named by unfinished jobs; cancel them first"
+            )));
+        }
         self.with_sched(|s, _| {
             s.remove_model(id)?;
             self.models.remove(id);

@@ -41,6 +41,8 @@ pub enum ToWorker {
         attempt: u32,
         spec: Arc<JobSpec>,
         model: Arc<ModelManifest>,
+        /// `spec.extra_models()`, in that order.
+        extras: Vec<Arc<ModelManifest>>,
         queued_ms: Millis,
     },
     Cancel {
@@ -207,8 +209,9 @@ impl Coordinator {
                     },
                     JobPhase::Loading => JobEventKind::Loading,
                     JobPhase::Denoising { step, total_steps } => {
+                        // Image-to-image runs only the last part of the schedule.
                         let steps = self.records.spec(&job).map_or(0, |s| s.steps);
-                        if step > total_steps || total_steps != steps {
+                        if step > total_steps || total_steps > steps {
                             return Err(Error::invalid(
                                 "progress",
                                 format!("step {step} of {total_steps} for a job of {steps} steps"),

@@ -95,8 +95,8 @@ impl JobsService {
         client: &str,
         req: pb::SubmitJobRequest,
     ) -> Result<pb::SubmitJobResponse> {
+        // Checked against the limits and the catalogue by `submit`.
         let spec = convert::required_spec(req.spec)?;
-        validate(&spec, &self.0.config().limits)?;
         let (v, deduplicated) = self.0.submit(client, spec).await?;
         Ok(pb::SubmitJobResponse {
             job: Some(convert::job_to_pb(&v.record, None, v.estimated_start_s)),

@@ -214,6 +214,23 @@ impl Coordinator {
                     let Some(model) = self.models.get(&spec.model_id).map(|m| m.clone()) else {
                         continue;
                     };
+                    // Checked at submit; a model removed since cannot be, while
+                    // jobs need it (Scheduler::remove_model).
+                    let named = spec.extra_models();
+                    let extras: Vec<Arc<ModelManifest>> = named
+                        .iter()
+                        .filter_map(|id| self.models.get(id).map(|m| m.clone()))
+                        .collect();
+                    if extras.len() != named.len() {
+                        // A LoRA, VAE or upscaler removed between the job's
+                        // acceptance and now: it can never run.
+                        let reason = "a model it names was removed from the catalogue".to_string();
+                        if let Ok(e) = s.cancel(&job, now) {
+                            work.extend(e.into_iter().map(|e| (e, FailureKind::Invalid)));
+                        }
+                        work.push_back((Effect::Failed { job, reason }, FailureKind::Invalid));
+                        continue;
+                    }
                     info!(job_id = %job, worker_id = %worker, attempt, tier = tier.as_str(), "assigned");
                     self.metrics.job_assigned(&job, tier);
                     self.records
@@ -235,6 +252,7 @@ impl Coordinator {
                         attempt,
                         spec,
                         model,
+                        extras,
                         queued_ms,
                     };
                     if !self.send(&worker, msg) {

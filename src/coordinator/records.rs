@@ -236,8 +236,10 @@ impl Records {
         }
     }
 
-    /// An event that is not a state change (progress), sent only if the
-    /// attempt it belongs to is the visible one.
+    /// An event that is not a state change (progress). Refused unless the
+    /// attempt is the current one; sent to watchers only once its
+    /// assignment is visible (progress can outrun the assignment's commit,
+    /// and a client must not see an attempt a crash could take back).
     pub(super) fn progress(
         &self,
         id: &JobId,
@@ -250,12 +252,17 @@ impl Records {
             .live
             .get(id)
             .ok_or_else(|| Error::UnknownJob(id.clone()))?;
-        let v = &l.visible;
-        if v.state != JobState::Running || v.attempt != attempt || v.worker.as_ref() != Some(worker)
-        {
+        if l.current.as_ref().map(|(w, a)| (w, *a)) != Some((worker, attempt)) {
             return Err(Error::FailedPrecondition(format!(
                 "progress of job {id} attempt {attempt}, which is not running on {worker}"
             )));
+        }
+        let v = &l.visible;
+        let shown = v.state == JobState::Running
+            && v.attempt == attempt
+            && v.worker.as_ref() == Some(worker);
+        if !shown {
+            return Ok(());
         }
         if let Some(tx) = &l.events {
             let _ = tx.send(JobEvent {
@@ -290,6 +297,13 @@ impl Records {
 
     pub(super) fn owner(&self, id: &JobId) -> Option<Arc<str>> {
         self.live.get(id).map(|l| l.owner.clone())
+    }
+
+    /// Whether an unfinished job names `model` as a LoRA, VAE or upscaler.
+    pub(super) fn uses_extra(&self, model: &ModelId) -> bool {
+        self.live
+            .iter()
+            .any(|l| l.decided.spec.extra_models().contains(model))
     }
 
     /// Queued jobs, for refreshing their start estimates.

@@ -83,10 +83,16 @@ impl Coordinator {
     }
 
     /// Stops serving, reopens the store until it takes writes, reloads.
+    /// On a shared store that this coordinator does not lead, "reopen" is
+    /// campaigning: it returns once this coordinator leads.
     async fn recover(&self, health: &tonic_health::server::HealthReporter) {
         let why = self.store.failed().unwrap_or_default();
-        error!(error = %why, "the store failed: not serving until it is reopened");
-        self.metrics.store_failures.inc();
+        if self.store.following() {
+            info!(reason = %why, "not leading: not serving; campaigning for the lead");
+        } else {
+            error!(error = %why, "the store failed: not serving until it is reopened");
+            self.metrics.store_failures.inc();
+        }
         self.serving.store(false, Ordering::Release);
         super::server::set_health(health, false).await;
         self.close_worker_streams();
@@ -101,6 +107,7 @@ impl Coordinator {
                     info!("the store is back; serving again");
                     return;
                 }
+                Err(_) if self.store.closed() => return,
                 Err(e) => {
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "the store cannot be reopened yet");
                     tokio::time::sleep(delay).await;

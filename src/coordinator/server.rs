@@ -80,6 +80,32 @@ impl Services {
         Ok(Self::around(Coordinator::open(cfg, clock)?))
     }
 
+    /// The services around a coordinator restored from the store `cfg`
+    /// names: the embedded one under `data_dir`, or PostgreSQL (`store`).
+    /// `bound` is the gRPC address, for the advertised URL. A coordinator
+    /// that does not lead starts not serving, and campaigns once served.
+    pub async fn open_store(
+        cfg: CoordinatorConfig,
+        clock: Arc<dyn Clock>,
+        bound: std::net::SocketAddr,
+    ) -> Result<Self> {
+        let Some(url) = cfg.postgres_url() else {
+            std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::io(&cfg.data_dir, e))?;
+            return Self::open(cfg, clock);
+        };
+        let opts = super::store::PgOptions {
+            url: url.to_owned(),
+            advertise_url: cfg.advertised_url(bound),
+            lease: Duration::from_secs_f64(cfg.leader_lease_s),
+        };
+        let (store, loaded) = super::store::Store::open_postgres(&opts).await?;
+        let c = Coordinator::with_store(cfg, clock, store, loaded);
+        if c.store.failed().is_some() {
+            c.serving.store(false, std::sync::atomic::Ordering::Release);
+        }
+        Ok(Self::around(c))
+    }
+
     fn around(coordinator: Arc<Coordinator>) -> Self {
         Self {
             jobs: JobsService(coordinator.clone()),
@@ -112,6 +138,40 @@ pub(super) async fn set_health(h: &tonic_health::server::HealthReporter, serving
         status,
     )
     .await;
+}
+
+/// Refuses every call while the coordinator's shared store says it does
+/// not lead (or is recovering): UNAVAILABLE, with the leader's advertised
+/// URL in the message and in the `corral-leader` metadata entry when
+/// another coordinator leads. Workers and clients follow it
+/// (`crate::auth::LEADER_METADATA`). The embedded store is never gated.
+#[derive(Clone)]
+struct LeaderGate(Weak<Coordinator>);
+
+impl tonic::service::Interceptor for LeaderGate {
+    fn call(
+        &mut self,
+        req: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        let Some(c) = self.0.upgrade() else {
+            return Err(tonic::Status::unavailable("the coordinator is stopping"));
+        };
+        if !c.store.is_shared() {
+            return Ok(req);
+        }
+        let Some(why) = c.store.failed() else {
+            return Ok(req);
+        };
+        let mut status = tonic::Status::unavailable(why);
+        if let Some(url) = c.store.other_leader() {
+            if let Ok(v) = url.parse() {
+                status
+                    .metadata_mut()
+                    .insert(crate::auth::LEADER_METADATA, v);
+            }
+        }
+        Err(status)
+    }
 }
 
 /// Ticks the scheduler (liveness, time-dependent matching) until the
@@ -150,8 +210,10 @@ pub async fn run_with_http(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     cfg.validate()?;
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::io(&cfg.data_dir, e))?;
-    let services = Services::open(cfg, Arc::new(SystemClock))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::io("listener", e))?;
+    let services = Services::open_store(cfg, Arc::new(SystemClock), bound).await?;
     serve(services, listener, http, shutdown).await
 }
 
@@ -172,6 +234,7 @@ pub async fn serve(
             .as_ref()
             .expect("validate() requires an auth decision"),
     ));
+    let gate = LeaderGate(Arc::downgrade(&services.coordinator));
     let guard = |s: Service| Guard::new(auth.clone(), s);
     let limits = grpc_limits(&cfg);
     let tls = super::auth::server_tls(&cfg)?.map(|t| t.timeout(limits.handshake_timeout));
@@ -181,7 +244,11 @@ pub async fn serve(
     let _http = http.map(|l| super::http::spawn(l, &coord)).transpose()?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, true).await;
+    set_health(
+        &health,
+        coord.serving.load(std::sync::atomic::Ordering::Acquire),
+    )
+    .await;
     super::recovery::spawn_watchdog(Arc::downgrade(&coord), health.clone());
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
         b.register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -225,22 +292,31 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(
-            pb::workers_server::WorkersServer::new(WorkersService(coord.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-            guard(Service::Workers),
+            InterceptedService::new(
+                pb::workers_server::WorkersServer::new(WorkersService(coord.clone()))
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+                guard(Service::Workers),
+            ),
+            gate.clone(),
         ))
         .add_service(InterceptedService::new(
-            pb::jobs_server::JobsServer::new(services.jobs)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-            guard(Service::Jobs),
+            InterceptedService::new(
+                pb::jobs_server::JobsServer::new(services.jobs)
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+                guard(Service::Jobs),
+            ),
+            gate.clone(),
         ))
         .add_service(InterceptedService::new(
-            pb::admin_server::AdminServer::new(services.admin)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-            guard(Service::Admin),
+            InterceptedService::new(
+                pb::admin_server::AdminServer::new(services.admin)
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+                guard(Service::Admin),
+            ),
+            gate.clone(),
         ))
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;

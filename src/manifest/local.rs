@@ -169,6 +169,8 @@ pub fn publish_dir(dir: &Path) -> Result<Publication> {
     let files = scan_dir(&abs)?;
     // The same checks as registration (caps, duplicates, sizes), before anything is written.
     super::validate_manifest(&crate::types::ModelManifest {
+        family: String::new(),
+        format: String::new(),
         id: crate::types::ModelId("publish".into()),
         kind: Default::default(),
         source: format!("file://{}", abs.display()),

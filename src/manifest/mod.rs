@@ -4,6 +4,8 @@
 //!   and the caps on what is accepted ([`MAX_MANIFEST_FILES`], [`MAX_PATH_BYTES`], ...).
 //! - `local`: hashing and walking local directories, and writing `corral-manifest.json`
 //!   ([`write_manifest_file`], [`publish_dir`]).
+//! - `traits`: a bundle's kind guessed from its files, and its family and format read from a
+//!   few of its bytes ([`guess_kind`], [`read_traits`], [`fits`]).
 //! - here: [`manifest_from_source`], reading a source's manifest file (remote sources must
 //!   publish one) or walking a local directory.
 //!
@@ -13,11 +15,13 @@
 //! This module owns no state and writes nothing but `corral-manifest.json` (in `local`).
 
 mod local;
+mod traits;
 mod validate;
 
 use std::path::PathBuf;
 
 pub use local::{hash_file, publish_dir, scan_dir, write_manifest_file, Publication};
+pub use traits::{family_name, fits, guess_kind, read_traits};
 pub use validate::{
     validate_manifest, validate_relative_path, MAX_BUNDLE_BYTES, MAX_COMPONENT_BYTES,
     MAX_MANIFEST_FILES, MAX_PATH_BYTES,
@@ -66,6 +70,8 @@ pub async fn manifest_from_source(id: &ModelId, source: &str) -> Result<ModelMan
         }
     };
     let m = ModelManifest {
+        family: String::new(),
+        format: String::new(),
         id: id.clone(),
         kind: ModelKind::default(),
         source: source.to_owned(),

@@ -185,6 +185,8 @@ mod tests {
 
     fn mk(files: Vec<ModelFile>) -> ModelManifest {
         ModelManifest {
+            family: String::new(),
+            format: String::new(),
             id: "m".into(),
             kind: ModelKind::Checkpoint,
             source: "https://h/m".into(),

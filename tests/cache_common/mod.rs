@@ -46,6 +46,8 @@ pub fn local_bundle(root: &Path, id: &str, files: &[(&str, usize)]) -> ModelMani
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     ModelManifest {
+        family: String::new(),
+        format: String::new(),
         id: ModelId::from(id),
         kind: ModelKind::Checkpoint,
         source: format!("file://{}", dir.display()),
@@ -171,6 +173,8 @@ impl TestServer {
             serde_json::to_vec(&out).unwrap(),
         );
         ModelManifest {
+            family: String::new(),
+            format: String::new(),
             id: ModelId::from(id),
             kind: ModelKind::Checkpoint,
             source: self.url(id),

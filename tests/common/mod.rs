@@ -1,8 +1,11 @@
 //! Helpers for end-to-end tests: a coordinator and workers in this process,
-//! over real gRPC on 127.0.0.1 (bound first, then served).
+//! over real gRPC on 127.0.0.1 (bound first, then served). In a test binary
+//! named `postgres_*` every coordinator keeps its state in PostgreSQL
+//! instead of the embedded store (`pg.rs`).
 #![allow(dead_code)]
 
 pub mod disk;
+pub mod pg;
 pub mod procs;
 pub mod raw;
 
@@ -40,13 +43,15 @@ pub fn fast_config() -> CoordinatorConfig {
     }
 }
 
-/// A coordinator in this process on a fresh data dir. Without an auth
-/// decision in `cfg`, authentication is disabled (as `--insecure-no-auth`).
+/// A coordinator in this process on a fresh data dir (or a fresh
+/// PostgreSQL database, see the module docs). Without an auth decision in
+/// `cfg`, authentication is disabled (as `--insecure-no-auth`).
 pub async fn coordinator(mut cfg: CoordinatorConfig) -> Coord {
     cfg.auth
         .get_or_insert_with(corral::config::AuthConfig::disabled);
     let data_dir = tempfile::tempdir().unwrap();
     cfg.data_dir = data_dir.path().to_path_buf();
+    cfg.store = pg::store_for(data_dir.path());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, rx) = oneshot::channel::<()>();
@@ -128,6 +133,8 @@ pub fn make_model(dir: &Path, name: &str) -> ModelManifest {
         });
     }
     ModelManifest {
+        family: String::new(),
+        format: String::new(),
         id: ModelId(name.into()),
         kind: ModelKind::Checkpoint,
         source: format!("file://{}", root.display()),
@@ -215,6 +222,15 @@ pub async fn wait_state(url: &str, id: &str, state: pb::JobState, secs: u64) -> 
         let j = get(url, id).await;
         if j.state == state as i32 {
             return j;
+        }
+        let ended = [
+            pb::JobState::Completed,
+            pb::JobState::Failed,
+            pb::JobState::Cancelled,
+        ]
+        .map(|s| s as i32);
+        if ended.contains(&j.state) {
+            panic!("job {id} ended {:?}, not {state:?}: {j:?}", j.state());
         }
         if tokio::time::Instant::now() > deadline {
             panic!("timed out after {secs} s waiting for job {id} to be {state:?}; it is {j:?}");

@@ -16,10 +16,17 @@
 //! Soft state (what workers hold, which worker runs what) is never stored;
 //! it is rebuilt from worker reports.
 //!
-//! Backends: `redb` (embedded, the default; `memory` for tests).
+//! Backends: `redb` (embedded, the default; `memory` for tests) and
+//! `postgres` (shared by several coordinators, one of which leads; a store
+//! that does not lead reports itself failed, "not the leader", and
+//! [`Store::reopen`] campaigns for the lead; see `postgres/mod.rs` and
+//! docs/ha.md).
 
 mod migrate;
+mod postgres;
 mod redb;
+
+pub use postgres::PgOptions;
 
 use std::path::Path;
 
@@ -178,7 +185,12 @@ pub type Page = (Vec<StoredJob>, Option<Cursor>);
 
 /// The store; see the module docs.
 pub struct Store {
-    backend: std::sync::Arc<redb::RedbStore>,
+    backend: Backend,
+}
+
+enum Backend {
+    Redb(std::sync::Arc<redb::RedbStore>),
+    Postgres(postgres::PgStore),
 }
 
 impl Store {
@@ -186,29 +198,42 @@ impl Store {
     /// store written by an earlier version.
     pub fn open(data_dir: &Path) -> Result<(Self, Loaded)> {
         let (backend, loaded) = redb::RedbStore::open(data_dir)?;
-        Ok((
-            Self {
-                backend: std::sync::Arc::new(backend),
-            },
-            loaded,
-        ))
+        Ok((Self::redb(backend), loaded))
     }
 
     /// A store in memory, for tests.
     pub fn memory() -> Result<(Self, Loaded)> {
         let (backend, loaded) = redb::RedbStore::memory()?;
+        Ok((Self::redb(backend), loaded))
+    }
+
+    /// Connects to PostgreSQL, migrates its schema, and campaigns once for
+    /// the lead. A store that does not lead returns nothing loaded and
+    /// reports itself failed ("not the leader") until [`Store::reopen`]
+    /// wins the lead.
+    pub async fn open_postgres(o: &PgOptions) -> Result<(Self, Loaded)> {
+        let (backend, loaded) = postgres::PgStore::open(o).await?;
         Ok((
             Self {
-                backend: std::sync::Arc::new(backend),
+                backend: Backend::Postgres(backend),
             },
             loaded,
         ))
     }
 
+    fn redb(backend: redb::RedbStore) -> Self {
+        Self {
+            backend: Backend::Redb(std::sync::Arc::new(backend)),
+        }
+    }
+
     /// Queues `ops` for the next commit; `done` runs after it, in commit
     /// order, on the writer's thread (keep it short).
     pub fn write(&self, ops: Vec<Op>, done: Option<Done>) {
-        self.backend.write(ops, done);
+        match &self.backend {
+            Backend::Redb(b) => b.write(ops, done),
+            Backend::Postgres(b) => b.write(ops, done),
+        }
     }
 
     /// Writes `ops` and waits until they are committed.
@@ -232,49 +257,123 @@ impl Store {
     /// Fault injection (tests, chaos runs): the next commit fails as on a
     /// full disk, and the store then needs [`Store::reopen`].
     pub fn fail_next_commit(&self) {
-        self.backend.fail_next_commit();
+        match &self.backend {
+            Backend::Redb(b) => b.fail_next_commit(),
+            Backend::Postgres(b) => b.fail_next_commit(),
+        }
     }
 
-    /// Whether the last commit failed (and the store awaits `reopen`).
+    /// Whether the last commit failed (and the store awaits `reopen`), or
+    /// this coordinator does not lead.
     pub fn failed(&self) -> Option<String> {
-        self.backend.failed()
+        match &self.backend {
+            Backend::Redb(b) => b.failed(),
+            Backend::Postgres(b) => b.failed(),
+        }
+    }
+
+    /// The advertised URL of the coordinator that leads, when that is
+    /// another one (a shared store only): callers are sent there.
+    pub fn other_leader(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Redb(_) => None,
+            Backend::Postgres(b) => b.other_leader(),
+        }
+    }
+
+    /// A shared store whose coordinator does not lead (and has no other
+    /// fault): it follows, or campaigns.
+    pub fn following(&self) -> bool {
+        match &self.backend {
+            Backend::Redb(_) => false,
+            Backend::Postgres(b) => b.following(),
+        }
+    }
+
+    /// A shared store after `close` (the embedded store says so through
+    /// its errors instead).
+    pub fn closed(&self) -> bool {
+        match &self.backend {
+            Backend::Redb(_) => false,
+            Backend::Postgres(b) => b.closed(),
+        }
+    }
+
+    /// Whether this store is shared by several coordinators (one leads).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// Writes refused because this coordinator had lost the lead (a shared
+    /// store only; the embedded store never refuses for that).
+    pub fn fenced_writes(&self) -> u64 {
+        match &self.backend {
+            Backend::Redb(_) => 0,
+            Backend::Postgres(b) => b.fenced_writes(),
+        }
     }
 
     /// After a failure: closes and opens the store again, checks that it
-    /// can commit, and returns what it holds.
+    /// can commit, and returns what it holds. On a shared store: waits
+    /// until this coordinator leads (campaigning), then returns what the
+    /// store holds.
     pub async fn reopen(&self) -> Result<Loaded> {
-        self.backend.reopen().await
+        match &self.backend {
+            Backend::Redb(b) => b.reopen().await,
+            Backend::Postgres(b) => b.reopen().await,
+        }
     }
 
     pub async fn get(&self, id: &JobId) -> Result<Option<StoredJob>> {
-        self.backend.get(id)
+        match &self.backend {
+            Backend::Redb(b) => b.get(id),
+            Backend::Postgres(b) => b.get(id).await,
+        }
     }
 
     /// A completed job's images (read off the async runtime's threads).
     pub async fn images(&self, id: &JobId, n: usize) -> Result<Vec<Bytes>> {
-        let (b, id) = (self.backend.clone(), id.clone());
-        tokio::task::spawn_blocking(move || b.images(&id, n))
-            .await
-            .map_err(|e| Error::Internal(format!("image reader: {e}")))?
+        match &self.backend {
+            Backend::Redb(b) => {
+                let (b, id) = (b.clone(), id.clone());
+                tokio::task::spawn_blocking(move || b.images(&id, n))
+                    .await
+                    .map_err(|e| Error::Internal(format!("image reader: {e}")))?
+            }
+            Backend::Postgres(b) => b.images(id, n).await,
+        }
     }
 
     /// The job an idempotency key (scoped, see [`scoped_key`]) names.
     pub async fn find_key(&self, scoped: &str) -> Result<Option<JobId>> {
-        self.backend.find_key(scoped)
+        match &self.backend {
+            Backend::Redb(b) => b.find_key(scoped),
+            Backend::Postgres(b) => b.find_key(scoped).await,
+        }
     }
 
     pub async fn list(&self, q: &ListQuery) -> Result<Page> {
-        self.backend.list(q)
+        match &self.backend {
+            Backend::Redb(b) => b.list(q),
+            Backend::Postgres(b) => b.list(q).await,
+        }
     }
 
     /// Finished jobs last changed at or before `cutoff_ms`, oldest first.
     pub async fn finished_before(&self, cutoff_ms: Millis, limit: usize) -> Result<Vec<StoredJob>> {
-        self.backend.finished_before(cutoff_ms, limit)
+        match &self.backend {
+            Backend::Redb(b) => b.finished_before(cutoff_ms, limit),
+            Backend::Postgres(b) => b.finished_before(cutoff_ms, limit).await,
+        }
     }
 
-    /// Commits what is queued and closes the store (at shutdown).
+    /// Commits what is queued and closes the store (at shutdown); a shared
+    /// store also gives up the lead, so that a follower takes over at once.
     pub async fn close(&self) -> Result<()> {
-        self.backend.close().await
+        match &self.backend {
+            Backend::Redb(b) => b.close().await,
+            Backend::Postgres(b) => b.close().await,
+        }
     }
 }
 

@@ -268,6 +268,8 @@ fn a_store_written_by_corral_0_1_opens_and_keeps_everything() {
     let done = completed("done", 2, 2);
     let lost = completed("lost", 3, 1);
     let model = ModelManifest {
+        family: String::new(),
+        format: String::new(),
         id: ModelId("m".into()),
         kind: ModelKind::Checkpoint,
         source: "file:///x".into(),

@@ -397,9 +397,37 @@ fn describe(component: Option<Component>, module: &str) -> String {
 /// Reads a LoRA file's header only: what RegisterModel records.
 pub fn inspect(path: &Path) -> Result<LoraInfo, PipelineError> {
     let (_, meta, file_bytes) = read_header(path)?;
+    inspect_metadata(&meta, file_bytes, &path.display().to_string())
+}
+
+/// [`inspect`] from the header's JSON (the `n` bytes after the file's first
+/// eight), for a file read remotely; `file_bytes` is the whole file's size.
+pub fn inspect_header(
+    header: &[u8],
+    file_bytes: u64,
+    name: &str,
+) -> Result<LoraInfo, PipelineError> {
+    let bad = |m: String| PipelineError::BadModel(format!("LoRA {name}: {m}"));
+    let meta: Metadata =
+        serde_json::from_slice(header).map_err(|e| bad(format!("safetensors header: {e}")))?;
+    if meta.data_len() as u64 + 8 + header.len() as u64 != file_bytes {
+        return Err(bad(format!(
+            "the header describes {} bytes of tensors, the file holds {}",
+            meta.data_len(),
+            file_bytes.saturating_sub(8 + header.len() as u64)
+        )));
+    }
+    inspect_metadata(&meta, file_bytes, name)
+}
+
+fn inspect_metadata(
+    meta: &Metadata,
+    file_bytes: u64,
+    name: &str,
+) -> Result<LoraInfo, PipelineError> {
     let tensors = meta.tensors();
     let (groups, format) = group(tensors.keys().map(String::as_str))
-        .map_err(|e| PipelineError::BadModel(format!("LoRA {}: {e}", path.display())))?;
+        .map_err(|e| PipelineError::BadModel(format!("LoRA {name}: {e}")))?;
     let mut downs = Vec::new();
     let mut modules = Vec::new();
     let (mut unet, mut te, mut rank) = (0, 0, 0);

@@ -233,6 +233,8 @@ pub(super) fn scan_preloaded_dir(dir: &Path) -> Result<HashMap<ModelId, Preloade
                         Err(_) => crate::manifest::scan_dir(&path)?,
                     };
                     ModelManifest {
+                        family: String::new(),
+                        format: String::new(),
                         id: ModelId(id),
                         kind: Default::default(),
                         source: format!("file://{}", path.display()),
