@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use corral::auth::Secret;
 use corral::config::{AuthConfig, CoordinatorConfig, WorkerKey};
 use corral::pb;
-use corral::types::{JobSpec, ModelManifest};
-use corral::worker::engine::{Engine, LoadedModel};
+use corral::types::ModelManifest;
+use corral::worker::engine::{Engine, Job, LoadedModel, Output};
 use tokio::task::block_in_place;
 use tonic::Code;
 
@@ -436,22 +436,27 @@ impl LoadedModel for BigModel {
     }
     fn generate(
         &self,
-        spec: &JobSpec,
+        job: &Job,
         _: &mut dyn FnMut(u32, u32) -> bool,
-    ) -> corral::Result<Vec<Vec<u8>>> {
-        Ok((0..spec.num_images)
-            .map(|_| png_like(&vec![1u8; 2 << 20]))
-            .collect())
+    ) -> corral::Result<Output> {
+        Ok(Output {
+            images: (0..job.spec.num_images)
+                .map(|_| png_like(&vec![1u8; 2 << 20]))
+                .collect(),
+            ..Output::default()
+        })
     }
 }
 
 /// A result larger than the coordinator's `max_message_bytes` is not sent
 /// (it would kill the stream and count against every job on it): the
-/// attempt fails with a reason that says so, and the worker stays.
+/// attempt fails with a reason that says so, and the worker stays. (The
+/// spec passes the submit-time bound; the engine's images are far larger
+/// than a 64x64 job's could be.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_over_the_message_limit_fails_with_its_reason() {
     let c = coordinator(CoordinatorConfig {
-        max_message_bytes: 1 << 20,
+        max_message_bytes: 2 << 20,
         max_attempts: 1,
         ..fast_config()
     })
