@@ -379,6 +379,14 @@ pub struct SchedulerTunables {
     pub load_gb_per_s: f64,
     /// Generation time assumed before any has been observed, seconds. Default: 5.
     pub default_service_s: f64,
+    /// A running attempt is stopped and its job requeued (the attempt
+    /// counting as failed) once it has run this many times its expected
+    /// length: fetch and load by the worker's tier, then the model's mean
+    /// generation time scaled up by the job's steps x images x pixels over
+    /// a 30-step 512x512 image. At least 1. Default: 4.
+    pub attempt_deadline_factor: f64,
+    /// Seconds an attempt may always run, whatever its estimate. Default: 600.
+    pub attempt_deadline_floor_s: f64,
 }
 
 impl Default for SchedulerTunables {
@@ -400,6 +408,8 @@ impl Default for SchedulerTunables {
             load_base_s: secs(d.cost.load_base_ms),
             load_gb_per_s: d.cost.load_bps as f64 / 1e9,
             default_service_s: secs(d.cost.default_service_ms),
+            attempt_deadline_factor: d.attempt_deadline_factor,
+            attempt_deadline_floor_s: secs(d.attempt_deadline_floor_ms),
         }
     }
 }
@@ -415,6 +425,7 @@ impl SchedulerTunables {
             ("default_download_mb_per_s", self.default_download_mb_per_s),
             ("load_gb_per_s", self.load_gb_per_s),
             ("default_service_s", self.default_service_s),
+            ("attempt_deadline_floor_s", self.attempt_deadline_floor_s),
         ];
         for (k, v) in positive {
             if !(v.is_finite() && v > 0.0) {
@@ -439,6 +450,12 @@ impl SchedulerTunables {
             return Err(Error::Config(format!(
                 "scheduler.replica_disk_share must be in (0, 1], got {}",
                 self.replica_disk_share
+            )));
+        }
+        if !(self.attempt_deadline_factor.is_finite() && self.attempt_deadline_factor >= 1.0) {
+            return Err(Error::Config(format!(
+                "scheduler.attempt_deadline_factor must be at least 1, got {}",
+                self.attempt_deadline_factor
             )));
         }
         if self.demand_fast_s > self.demand_slow_s {
@@ -468,6 +485,8 @@ impl SchedulerTunables {
             replica_disk_share: self.replica_disk_share,
             max_prefetch_per_round: self.max_prefetch_per_round,
             prefetch_pending_ms: ms(self.prefetch_pending_s),
+            attempt_deadline_factor: self.attempt_deadline_factor,
+            attempt_deadline_floor_ms: ms(self.attempt_deadline_floor_s),
             cost: CostModel {
                 default_download_bps: (self.default_download_mb_per_s * 1e6) as u64,
                 load_base_ms: ms(self.load_base_s),

@@ -434,11 +434,7 @@ impl LoadedModel for BigModel {
     fn resident_bytes(&self) -> u64 {
         1
     }
-    fn generate(
-        &self,
-        job: &Job,
-        _: &mut dyn FnMut(u32, u32) -> bool,
-    ) -> corral::Result<Output> {
+    fn generate(&self, job: &Job, _: &mut dyn FnMut(u32, u32) -> bool) -> corral::Result<Output> {
         Ok(Output {
             images: (0..job.spec.num_images)
                 .map(|_| png_like(&vec![1u8; 2 << 20]))
@@ -481,5 +477,61 @@ async fn a_result_over_the_message_limit_fails_with_its_reason() {
     assert!(listed(&c.url, "big").await, "the worker stays connected");
     let _ = stop.send(());
     let _ = task.await;
+    c.stop().await;
+}
+
+/// A worker that heartbeats but never finishes does not hold its job: past
+/// the attempt's deadline (here 1 s: factor 1 on a 0.2 s estimate, and the
+/// floor of 1 s) it is told to stop and the job runs on another worker.
+/// (That a late result is refused: `scheduler::deadline`'s tests.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_attempt_is_requeued_after_its_deadline() {
+    let mut cfg = fast_config();
+    cfg.scheduler.attempt_deadline_factor = 1.0;
+    cfg.scheduler.attempt_deadline_floor_s = 1.0;
+    cfg.scheduler.default_service_s = 0.2;
+    cfg.scheduler.load_base_s = 0.0;
+    let c = coordinator(cfg).await;
+    let models = tmp();
+    register(&c.url, &make_model(models.path(), "sd-a")).await;
+    let mut hung = RawWorker::connect(&c.url, "hung", vec![]).await;
+    let job = submit(&c.url, spec("sd-a", 1)).await;
+    let first = next_assign(&mut hung).await;
+    let assigned_at = Instant::now();
+    hung.heartbeat(vec![pb::RunningJob {
+        job_id: job.id.clone(),
+        attempt: first.attempt,
+    }]);
+    let mut other = RawWorker::connect(&c.url, "other", vec![]).await;
+    other.heartbeat(vec![]);
+    let second = next_assign(&mut other).await;
+    let reassigned_s = assigned_at.elapsed().as_secs_f64();
+    assert_eq!(second.job_id, job.id);
+    assert_eq!(second.attempt, first.attempt + 1);
+    assert!(
+        reassigned_s >= 1.0,
+        "reassigned after {reassigned_s:.2} s, before the 1 s deadline"
+    );
+    let cancel = loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), hung.rx.message())
+            .await
+            .expect("a cancel within 10 s")
+            .unwrap()
+            .unwrap();
+        if let Some(pb::coordinator_message::Msg::Cancel(c)) = m.msg {
+            break c;
+        }
+    };
+    assert_eq!(
+        (cancel.job_id.as_str(), cancel.attempt),
+        (job.id.as_str(), first.attempt)
+    );
+    other.result(&job.id, second.attempt, b"other").await;
+    let done = wait_state(&c.url, &job.id, pb::JobState::Completed, 10).await;
+    assert_eq!(done.worker_id, "other");
+    println!(
+        "attempt deadline: a hung attempt was requeued {reassigned_s:.2} s after its \
+         assignment (deadline 1 s)"
+    );
     c.stop().await;
 }

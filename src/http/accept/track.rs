@@ -1,8 +1,9 @@
 //! [`TrackCalls`]: a tower layer in front of the gRPC services that counts,
 //! per connection, the calls in progress (from the request until its
 //! response body is dropped), for [`Activity::Calls`](super::Activity):
-//! a connection's first call ends its handshake, and one without calls is idle. It also puts the connection's
-//! `TcpConnectInfo` back in the request, where tonic's `remote_addr` looks.
+//! a connection's first call ends its handshake, and one without calls is
+//! idle. It also puts the connection's `TcpConnectInfo` back in the
+//! request, where tonic's `remote_addr` looks.
 
 use std::future::Future;
 use std::pin::Pin;
