@@ -535,3 +535,53 @@ async fn a_hung_attempt_is_requeued_after_its_deadline() {
     );
     c.stop().await;
 }
+
+/// Progress with a step outside 0..=steps of the job (or past its own
+/// total) is refused: watchers see only the steps the job can have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_outside_the_jobs_steps_is_refused() {
+    let c = coordinator(fast_config()).await;
+    let models = tmp();
+    register(&c.url, &make_model(models.path(), "sd-a")).await;
+    let mut w = RawWorker::connect(&c.url, "w1", vec![]).await;
+    let job = submit(&c.url, spec("sd-a", 1)).await;
+    let a = next_assign(&mut w).await;
+    w.heartbeat(vec![pb::RunningJob {
+        job_id: job.id.clone(),
+        attempt: a.attempt,
+    }]);
+    wait_state(&c.url, &job.id, pb::JobState::Running, 10).await;
+    let steps = a.spec.as_ref().unwrap().steps;
+    let mut events = jobs(&c.url)
+        .await
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = corral::types::JobId(job.id.clone());
+    let step = |step, total_steps| {
+        pb::worker_message::Msg::Progress(corral::convert::job_progress(
+            &id,
+            a.attempt,
+            corral::types::JobPhase::Denoising { step, total_steps },
+        ))
+    };
+    w.send(step(steps + 5, steps + 5)).await; // more steps than the job has
+    w.send(step(steps, steps - 1)).await; // past its own total
+    w.send(step(1, steps)).await;
+    let first = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("a progress event within 10 s")
+            .unwrap()
+            .unwrap();
+        if let Some(pb::job_event::Event::Progress(p)) = ev.event {
+            break p;
+        }
+    };
+    assert_eq!((first.step, first.total_steps), (1, steps));
+    drop(events);
+    c.stop().await;
+}
