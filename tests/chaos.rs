@@ -59,6 +59,8 @@ struct Cluster {
     /// The data dir's file system, when it could be mounted; dropped
     /// (unmounted) after the processes.
     disk: Option<Tmpfs>,
+    /// Worker kills: when (Unix seconds) and which worker id.
+    kills: Vec<(f64, String)>,
 }
 
 fn coordinator_flags() -> [&'static str; 5] {
@@ -105,6 +107,7 @@ impl Cluster {
     }
 
     fn kill_worker(&mut self, i: usize) {
+        self.kills.push((unix_now_s(), format!("w{i}")));
         self.workers[i].kill();
         let url = self.url();
         self.workers[i] = start_worker(&self.dir, &url, i);
@@ -375,6 +378,7 @@ async fn jobs_survive_killed_workers_and_coordinator() {
         coordinator,
         workers,
         disk,
+        kills: Vec::new(),
     }));
 
     // Submitters: four tasks, retrying through restarts.
@@ -544,19 +548,32 @@ async fn jobs_survive_killed_workers_and_coordinator() {
         })
         .sum();
     let panics = procs::panics(&logs);
+    let kills = cluster.lock().unwrap().kills.clone();
+    let (after_kill, after_requeue) = reassignment_times(&logs, &kills);
     println!(
         "chaos: jobs={JOBS} accepted={} completed={} worker_kills={} coordinator_restarts={} \
          jobs_run_more_than_once={reattempted} lost={lost} without_image={without_image} duplicates_visible_to_clients={duplicates} \
          (watched {WATCHED}) results_changed_after_completion={changed} panics={} \
          zombies_resumed={zombies} duplicate_id_refusals={refusals} streams_replaced={replaced} \
-         disk_full_not_serving_s={} wall_s={:.1}",
+         disk_full_not_serving_s={} wall_s={:.1}\n\
+         chaos: reassignment after a worker SIGKILL (kill to the job assigned elsewhere, \
+         coordinator log times): n={} p50_s={:.3} p95_s={:.3} max_s={:.3}; requeue to \
+         assignment, every requeue: n={} p50_s={:.3} p95_s={:.3} max_s={:.3}",
         ids.len(),
         finals.len(),
         worker_kills.load(Ordering::SeqCst),
         coordinator_kills.load(Ordering::SeqCst),
         panics.len(),
         not_serving.map_or("skipped".into(), |d| format!("{:.2}", d.as_secs_f64())),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        after_kill.len(),
+        quantile(&after_kill, 0.5),
+        quantile(&after_kill, 0.95),
+        quantile(&after_kill, 1.0),
+        after_requeue.len(),
+        quantile(&after_requeue, 0.5),
+        quantile(&after_requeue, 0.95),
+        quantile(&after_requeue, 1.0),
     );
     assert_eq!(lost, 0);
     assert_eq!(without_image, 0);
@@ -570,4 +587,95 @@ async fn jobs_survive_killed_workers_and_coordinator() {
     );
     assert_eq!(zombies, ZOMBIES_AT.len());
     assert!(refusals >= 1);
+}
+
+fn unix_now_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Unix seconds of an RFC 3339 UTC timestamp (`2026-11-30T18:30:00.123Z`).
+fn unix_s(ts: &str) -> Option<f64> {
+    let (date, time) = ts.trim_end_matches('Z').split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>());
+    let (y, m, d) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    // Days from 1970-01-01 (Howard Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let mut t = time.splitn(3, ':').map(|x| x.parse::<f64>());
+    let (h, min, s) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    Some(days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + s)
+}
+
+/// From the coordinators' JSON logs: for each job requeued because a
+/// killed worker went away, seconds from the kill to its next assignment;
+/// and for every requeue, seconds from the requeue to the next assignment.
+fn reassignment_times(logs: &Path, kills: &[(f64, String)]) -> (Vec<f64>, Vec<f64>) {
+    // (time, message, job, reason), in time order.
+    let mut events: Vec<(f64, String, String, String)> = Vec::new();
+    for e in std::fs::read_dir(logs).unwrap().flatten() {
+        if !e.file_name().to_string_lossy().starts_with("coordinator") {
+            continue;
+        }
+        for line in std::fs::read_to_string(e.path())
+            .unwrap_or_default()
+            .lines()
+        {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let f = &v["fields"];
+            let msg = f["message"].as_str().unwrap_or_default();
+            if msg != "requeued" && msg != "assigned" {
+                continue;
+            }
+            let Some(t) = v["timestamp"].as_str().and_then(unix_s) else {
+                continue;
+            };
+            let field = |k: &str| f[k].as_str().unwrap_or_default().to_owned();
+            events.push((t, msg.to_owned(), field("job_id"), field("reason")));
+        }
+    }
+    events.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut after_kill, mut after_requeue) = (Vec::new(), Vec::new());
+    for (i, (t, msg, job, reason)) in events.iter().enumerate() {
+        if msg != "requeued" {
+            continue;
+        }
+        let Some(assigned) = events[i + 1..]
+            .iter()
+            .find(|e| e.1 == "assigned" && &e.2 == job)
+            .map(|e| e.0)
+        else {
+            continue;
+        };
+        after_requeue.push(assigned - t);
+        let killed = kills
+            .iter()
+            .rev()
+            .filter(|(k, w)| *k <= *t && *t - *k < 30.0 && reason.contains(&format!("worker {w} ")))
+            .map(|(k, _)| *k)
+            .next();
+        if let Some(k) = killed {
+            after_kill.push(assigned - k);
+        }
+    }
+    (after_kill, after_requeue)
+}
+
+/// The `q` quantile (nearest rank) of `v`; 0 when empty.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
 }
