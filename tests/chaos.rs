@@ -59,8 +59,9 @@ struct Cluster {
     /// The data dir's file system, when it could be mounted; dropped
     /// (unmounted) after the processes.
     disk: Option<Tmpfs>,
-    /// Worker kills: when (Unix seconds) and which worker id.
-    kills: Vec<(f64, String)>,
+    /// Worker kills and pauses: when (Unix seconds), which worker id, and
+    /// whether it was a kill.
+    kills: Vec<(f64, String, bool)>,
 }
 
 fn coordinator_flags() -> [&'static str; 5] {
@@ -107,7 +108,7 @@ impl Cluster {
     }
 
     fn kill_worker(&mut self, i: usize) {
-        self.kills.push((unix_now_s(), format!("w{i}")));
+        self.kills.push((unix_now_s(), format!("w{i}"), true));
         self.workers[i].kill();
         let url = self.url();
         self.workers[i] = start_worker(&self.dir, &url, i);
@@ -201,7 +202,11 @@ async fn zombie(cluster: &Arc<Mutex<Cluster>>, url: &str, i: usize) {
         .log()
         .matches(EXPIRED)
         .count();
-    cluster.lock().unwrap().workers[i].signal(libc::SIGSTOP);
+    {
+        let mut c = cluster.lock().unwrap();
+        c.kills.push((unix_now_s(), id.clone(), false));
+        c.workers[i].signal(libc::SIGSTOP);
+    }
     wait_cluster(cluster, 20, "the paused worker to expire", |c| {
         c.coordinator.log().matches(EXPIRED).count() > before
     })
@@ -556,7 +561,7 @@ async fn jobs_survive_killed_workers_and_coordinator() {
          (watched {WATCHED}) results_changed_after_completion={changed} panics={} \
          zombies_resumed={zombies} duplicate_id_refusals={refusals} streams_replaced={replaced} \
          disk_full_not_serving_s={} wall_s={:.1}\n\
-         chaos: reassignment after a worker SIGKILL (kill to the job assigned elsewhere, \
+         chaos: reassignment after a worker SIGKILL (kill to the job assigned again, \
          coordinator log times): n={} p50_s={:.3} p95_s={:.3} max_s={:.3}; requeue to \
          assignment, every requeue: n={} p50_s={:.3} p95_s={:.3} max_s={:.3}",
         ids.len(),
@@ -614,9 +619,10 @@ fn unix_s(ts: &str) -> Option<f64> {
 }
 
 /// From the coordinators' JSON logs: for each job requeued because a
-/// killed worker went away, seconds from the kill to its next assignment;
-/// and for every requeue, seconds from the requeue to the next assignment.
-fn reassignment_times(logs: &Path, kills: &[(f64, String)]) -> (Vec<f64>, Vec<f64>) {
+/// killed worker went away (its worker's latest kill or pause before the
+/// requeue was a kill), seconds from the kill to its next assignment; and
+/// for every requeue, seconds from the requeue to the next assignment.
+fn reassignment_times(logs: &Path, kills: &[(f64, String, bool)]) -> (Vec<f64>, Vec<f64>) {
     // (time, message, job, reason), in time order.
     let mut events: Vec<(f64, String, String, String)> = Vec::new();
     for e in std::fs::read_dir(logs).unwrap().flatten() {
@@ -656,13 +662,10 @@ fn reassignment_times(logs: &Path, kills: &[(f64, String)]) -> (Vec<f64>, Vec<f6
             continue;
         };
         after_requeue.push(assigned - t);
-        let killed = kills
-            .iter()
-            .rev()
-            .filter(|(k, w)| *k <= *t && *t - *k < 30.0 && reason.contains(&format!("worker {w} ")))
-            .map(|(k, _)| *k)
-            .next();
-        if let Some(k) = killed {
+        let killed = kills.iter().rev().find(|(k, w, _)| {
+            *k <= *t && *t - *k < 10.0 && reason.contains(&format!("worker {w} "))
+        });
+        if let Some((k, _, true)) = killed {
             after_kill.push(assigned - k);
         }
     }
