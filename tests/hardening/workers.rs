@@ -451,12 +451,12 @@ impl LoadedModel for BigModel {
 /// than a 64x64 job's could be.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_over_the_message_limit_fails_with_its_reason() {
-    let c = coordinator(CoordinatorConfig {
+    let cfg = CoordinatorConfig {
         max_message_bytes: 2 << 20,
         max_attempts: 1,
         ..fast_config()
-    })
-    .await;
+    };
+    let (c, http) = coordinator_with_http(cfg).await;
     let models = tmp();
     register(&c.url, &make_model(models.path(), "sd-a")).await;
     let cache = tmp();
@@ -471,10 +471,20 @@ async fn a_result_over_the_message_limit_fails_with_its_reason() {
     let task = tokio::spawn(corral::worker::run(w, outbox, async move {
         let _ = stopped.await;
     }));
+    // The worker list is a snapshot at most one tick old: wait for it.
+    wait_until(10, "the worker to be listed", || listed(&c.url, "big")).await;
     let job = submit(&c.url, spec("sd-a", 1)).await;
     let failed = wait_state(&c.url, &job.id, pb::JobState::Failed, 30).await;
     assert!(failed.error.contains("max_message_bytes"), "{failed:?}");
+    // The worker stays: still listed, and never connected a second time.
     assert!(listed(&c.url, "big").await, "the worker stays connected");
+    let (_, text) = http_get(&format!("{http}/metrics"), None).await;
+    let connects: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("corral_workers_connected_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("corral_workers_connected_total in /metrics");
+    assert_eq!(connects, 1.0, "the worker reconnected");
     let _ = stop.send(());
     let _ = task.await;
     c.stop().await;
