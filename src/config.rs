@@ -37,6 +37,40 @@ pub struct AuthConfig {
     pub worker_tokens: Vec<Secret>,
     /// API keys for the Jobs service; a client sees only its own jobs. Default: none.
     pub clients: Vec<ClientKey>,
+    /// Worker tokens bound to worker ids (`[[auth.workers]]`): a worker
+    /// presenting one may say Hello only with an id its patterns allow.
+    /// Tokens in `worker_tokens` may use any id. Default: none.
+    pub workers: Vec<WorkerKey>,
+}
+
+/// A worker token and the worker ids it may use (`[[auth.workers]]`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerKey {
+    pub token: Secret,
+    /// Worker id patterns: an exact id, or a pattern where `*` stands for
+    /// any run of characters (`gpu-*`, `*-eu-west`). At least one.
+    pub ids: Vec<String>,
+}
+
+/// Whether worker id `id` matches `pattern` (`*`: any run of characters).
+pub fn worker_id_matches(pattern: &str, id: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = id.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty(); // no '*': an exact id
+    };
+    for p in middle {
+        match rest.find(p) {
+            Some(i) => rest = &rest[i + p.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 /// One client of the Jobs service (`[[auth.clients]]`).
@@ -69,6 +103,7 @@ impl AuthConfig {
             .admin_tokens
             .iter()
             .chain(&self.worker_tokens)
+            .chain(self.workers.iter().map(|w| &w.token))
             .chain(self.clients.iter().map(|c| &c.key));
         for t in all {
             if t.expose().len() < MIN_TOKEN_BYTES {
@@ -85,6 +120,24 @@ impl AuthConfig {
                 return Err(Error::Config(
                     "auth: a token or key is listed twice; each must name one role".into(),
                 ));
+            }
+        }
+        for w in &self.workers {
+            if w.ids.is_empty() {
+                return Err(Error::Config(
+                    "auth.workers: each token needs at least one id pattern in `ids`".into(),
+                ));
+            }
+            for p in &w.ids {
+                let ok = !p.is_empty()
+                    && p.len() <= 256
+                    && !p.chars().any(|c| c.is_control() || c == '/' || c == '\\');
+                if !ok {
+                    return Err(Error::Config(format!(
+                        "auth.workers: id pattern {p:?} must be 1-256 characters without \
+                         control characters or path separators"
+                    )));
+                }
             }
         }
         let mut names = std::collections::HashSet::new();
@@ -122,7 +175,7 @@ impl FileConfig {
     }
 }
 
-/// Limits on what clients may ask for.
+/// Limits on what clients may ask for and what workers may report.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct JobLimits {
@@ -142,6 +195,17 @@ pub struct JobLimits {
     pub max_unfinished_jobs: usize,
     /// Most jobs one client may have queued or running at once. Default: 10000.
     pub max_unfinished_jobs_per_client: usize,
+    /// Most models a worker may list in one report (Hello or Heartbeat),
+    /// in VRAM and on disk, each; a longer list closes its stream with
+    /// RESOURCE_EXHAUSTED. Default: 10000.
+    pub max_worker_models: usize,
+    /// Most downloads in progress a worker may list in one report. Default: 1000.
+    pub max_worker_downloads: usize,
+    /// Most running attempts a worker may list in one report. Default: 1000.
+    pub max_worker_jobs: usize,
+    /// Longest reason a worker may give (JobFailed, PrefetchFailed,
+    /// GoingAway), in bytes; longer ones are cut. Default: 8192.
+    pub max_worker_reason_bytes: usize,
     /// Most LoRAs one job may name. Default: 8.
     pub max_loras: usize,
     /// Largest LoRA weight, either way. Default: 4.
@@ -161,6 +225,10 @@ impl Default for JobLimits {
             max_prompt_bytes: 4096,
             max_unfinished_jobs: 100_000,
             max_unfinished_jobs_per_client: 10_000,
+            max_worker_models: 10_000,
+            max_worker_downloads: 1_000,
+            max_worker_jobs: 1_000,
+            max_worker_reason_bytes: 8192,
             max_loras: 8,
             max_lora_weight: 4.0,
             max_init_image_bytes: 16 << 20,
@@ -210,6 +278,21 @@ pub struct CoordinatorConfig {
     pub tls_key: Option<PathBuf>,
     /// HTTP address for `/metrics` and the cluster page `/`; none: no HTTP port. Default: none.
     pub http_listen: Option<SocketAddr>,
+    /// Bearer token required by `/metrics` and `/api/cluster` on the HTTP
+    /// port (`Authorization: Bearer <token>`; the cluster page takes it
+    /// from its URL fragment, `/#token=...`); none: no token. Default: none.
+    pub http_token: Option<Secret>,
+    /// Most connections open at once on the gRPC port; one more is closed
+    /// as soon as it is accepted. Default: none: the process's open-file
+    /// limit less a reserve of max(64, limit / 8) for the store and logs.
+    pub max_connections: Option<usize>,
+    /// Seconds a new gRPC connection has to finish its TLS handshake,
+    /// send the HTTP/2 preface and start its first call before it is
+    /// closed. Default: 10.
+    pub handshake_timeout_s: f64,
+    /// Seconds a connection may stay open with no call in progress before
+    /// it is closed (clients reconnect on their next call). Default: 300.
+    pub idle_timeout_s: f64,
     /// Local (`file://` or absolute path) model sources are accepted only
     /// under this directory, unless `local_sources_anywhere`. Default: none.
     pub local_source_root: Option<PathBuf>,
@@ -247,6 +330,10 @@ impl Default for CoordinatorConfig {
             tls_cert: None,
             tls_key: None,
             http_listen: None,
+            http_token: None,
+            max_connections: None,
+            handshake_timeout_s: 10.0,
+            idle_timeout_s: 300.0,
             local_source_root: None,
             local_sources_anywhere: None,
             limits: JobLimits::default(),
@@ -297,6 +384,14 @@ pub struct SchedulerTunables {
     pub load_gb_per_s: f64,
     /// Generation time assumed before any has been observed, seconds. Default: 5.
     pub default_service_s: f64,
+    /// A running attempt is stopped and its job requeued (the attempt
+    /// counting as failed) once it has run this many times its expected
+    /// length: fetch and load by the worker's tier, then the model's mean
+    /// generation time scaled up by the job's steps x images x pixels over
+    /// a 30-step 512x512 image. At least 1. Default: 4.
+    pub attempt_deadline_factor: f64,
+    /// Seconds an attempt may always run, whatever its estimate. Default: 600.
+    pub attempt_deadline_floor_s: f64,
 }
 
 impl Default for SchedulerTunables {
@@ -318,6 +413,8 @@ impl Default for SchedulerTunables {
             load_base_s: secs(d.cost.load_base_ms),
             load_gb_per_s: d.cost.load_bps as f64 / 1e9,
             default_service_s: secs(d.cost.default_service_ms),
+            attempt_deadline_factor: d.attempt_deadline_factor,
+            attempt_deadline_floor_s: secs(d.attempt_deadline_floor_ms),
         }
     }
 }
@@ -333,6 +430,7 @@ impl SchedulerTunables {
             ("default_download_mb_per_s", self.default_download_mb_per_s),
             ("load_gb_per_s", self.load_gb_per_s),
             ("default_service_s", self.default_service_s),
+            ("attempt_deadline_floor_s", self.attempt_deadline_floor_s),
         ];
         for (k, v) in positive {
             if !(v.is_finite() && v > 0.0) {
@@ -357,6 +455,12 @@ impl SchedulerTunables {
             return Err(Error::Config(format!(
                 "scheduler.replica_disk_share must be in (0, 1], got {}",
                 self.replica_disk_share
+            )));
+        }
+        if !(self.attempt_deadline_factor.is_finite() && self.attempt_deadline_factor >= 1.0) {
+            return Err(Error::Config(format!(
+                "scheduler.attempt_deadline_factor must be at least 1, got {}",
+                self.attempt_deadline_factor
             )));
         }
         if self.demand_fast_s > self.demand_slow_s {
@@ -386,6 +490,8 @@ impl SchedulerTunables {
             replica_disk_share: self.replica_disk_share,
             max_prefetch_per_round: self.max_prefetch_per_round,
             prefetch_pending_ms: ms(self.prefetch_pending_s),
+            attempt_deadline_factor: self.attempt_deadline_factor,
+            attempt_deadline_floor_ms: ms(self.attempt_deadline_floor_s),
             cost: CostModel {
                 default_download_bps: (self.default_download_mb_per_s * 1e6) as u64,
                 load_base_ms: ms(self.load_base_s),
@@ -419,6 +525,26 @@ impl CoordinatorConfig {
             return Err(Error::Config(
                 "max_message_bytes must be at least 1 MiB".into(),
             ));
+        }
+        for (key, v) in [
+            ("handshake_timeout_s", self.handshake_timeout_s),
+            ("idle_timeout_s", self.idle_timeout_s),
+        ] {
+            if !(v > 0.0 && v <= 86_400.0) {
+                return Err(Error::Config(format!("{key} must be in (0, 86400]")));
+            }
+        }
+        if self.max_connections == Some(0) {
+            return Err(Error::Config(
+                "max_connections must be at least 1 (or unset: from the open-file limit)".into(),
+            ));
+        }
+        if self.http_token.as_ref().is_some_and(|t| {
+            t.expose().len() < MIN_TOKEN_BYTES || !t.expose().bytes().all(|b| b.is_ascii_graphic())
+        }) {
+            return Err(Error::Config(format!(
+                "http_token must be at least {MIN_TOKEN_BYTES} bytes of printable ASCII without spaces"
+            )));
         }
         if !(self.leader_lease_s >= 0.5 && self.leader_lease_s <= 600.0) {
             return Err(Error::Config("leader_lease_s must be in [0.5, 600]".into()));
@@ -655,6 +781,35 @@ mod tests {
             .worker_tokens
             .push(Secret::new("acme-0123456789abcdef"));
         assert!(twice.validate().is_err());
+    }
+
+    #[test]
+    fn worker_id_patterns() {
+        for (p, id, want) in [
+            ("gpu-1", "gpu-1", true),
+            ("gpu-1", "gpu-12", false),
+            ("gpu-*", "gpu-12", true),
+            ("gpu-*", "gpu-", true),
+            ("gpu-*", "cpu-1", false),
+            ("*-eu", "gpu-1-eu", true),
+            ("*-eu", "gpu-1-us", false),
+            ("a*b*c", "a-b-c", true),
+            ("a*b*c", "a-c", false),
+            ("ab*ba", "aba", false),
+            ("*", "anything", true),
+        ] {
+            assert_eq!(worker_id_matches(p, id), want, "{p} vs {id}");
+        }
+        let c: FileConfig = toml::from_str(
+            "[auth]\n[[auth.workers]]\ntoken = \"gpu-token-0123456789\"\nids = [\"gpu-*\"]\n",
+        )
+        .unwrap();
+        let a = c.auth.unwrap();
+        a.validate().unwrap();
+        assert_eq!(a.workers[0].ids, vec!["gpu-*".to_string()]);
+        let mut none = a.clone();
+        none.workers[0].ids.clear();
+        assert!(none.validate().is_err());
     }
 
     #[test]

@@ -134,10 +134,21 @@ impl From<ModelManifest> for pb::Model {
 
 // ---- jobs -----------------------------------------------------------------
 
+/// Fields whose proto3 zero value means "the default" (documented in the
+/// .proto): `num_images` 0 is one image. (`steps` 0 has no default and
+/// stays an error.)
+fn spec_defaults(mut s: pb::JobSpec) -> pb::JobSpec {
+    if s.num_images == 0 {
+        s.num_images = 1;
+    }
+    s
+}
+
 /// Structural conversion; the coordinator checks limits (`JobLimits`).
 impl TryFrom<pb::JobSpec> for JobSpec {
     type Error = Error;
     fn try_from(s: pb::JobSpec) -> Result<Self> {
+        let s = spec_defaults(s);
         if !s.guidance_scale.is_finite() {
             return Err(Error::invalid("guidance_scale", "must be a finite number"));
         }
@@ -404,13 +415,9 @@ impl From<&CacheReport> for pb::Heartbeat {
 impl TryFrom<pb::Hello> for WorkerHello {
     type Error = Error;
     fn try_from(h: pb::Hello) -> Result<Self> {
-        if h.max_concurrent_jobs == 0 {
-            return Err(Error::invalid(
-                "hello.max_concurrent_jobs",
-                "must be at least 1",
-            ));
-        }
-        if h.max_concurrent_jobs > 64 {
+        // The proto3 zero value means the default: one job at a time.
+        let max_concurrent_jobs = h.max_concurrent_jobs.max(1);
+        if max_concurrent_jobs > 64 {
             return Err(Error::invalid(
                 "hello.max_concurrent_jobs",
                 "must be at most 64",
@@ -422,7 +429,7 @@ impl TryFrom<pb::Hello> for WorkerHello {
             gpu_name: h.gpu_name,
             vram_bytes: h.vram_bytes,
             cache_max_bytes: h.cache_max_bytes,
-            max_concurrent_jobs: h.max_concurrent_jobs,
+            max_concurrent_jobs,
             state: h
                 .state
                 .map(CacheReport::try_from)
@@ -474,6 +481,110 @@ pub fn hello_cloud(
         }
         _ => Ok(None),
     }
+}
+
+// ---- what workers report: bounds ---------------------------------------------
+
+/// Refuses a report (a Heartbeat, or the state in a Hello) whose lists are
+/// longer than the limits allow, before anything is built from it:
+/// RESOURCE_EXHAUSTED naming the list and the setting. (The gRPC message
+/// size limit applies first.)
+pub fn check_report_lengths(
+    h: &pb::Heartbeat,
+    limits: &crate::config::JobLimits,
+    what: &str,
+) -> Result<()> {
+    let lists = [
+        (
+            "vram_models",
+            h.vram_models.len(),
+            limits.max_worker_models,
+            "limits.max_worker_models",
+        ),
+        (
+            "disk_models",
+            h.disk_models.len(),
+            limits.max_worker_models,
+            "limits.max_worker_models",
+        ),
+        (
+            "downloads",
+            h.downloads.len(),
+            limits.max_worker_downloads,
+            "limits.max_worker_downloads",
+        ),
+        (
+            "running_jobs",
+            h.running_jobs.len(),
+            limits.max_worker_jobs,
+            "limits.max_worker_jobs",
+        ),
+    ];
+    for (list, n, max, key) in lists {
+        if n > max {
+            return Err(Error::ResourceExhausted(format!(
+                "{what}: {list} lists {n} entries, more than the {max} allowed ({key})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Attempt numbers start at 1; 0 is never assigned.
+fn attempt_number(attempt: u32, field: &'static str) -> Result<()> {
+    if attempt == 0 {
+        return Err(Error::invalid(
+            field,
+            "0 is not an attempt number (they start at 1)",
+        ));
+    }
+    Ok(())
+}
+
+/// Cuts `s` to at most `max` bytes, at a character boundary, saying so.
+fn cap_reason(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = s.len() - end;
+    s.truncate(end);
+    s.push_str(&format!(
+        " [{cut} more bytes cut: limits.max_worker_reason_bytes]"
+    ));
+}
+
+/// Checks a message from a worker's stream (after its Hello) before the
+/// coordinator acts on it: list lengths (RESOURCE_EXHAUSTED, see
+/// [`check_report_lengths`]), attempt numbers (INVALID_ARGUMENT); reasons
+/// longer than `limits.max_worker_reason_bytes` are cut.
+pub fn check_worker_message(
+    msg: &mut pb::worker_message::Msg,
+    limits: &crate::config::JobLimits,
+) -> Result<()> {
+    use pb::worker_message::Msg;
+    let max_reason = limits.max_worker_reason_bytes;
+    match msg {
+        Msg::Hello(_) => {}
+        Msg::Heartbeat(h) => {
+            check_report_lengths(h, limits, "heartbeat")?;
+            for r in &h.running_jobs {
+                attempt_number(r.attempt, "heartbeat.running_jobs.attempt")?;
+            }
+        }
+        Msg::Progress(p) => attempt_number(p.attempt, "progress.attempt")?,
+        Msg::Result(r) => attempt_number(r.attempt, "result.attempt")?,
+        Msg::Failed(f) => {
+            attempt_number(f.attempt, "failed.attempt")?;
+            cap_reason(&mut f.reason, max_reason);
+        }
+        Msg::PrefetchFailed(p) => cap_reason(&mut p.reason, max_reason),
+        Msg::GoingAway(g) => cap_reason(&mut g.reason, max_reason),
+    }
+    Ok(())
 }
 
 /// A job's progress as a worker reports it.
@@ -736,6 +847,151 @@ mod tests {
         )))
         .unwrap_err();
         assert!(err.to_string().contains("Hello"), "{err}");
+    }
+
+    #[test]
+    fn proto3_zero_values_take_their_defaults() {
+        let spec = pb::JobSpec {
+            model_id: "m".into(),
+            steps: 4,
+            num_images: 0,
+            ..Default::default()
+        };
+        assert_eq!(JobSpec::try_from(spec.clone()).unwrap().num_images, 1);
+        let three = pb::JobSpec {
+            num_images: 3,
+            ..spec.clone()
+        };
+        assert_eq!(JobSpec::try_from(three).unwrap().num_images, 3);
+        // steps has no default: 0 stays 0, which the coordinator refuses.
+        let no_steps = pb::JobSpec { steps: 0, ..spec };
+        assert_eq!(JobSpec::try_from(no_steps).unwrap().steps, 0);
+        let hello = pb::Hello {
+            worker_id: "w".into(),
+            max_concurrent_jobs: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            WorkerHello::try_from(hello.clone())
+                .unwrap()
+                .max_concurrent_jobs,
+            1
+        );
+        let too_many = pb::Hello {
+            max_concurrent_jobs: 65,
+            ..hello
+        };
+        let err = WorkerHello::try_from(too_many).unwrap_err();
+        assert!(err.to_string().contains("max_concurrent_jobs"), "{err}");
+    }
+
+    #[test]
+    fn worker_reports_are_bounded_and_checked() {
+        use pb::worker_message::Msg;
+        let limits = crate::config::JobLimits {
+            max_worker_models: 3,
+            max_worker_downloads: 2,
+            max_worker_jobs: 1,
+            max_worker_reason_bytes: 10,
+            ..Default::default()
+        };
+        let models = |n: usize| (0..n).map(|i| format!("m{i}")).collect::<Vec<_>>();
+        let ok = pb::Heartbeat {
+            vram_models: models(3),
+            ..Default::default()
+        };
+        check_report_lengths(&ok, &limits, "heartbeat").unwrap();
+        let cases = [
+            (
+                pb::Heartbeat {
+                    vram_models: models(4),
+                    ..Default::default()
+                },
+                "vram_models",
+                "limits.max_worker_models",
+            ),
+            (
+                pb::Heartbeat {
+                    disk_models: models(4)
+                        .into_iter()
+                        .map(|model_id| pb::DiskModel {
+                            model_id,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                },
+                "disk_models",
+                "limits.max_worker_models",
+            ),
+            (
+                pb::Heartbeat {
+                    downloads: vec![pb::Download::default(); 3],
+                    ..Default::default()
+                },
+                "downloads",
+                "limits.max_worker_downloads",
+            ),
+            (
+                pb::Heartbeat {
+                    running_jobs: vec![
+                        pb::RunningJob {
+                            job_id: "j".into(),
+                            attempt: 1
+                        };
+                        2
+                    ],
+                    ..Default::default()
+                },
+                "running_jobs",
+                "limits.max_worker_jobs",
+            ),
+        ];
+        for (h, list, key) in cases {
+            let e = check_worker_message(&mut Msg::Heartbeat(h), &limits).unwrap_err();
+            assert!(matches!(e, Error::ResourceExhausted(_)), "{e}");
+            let m = e.to_string();
+            assert!(m.contains(list) && m.contains(key), "{m}");
+        }
+        // Attempt numbers start at 1.
+        let zero = [
+            Msg::Progress(pb::JobProgress {
+                job_id: "j".into(),
+                ..Default::default()
+            }),
+            Msg::Result(pb::JobResult {
+                job_id: "j".into(),
+                ..Default::default()
+            }),
+            Msg::Failed(pb::JobFailed {
+                job_id: "j".into(),
+                ..Default::default()
+            }),
+            Msg::Heartbeat(pb::Heartbeat {
+                running_jobs: vec![pb::RunningJob {
+                    job_id: "j".into(),
+                    attempt: 0,
+                }],
+                ..Default::default()
+            }),
+        ];
+        for mut m in zero {
+            let e = check_worker_message(&mut m, &limits).unwrap_err();
+            assert!(e.to_string().contains("attempt"), "{e}");
+        }
+        // Long reasons are cut, at a character boundary.
+        let mut failed = Msg::Failed(pb::JobFailed {
+            job_id: "j".into(),
+            attempt: 1,
+            reason: "ééééééééé".into(),
+            ..Default::default()
+        });
+        check_worker_message(&mut failed, &limits).unwrap();
+        let Msg::Failed(f) = failed else {
+            unreachable!()
+        };
+        assert!(f.reason.starts_with("ééééé "), "{}", f.reason);
+        assert!(f.reason.contains("max_worker_reason_bytes"), "{}", f.reason);
     }
 
     #[test]

@@ -253,6 +253,92 @@ fn render(reg: &Registry) -> String {
     out
 }
 
+// ---- connections ---------------------------------------------------------------
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabel {
+    pub port: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortReasonLabel {
+    pub port: &'static str,
+    pub reason: &'static str,
+}
+
+/// The counters of one listening port (`crate::http::accept`). Clones
+/// share their counts; `ConnMetrics::default()` counts for nobody.
+#[derive(Clone, Debug, Default)]
+pub struct ConnMetrics {
+    pub open: prometheus_client::metrics::gauge::Gauge,
+    pub accepted: Counter,
+    /// Closed at once: the port had `max_connections` open.
+    pub refused: Counter,
+    pub handshake_timeouts: Counter,
+    pub idle_timeouts: Counter,
+    pub accept_errors: Counter,
+}
+
+/// [`ConnMetrics`] of every port of a process, by `port` label.
+#[derive(Clone, Debug, Default)]
+pub struct PortMetrics {
+    open: Family<PortLabel, prometheus_client::metrics::gauge::Gauge>,
+    accepted: Family<PortLabel, Counter>,
+    refused: Family<PortLabel, Counter>,
+    closed: Family<PortReasonLabel, Counter>,
+    accept_errors: Family<PortLabel, Counter>,
+}
+
+impl PortMetrics {
+    fn register(reg: &mut Registry) -> Self {
+        let m = Self::default();
+        reg.register(
+            "corral_connections_open",
+            "Connections open now, by port.",
+            m.open.clone(),
+        );
+        reg.register(
+            "corral_connections_accepted",
+            "Connections accepted, by port.",
+            m.accepted.clone(),
+        );
+        reg.register(
+            "corral_connections_refused",
+            "Connections closed as soon as accepted because max_connections were open, by port.",
+            m.refused.clone(),
+        );
+        reg.register(
+            "corral_connections_closed",
+            "Connections closed by a deadline, by port and reason (handshake_timeout, idle_timeout).",
+            m.closed.clone(),
+        );
+        reg.register(
+            "corral_accept_errors",
+            "Failed accepts (e.g. EMFILE: too many open files), each followed by a backoff, by port.",
+            m.accept_errors.clone(),
+        );
+        m
+    }
+
+    /// The counters of one port.
+    pub fn port(&self, port: &'static str) -> ConnMetrics {
+        let p = PortLabel { port };
+        let closed = |reason| {
+            self.closed
+                .get_or_create(&PortReasonLabel { port, reason })
+                .clone()
+        };
+        ConnMetrics {
+            open: self.open.get_or_create(&p).clone(),
+            accepted: self.accepted.get_or_create(&p).clone(),
+            refused: self.refused.get_or_create(&p).clone(),
+            handshake_timeouts: closed("handshake_timeout"),
+            idle_timeouts: closed("idle_timeout"),
+            accept_errors: self.accept_errors.get_or_create(&p).clone(),
+        }
+    }
+}
+
 // ---- coordinator -------------------------------------------------------------
 
 /// The coordinator's counters. Calls are one line at the place the event
@@ -280,6 +366,8 @@ pub struct CoordMetrics {
     pub assign_latency: Histogram,
     /// From the timings in the results workers return.
     pub phases: PhaseHistograms,
+    /// Connections on the gRPC and HTTP ports.
+    pub ports: PortMetrics,
     /// When each job not yet assigned was accepted.
     accepted_at: DashMap<JobId, Instant>,
 }
@@ -356,6 +444,7 @@ impl CoordMetrics {
             ),
             assign_latency: Histogram::new(ASSIGN_BUCKETS_S),
             phases: PhaseHistograms::register(r, "corral", "from results"),
+            ports: PortMetrics::register(r),
             accepted_at: DashMap::new(),
             registry: Mutex::new(Registry::default()),
         };

@@ -31,6 +31,7 @@ fn auth() -> AuthConfig {
                 key: Secret::new(GLOBEX),
             },
         ],
+        ..AuthConfig::default()
     }
 }
 

@@ -6,7 +6,10 @@
 //! every configured token), refuses roles the service does not serve, and
 //! leaves the [`Caller`] in the request's extensions for the service:
 //!
-//! - `Workers`: worker tokens.
+//! - `Workers`: worker tokens. A token from `[[auth.workers]]` is bound to
+//!   worker id patterns: its Hello must name a matching id
+//!   ([`Caller::check_worker_id`], PERMISSION_DENIED otherwise); one from
+//!   `worker_tokens` may use any id.
 //! - `Jobs`: client keys (a client sees and cancels only its own jobs) and
 //!   admin tokens (see every job).
 //! - `Admin`: admin tokens.
@@ -24,7 +27,7 @@ use tracing::warn;
 
 use crate::config::AuthConfig;
 use crate::error::{Error, Result};
-use crate::types::JobId;
+use crate::types::{JobId, WorkerId};
 
 /// Who made a call, as established by the guard.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,9 +35,20 @@ pub enum Caller {
     /// Authentication is disabled: everything is allowed.
     Anonymous,
     Admin,
-    Worker,
+    /// A worker, and the ids it may connect as.
+    Worker(WorkerIds),
     /// A client, by the name it has in the config.
     Client(Arc<str>),
+}
+
+/// The worker ids a worker token may say Hello with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WorkerIds {
+    /// A token from `worker_tokens`.
+    Any,
+    /// A token from `[[auth.workers]]`: ids matching one of these patterns
+    /// (see [`crate::config::worker_id_matches`]).
+    Matching(Arc<[String]>),
 }
 
 impl Caller {
@@ -52,6 +66,24 @@ impl Caller {
         match self {
             Caller::Client(name) => name,
             _ => "",
+        }
+    }
+
+    /// Refuses a worker id this caller's token is not bound to.
+    pub fn check_worker_id(&self, id: &WorkerId) -> Result<()> {
+        match self {
+            Caller::Worker(WorkerIds::Matching(patterns))
+                if !patterns
+                    .iter()
+                    .any(|p| crate::config::worker_id_matches(p, &id.0)) =>
+            {
+                warn!(worker_id = %id, "Hello refused: the token is bound to other worker ids");
+                Err(Error::PermissionDenied(format!(
+                    "this worker token may not connect as worker id {id}; it is bound to {}",
+                    patterns.join(", ")
+                )))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -84,7 +116,7 @@ impl Service {
             (self, c),
             (_, Caller::Anonymous)
                 | (Service::Jobs, Caller::Client(_) | Caller::Admin)
-                | (Service::Workers, Caller::Worker)
+                | (Service::Workers, Caller::Worker(_))
                 | (Service::Admin, Caller::Admin)
         )
     }
@@ -124,7 +156,11 @@ impl Authenticator {
             tokens.push((digest(t.expose()), Caller::Admin));
         }
         for t in &cfg.worker_tokens {
-            tokens.push((digest(t.expose()), Caller::Worker));
+            tokens.push((digest(t.expose()), Caller::Worker(WorkerIds::Any)));
+        }
+        for w in &cfg.workers {
+            let ids = WorkerIds::Matching(w.ids.iter().cloned().collect());
+            tokens.push((digest(w.token.expose()), Caller::Worker(ids)));
         }
         for c in &cfg.clients {
             tokens.push((
@@ -239,6 +275,10 @@ mod tests {
                 name: "acme".into(),
                 key: Secret::new("acme-key-0123456789"),
             }],
+            workers: vec![crate::config::WorkerKey {
+                token: Secret::new("gpu-token-0123456789"),
+                ids: vec!["gpu-*".into(), "spare".into()],
+            }],
         }
     }
 
@@ -277,7 +317,7 @@ mod tests {
             workers
                 .check(&req(Some("worker-token-0123456789")))
                 .unwrap(),
-            Caller::Worker
+            Caller::Worker(WorkerIds::Any)
         );
         assert!(matches!(
             workers.check(&req(None)),
@@ -287,6 +327,36 @@ mod tests {
             workers.check(&req(Some("worker-token-012345678"))),
             Err(Error::Unauthenticated(_))
         ));
+    }
+
+    #[test]
+    fn bound_worker_tokens_connect_only_as_their_ids() {
+        let a = Arc::new(Authenticator::new(&cfg()));
+        let workers = Guard::new(a.clone(), Service::Workers);
+        let bound = workers.check(&req(Some("gpu-token-0123456789"))).unwrap();
+        for ok in ["gpu-1", "gpu-", "spare"] {
+            bound.check_worker_id(&WorkerId(ok.into())).unwrap();
+        }
+        for refused in ["cpu-1", "spare-2", "xgpu-1"] {
+            let e = bound
+                .check_worker_id(&WorkerId(refused.into()))
+                .unwrap_err();
+            assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
+            assert!(e.to_string().contains(refused), "{e}");
+        }
+        // A bound worker token is still a worker token only.
+        assert!(matches!(
+            Guard::new(a.clone(), Service::Jobs).check(&req(Some("gpu-token-0123456789"))),
+            Err(Error::PermissionDenied(_))
+        ));
+        // Tokens from worker_tokens may use any id.
+        let any = workers
+            .check(&req(Some("worker-token-0123456789")))
+            .unwrap();
+        any.check_worker_id(&WorkerId("cpu-1".into())).unwrap();
+        Caller::Anonymous
+            .check_worker_id(&WorkerId("cpu-1".into()))
+            .unwrap();
     }
 
     #[test]

@@ -1,6 +1,12 @@
 //! The coordinator's HTTP port (`http_listen`): Prometheus `/metrics`, the
 //! cluster page `/` and its data `/api/cluster`.
 //!
+//! With `http_token` set, `/metrics` and `/api/cluster` (which name workers
+//! and models) need `Authorization: Bearer <token>`; the page itself holds
+//! no data and is public: it reads the token from its URL fragment
+//! (`/#token=...`, never sent to a server or written to access logs) and
+//! sends it with each poll.
+//!
 //! The server holds only a `Weak` to the coordinator and stops when the
 //! guard [`spawn`] returns is dropped (at the end of `run`). A sampler task
 //! closes one [`History`] period every 10 s.
@@ -58,7 +64,8 @@ pub fn spawn(listener: TcpListener, coord: &Arc<Coordinator>) -> Result<HttpGuar
         .route("/metrics", get(metrics))
         .route("/api/cluster", get(cluster))
         .with_state(state.clone());
-    info!(%addr, "coordinator HTTP listening (/metrics, /, /api/cluster)");
+    let token = coord.config().http_token.clone();
+    info!(%addr, with_token = token.is_some(), "coordinator HTTP listening (/metrics, /, /api/cluster)");
     let sampler = Arc::downgrade(&state);
     tokio::spawn(
         async move {
@@ -75,7 +82,12 @@ pub fn spawn(listener: TcpListener, coord: &Arc<Coordinator>) -> Result<HttpGuar
         }
         .instrument(info_span!("http_sampler")),
     );
-    crate::http::serve(listener, app)
+    let opts = crate::http::HttpOptions {
+        token,
+        public: &["/"],
+        connections: coord.metrics().ports.port("http"),
+    };
+    crate::http::serve_with(listener, app, opts)
 }
 
 fn gone() -> Response {

@@ -167,19 +167,18 @@ impl Coordinator {
         Ok(out)
     }
 
-    /// Expires silent workers, retries matching (estimates move with time),
-    /// plans replication, and refreshes the snapshot read paths use.
+    /// Stops attempts past their deadline, expires silent workers, retries
+    /// matching (estimates move with time), plans replication, and
+    /// refreshes the snapshot read paths use.
     pub fn tick(&self) {
         if !self.serving.load(Ordering::Acquire) {
             return;
         }
+        let _ = self.with_sched_as(FailureKind::Deadline, |s, now| {
+            Ok(((), s.expire_attempts(now)))
+        });
         let expired = self.with_sched_as(FailureKind::HeartbeatMissed, |s, now| {
-            let before: Vec<WorkerId> = s.workers().map(|w| w.hello.worker_id.clone()).collect();
-            let mut e = s.expire_workers(now);
-            let expired: Vec<WorkerId> = before
-                .into_iter()
-                .filter(|w| s.worker(w).is_none())
-                .collect();
+            let (expired, mut e) = s.expire_workers_listed(now);
             e.extend(s.schedule(now));
             // Keep models in demand warm on enough workers.
             e.extend(s.replicate(now));

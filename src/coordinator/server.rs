@@ -1,13 +1,21 @@
 //! Serving: the three Corral services, health and reflection (v1 and
 //! v1alpha, for grpcurl 1.8), on a listener the caller bound.
+//!
+//! Connections come through [`Acceptor`]: at most `max_connections` open
+//! (by default the open-file limit less a reserve, so that idle sockets
+//! cannot use up the descriptors the store and the workers need), a
+//! handshake deadline (TLS, the HTTP/2 preface and the first call must
+//! come within `handshake_timeout_s`), an idle deadline (no call in
+//! progress for `idle_timeout_s`), and a logged backoff when `accept`
+//! fails. HTTP/2 keepalive pings close connections whose peer stopped
+//! answering.
 
 use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tracing::{info, info_span, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 use super::admin::AdminService;
 use super::auth::{Authenticator, Guard, Service};
@@ -17,7 +25,42 @@ use super::Coordinator;
 use crate::clock::{Clock, SystemClock};
 use crate::config::CoordinatorConfig;
 use crate::error::{Error, Result};
+use crate::http::accept::{self, AcceptLimits, Acceptor, Activity, TrackCalls};
 use crate::pb;
+
+/// How long a shutdown waits for calls in progress (a WatchJob of a job
+/// that will not finish soon) before it closes their connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Seconds between HTTP/2 keepalive pings, and to wait for their answer.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The gRPC port's connection limits from the config; `max_connections`
+/// defaults to what the open-file limit leaves.
+fn grpc_limits(cfg: &CoordinatorConfig) -> AcceptLimits {
+    let files = accept::raise_open_file_limit();
+    let max_connections = match (cfg.max_connections, files) {
+        (Some(m), Some(f)) if m as u64 >= f => {
+            warn!(
+                max_connections = m,
+                open_file_limit = f,
+                "max_connections is above the open-file limit: accepts will fail \
+                 (and back off) before the cap is reached"
+            );
+            m
+        }
+        (Some(m), _) => m,
+        (None, Some(f)) => accept::connections_for_file_limit(f),
+        (None, None) => 1024,
+    };
+    AcceptLimits {
+        max_connections,
+        handshake_timeout: Duration::from_secs_f64(cfg.handshake_timeout_s),
+        idle_timeout: Duration::from_secs_f64(cfg.idle_timeout_s),
+        activity: Activity::Calls,
+    }
+}
 
 /// The services, for tests that call inner functions.
 pub struct Services {
@@ -193,7 +236,8 @@ pub async fn serve(
     ));
     let gate = LeaderGate(Arc::downgrade(&services.coordinator));
     let guard = |s: Service| Guard::new(auth.clone(), s);
-    let tls = super::auth::server_tls(&cfg)?;
+    let limits = grpc_limits(&cfg);
+    let tls = super::auth::server_tls(&cfg)?.map(|t| t.timeout(limits.handshake_timeout));
     let coord = services.coordinator.clone();
     spawn_ticker(Arc::downgrade(&coord), tick);
     super::recovery::spawn_sweeper(Arc::downgrade(&coord), retention_s);
@@ -221,16 +265,29 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener", e))?;
-    info!(%addr, tls = tls.is_some(), "coordinator listening");
-    let mut server = tonic::transport::Server::builder();
+    info!(
+        %addr,
+        tls = tls.is_some(),
+        max_connections = limits.max_connections,
+        handshake_timeout_s = cfg.handshake_timeout_s,
+        idle_timeout_s = cfg.idle_timeout_s,
+        "coordinator listening"
+    );
+    let acceptor = Acceptor::new(listener, limits, coord.metrics().ports.port("grpc"), "grpc");
+    let closer = acceptor.closer();
+    let incoming = acceptor.into_stream();
+    let (signalled, stopping_now) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(TrackCalls);
     if let Some(tls) = tls {
         server = server
             .tls_config(tls)
             .map_err(|e| Error::Config(format!("TLS: {e}")))?;
     }
     use tonic::service::interceptor::InterceptedService;
-    server
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+    let served = server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -261,14 +318,33 @@ pub async fn serve(
             ),
             gate.clone(),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             // Worker streams never end on their own: close them, so that
             // the server's graceful shutdown can finish.
             stopping.close_worker_streams();
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("server: {e}")))?;
+            let _ = signalled.send(());
+        });
+    tokio::pin!(served);
+    // Other calls (WatchJob streams) get a grace period, then their
+    // connections are closed: a watcher must not hold up a shutdown.
+    let served = tokio::select! {
+        r = &mut served => r,
+        _ = async {
+            match stopping_now.await {
+                Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+                Err(_) => std::future::pending().await,
+            }
+        } => {
+            warn!(
+                grace_s = SHUTDOWN_GRACE.as_secs(),
+                "calls still open after the shutdown grace period; closing their connections"
+            );
+            closer.close_all();
+            served.await
+        }
+    };
+    served.map_err(|e| Error::Internal(format!("server: {e}")))?;
     coord.close_store().await?;
     info!("coordinator stopped");
     Ok(())

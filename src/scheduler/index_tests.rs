@@ -261,6 +261,22 @@ fn apply(s: &mut Scheduler, op: Op, now: &mut Millis, next_job: &mut u16) {
                 late,
                 "expired at {now}"
             );
+            // Exactly the attempts past their deadline stop.
+            let due: BTreeSet<(JobId, u32)> = s
+                .jobs
+                .iter()
+                .filter(|(_, j)| j.on.is_some() && j.deadline_ms.is_some_and(|d| d <= *now))
+                .map(|(_, j)| (j.id.clone(), j.attempt))
+                .collect();
+            let stopped: BTreeSet<(JobId, u32)> = s
+                .expire_attempts(*now)
+                .into_iter()
+                .filter_map(|e| match e {
+                    super::Effect::Cancel { job, attempt, .. } => Some((job, attempt)),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(stopped, due, "attempts stopped at {now}");
             s.schedule(*now);
         }
         Op::Register { model, gb } => s.register_model(mid(model), u64::from(gb) * 1_000_000_000),
@@ -288,6 +304,16 @@ fn brute_healthy(s: &Scheduler, except: Wix, model: Mix, now: Millis) -> bool {
 /// Every index equals a recomputation from the entries, and every query
 /// equals a scan.
 fn check(s: &Scheduler, now: Millis) -> Result<(), TestCaseError> {
+    // Every running attempt, and only those, has its deadline filed.
+    for (_, e) in s.jobs.iter() {
+        prop_assert_eq!(e.on.is_some(), e.deadline_ms.is_some(), "job {}", e.id);
+    }
+    let filed: BTreeSet<(Millis, u32)> = s
+        .jobs
+        .iter()
+        .filter_map(|(j, e)| e.deadline_ms.map(|d| (d, j)))
+        .collect();
+    prop_assert_eq!(&filed, &s.attempt_deadlines);
     // Snapshots are current.
     for (w, e) in s.workers.iter() {
         prop_assert_eq!(
@@ -417,6 +443,8 @@ proptest! {
         let mut s = Scheduler::new(SchedulerConfig {
             heartbeat_timeout_ms: 30_000,
             starvation_ms: 20_000,
+            attempt_deadline_factor: 1.0,
+            attempt_deadline_floor_ms: 5_000,
             ..SchedulerConfig::default()
         });
         for m in 0..MODELS - 1 {

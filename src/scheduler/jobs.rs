@@ -81,6 +81,8 @@ impl Scheduler {
             expected_ms: 0,
             model,
             on: None,
+            deadline_ms: None,
+            timed_out: false,
         });
         self.job_ids.insert(id, jix);
         self.enqueue(jix);
@@ -90,6 +92,7 @@ impl Scheduler {
     /// Forgets a job (queued: out of its queue; running: the caller has
     /// taken it off its worker).
     fn remove_job(&mut self, jix: Jix) -> JobEntry {
+        self.disarm_deadline(jix);
         let j = &self.jobs[jix];
         if j.on.is_some() {
             self.models[j.model as usize].running -= 1;
@@ -260,6 +263,8 @@ impl Scheduler {
         }
         let model = j.model;
         let was_running = j.on.take().is_some();
+        self.disarm_deadline(jix);
+        let j = &mut self.jobs[jix];
         j.worker = None;
         j.started_ms = None;
         j.tier = None;

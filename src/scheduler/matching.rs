@@ -148,7 +148,10 @@ impl Scheduler {
         let expected = self.expected_run_ms(&self.workers[worker], &self.jobs[jix]);
         let j = &mut self.jobs[jix];
         j.expected_ms = expected;
+        j.timed_out = false;
         let (attempt, id, model) = (j.attempt, j.id.clone(), j.model);
+        self.arm_deadline(jix);
+        let j = &self.jobs[jix];
         let queued_ms = now.saturating_sub(j.submitted_ms);
         self.models[model as usize].running += 1;
         self.workers[worker].running.insert(id.clone(), attempt);

@@ -28,9 +28,11 @@
 //! - `index.rs`: where each worker stands, per model and for fetching;
 //! - `matching.rs`: which job a free worker starts;
 //! - `estimate.rs`: the cost model and start estimates;
+//! - `deadline.rs`: attempt deadlines (a running attempt's time is up);
 //! - `replicate.rs`: replica targets and prefetches;
 //! - `plan.rs`: which models to bake into the worker image.
 
+mod deadline;
 mod estimate;
 mod ids;
 mod index;
@@ -56,6 +58,11 @@ pub struct SchedulerConfig {
     pub heartbeat_timeout_ms: Millis,
     /// A job whose attempts failed this many times ends failed. Default: 3.
     pub max_attempts: u32,
+    /// A running attempt is stopped and its job requeued once it has run
+    /// this many times its expected length (see `deadline.rs`). Default: 4.
+    pub attempt_deadline_factor: f64,
+    /// ... but never before it has run this long. Default: 600,000.
+    pub attempt_deadline_floor_ms: Millis,
     /// A job waiting longer than this goes to any capable worker. Default: 60,000.
     pub starvation_ms: Millis,
     /// How many queued models a free worker considers fetching per decision. Default: 32.
@@ -94,6 +101,8 @@ impl Default for SchedulerConfig {
         Self {
             heartbeat_timeout_ms: 15_000,
             max_attempts: 3,
+            attempt_deadline_factor: 4.0,
+            attempt_deadline_floor_ms: 600_000,
             starvation_ms: 60_000,
             cold_scan_models: 32,
             cost: CostModel::default(),

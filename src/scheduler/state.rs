@@ -45,6 +45,11 @@ pub struct JobEntry {
     pub(super) model: Mix,
     /// `worker`, as an index.
     pub(super) on: Option<Wix>,
+    /// When the current attempt is due (see `deadline.rs`).
+    pub(super) deadline_ms: Option<Millis>,
+    /// The last attempt passed its deadline: a worker reconnecting with it
+    /// does not get it back.
+    pub(super) timed_out: bool,
 }
 
 impl JobEntry {
@@ -240,6 +245,8 @@ pub struct Scheduler {
     pub(super) sets: WorkerSets,
     /// Workers by the `last_seen_ms` they were filed under, for expiry.
     pub(super) deadlines: BTreeSet<(Millis, Wix)>,
+    /// Running attempts by deadline (see `deadline.rs`).
+    pub(super) attempt_deadlines: BTreeSet<(Millis, Jix)>,
     /// Workers by the workers' cache sizes (a multiset), for the submit
     /// check that some worker could hold a model.
     pub(super) cache_sizes: BTreeMap<u64, u32>,
@@ -262,6 +269,7 @@ impl Scheduler {
             heads: BTreeSet::new(),
             sets: WorkerSets::default(),
             deadlines: BTreeSet::new(),
+            attempt_deadlines: BTreeSet::new(),
             cache_sizes: BTreeMap::new(),
             repl: Default::default(),
         }

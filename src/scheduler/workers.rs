@@ -32,7 +32,7 @@ impl Scheduler {
         let wix = self.add_worker(hello, now);
         for RunningJob { job_id, attempt } in reported {
             let keep = match self.job(&job_id) {
-                Some(j) if j.worker.is_none() && j.attempt == attempt => true,
+                Some(j) if j.worker.is_none() && j.attempt == attempt => !j.timed_out,
                 Some(j) => j.worker.as_ref() == Some(&id) && j.attempt == attempt,
                 None => false,
             };
@@ -58,6 +58,7 @@ impl Scheduler {
             j.on = Some(wix);
             j.started_ms.get_or_insert(now);
             j.expected_ms = expected;
+            self.arm_deadline(jix);
             self.workers[wix].running.insert(job_id, attempt);
         }
         self.place(wix);

@@ -4,6 +4,7 @@
 //! instead of the embedded store (`pg.rs`).
 #![allow(dead_code)]
 
+pub mod disk;
 pub mod pg;
 pub mod procs;
 pub mod raw;
@@ -258,4 +259,70 @@ pub async fn wait_workers(url: &str, n: usize) {
 
 pub fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
+}
+
+/// A coordinator in this process with its HTTP port (`/metrics`) on a
+/// listener bound here; returns it and the HTTP base URL.
+pub async fn coordinator_with_http(mut cfg: CoordinatorConfig) -> (Coord, String) {
+    cfg.auth
+        .get_or_insert_with(corral::config::AuthConfig::disabled);
+    let data_dir = tempfile::tempdir().unwrap();
+    cfg.data_dir = data_dir.path().to_path_buf();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let http_url = format!("http://{}", http.local_addr().unwrap());
+    let (stop, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(corral::coordinator::run_with_http(
+        listener,
+        Some(http),
+        cfg,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    let coord = Coord {
+        url,
+        data_dir,
+        stop: Some(stop),
+        task,
+    };
+    (coord, http_url)
+}
+
+/// `GET url` with an optional bearer token: (status, body).
+pub async fn http_get(url: &str, token: Option<&str>) -> (u16, String) {
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// The value of the sample `series` (name with labels, as printed) in a
+/// Prometheus text page; none when absent.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+/// A series of `/metrics` on `http` (0 when absent).
+pub async fn scrape(http: &str, series: &str) -> f64 {
+    let (_, text) = http_get(&format!("{http}/metrics"), None).await;
+    metric(&text, series).unwrap_or(0.0)
+}
+
+/// The coordinator's overall health (grpc.health.v1), or the call's error.
+pub async fn health(url: &str) -> Result<i32, tonic::Status> {
+    let ch = corral::client::channel(url)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    tonic_health::pb::health_client::HealthClient::new(ch)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
 }

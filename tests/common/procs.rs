@@ -15,6 +15,18 @@ pub struct Proc {
 impl Proc {
     /// Starts `corral ARGS` with JSON logs in `logs/NAME-N.stderr`.
     pub fn start(logs: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_with_files(logs, name, None, args, env)
+    }
+
+    /// [`start`](Self::start) under an open-file limit of `nofile` (soft
+    /// and hard, set by the shell's `ulimit -n` before it execs corral).
+    pub fn start_with_files(
+        logs: &Path,
+        name: &str,
+        nofile: Option<u64>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         std::fs::create_dir_all(logs).unwrap();
         let mut n = 0;
         let stderr = loop {
@@ -24,7 +36,17 @@ impl Proc {
             }
             n += 1;
         };
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
+        let corral = env!("CARGO_BIN_EXE_corral");
+        let mut cmd = match nofile {
+            None => Command::new(corral),
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(corral);
+                c
+            }
+        };
         cmd.args(args)
             .env("CORRAL_LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
@@ -47,6 +69,29 @@ impl Proc {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU seconds (user + system) the process has used so far.
+    pub fn cpu_s(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the command name (which may hold spaces): state is
+        // field 3, utime and stime are 14 and 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGSTOP`).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill has no memory effects; the pid is our child's.
+        let rc = unsafe { libc::kill(self.pid() as i32, sig) };
+        assert_eq!(rc, 0, "kill({}, {sig})", self.pid());
     }
 
     pub fn log(&self) -> String {
@@ -88,6 +133,17 @@ impl Drop for Proc {
 /// that `listen` may be port 0 the first time). In a `postgres_*` test
 /// binary its store is the PostgreSQL database standing for `data_dir`.
 pub fn coordinator(logs: &Path, listen: &str, data_dir: &Path, extra: &[&str]) -> (Proc, String) {
+    coordinator_with_files(logs, None, listen, data_dir, extra)
+}
+
+/// [`coordinator`] under an open-file limit (`ulimit -n`).
+pub fn coordinator_with_files(
+    logs: &Path,
+    nofile: Option<u64>,
+    listen: &str,
+    data_dir: &Path,
+    extra: &[&str],
+) -> (Proc, String) {
     let mut args = vec![
         "coordinator",
         "--listen",
@@ -100,11 +156,19 @@ pub fn coordinator(logs: &Path, listen: &str, data_dir: &Path, extra: &[&str]) -
         args.extend(["--store", url.expose()]);
     }
     args.extend_from_slice(extra);
-    let mut p = Proc::start(logs, "coordinator", &args, &[]);
+    let mut p = Proc::start_with_files(logs, "coordinator", nofile, &args, &[]);
     let line = p.wait_log("coordinator listening", 30);
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     let addr = v["fields"]["addr"].as_str().unwrap().to_owned();
     (p, addr)
+}
+
+/// The address of a coordinator's HTTP port (started with
+/// `--http-listen 127.0.0.1:0`), from its log.
+pub fn http_addr(p: &mut Proc) -> String {
+    let line = p.wait_log("coordinator HTTP listening", 30);
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    v["fields"]["addr"].as_str().unwrap().to_owned()
 }
 
 /// Lines of any log under `logs` that mention a panic.
