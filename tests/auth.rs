@@ -273,7 +273,13 @@ async fn unfinished_jobs_are_limited_per_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_cannot_report_for_another_workers_job() {
-    let c = coordinator(fast_config()).await;
+    // Honest must not expire while the machine is loaded: only forgeries
+    // may move its job here.
+    let c = coordinator(CoordinatorConfig {
+        heartbeat_missed: 25,
+        ..fast_config()
+    })
+    .await;
     let models = tmp();
     register(&c.url, &make_model(models.path(), "sd-a")).await;
     let job = submit(&c.url, spec("sd-a", 1)).await;
