@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A throwaway PostgreSQL cluster for Corral's tests and benchmarks (Debian's `postgresql` package).
 #
-#   scripts/pg-test-cluster.sh start [DIR] [--no-fsync]   start one in DIR (default: a new temp
+#   scripts/pg-test-cluster.sh start [DIR] [--no-fsync] [--ssl]
+#                                                         start one in DIR (default: a new temp
 #                                                         dir); print its URL on stdout
 #   scripts/pg-test-cluster.sh stop DIR                   stop it and delete DIR
 #
@@ -11,15 +12,21 @@
 # runs as the `postgres` user (created by the package), or a `corral-pg` user made here.
 # --no-fsync: fsync off (tests only: they kill coordinators, never the database); benchmarks keep
 # it on.
+# --ssl: TLS only. `openssl` makes a throwaway CA (DIR/ssl/ca.crt, the file for `sslrootcert`) and
+# a server certificate it signs for `localhost`, `db.corral.test` and 127.0.0.1; the server runs
+# with ssl=on and a pg_hba.conf that accepts TCP connections over TLS only (`hostssl`), so a
+# plaintext client is refused.
 set -euo pipefail
 
 cmd="${1:-}"
 shift || true
 dir=""
 fsync=on
+ssl=off
 for a in "$@"; do
   case "$a" in
     --no-fsync) fsync=off ;;
+    --ssl) ssl=on ;;
     *) dir="$a" ;;
   esac
 done
@@ -69,6 +76,26 @@ running() {
   [[ -f "$1/port" ]] && as_owner "$bin/pg_ctl" -D "$1/data" status >/dev/null 2>&1
 }
 
+# A CA and a server certificate signed by it, in $1/ssl; the key readable by the owner only, as the
+# server demands.
+make_certs() {
+  local d="$1/ssl"
+  mkdir -p "$d"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=corral test CA" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+    -keyout "$d/ca.key" -out "$d/ca.crt" >/dev/null 2>&1
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$d/server.key" -out "$d/server.csr" >/dev/null 2>&1
+  printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+    "extendedKeyUsage=serverAuth" "subjectAltName=DNS:localhost,DNS:db.corral.test,IP:127.0.0.1" \
+    >"$d/server.ext"
+  openssl x509 -req -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 2 -extfile "$d/server.ext" -out "$d/server.crt" >/dev/null 2>&1
+  chmod 600 "$d/server.key" "$d/ca.key"
+  [[ "$(id -u)" == 0 ]] && chown -R "$owner" "$d"
+  return 0
+}
+
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -92,6 +119,15 @@ case "$cmd" in
     [[ "$(id -u)" == 0 ]] && chown "$owner" "$dir"
     as_owner "$bin/initdb" -D "$dir/data" -U corral --auth=trust -E UTF8 --locale=C --no-sync \
       >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; exit 1; }
+    ssl_opts=""
+    if [[ "$ssl" == on ]]; then
+      command -v openssl >/dev/null || { echo "pg-test-cluster: --ssl needs openssl" >&2; exit 3; }
+      make_certs "$dir" || { echo "pg-test-cluster: openssl could not make the certificates" >&2; exit 1; }
+      ssl_opts="-c ssl=on -c ssl_cert_file='$dir/ssl/server.crt' -c ssl_key_file='$dir/ssl/server.key'"
+      # TCP over TLS only: no `host` (TLS or not) or `hostnossl` line.
+      printf '%s\n' "local all all trust" "hostssl all all 127.0.0.1/32 trust" \
+        "hostssl all all ::1/128 trust" >"$dir/data/pg_hba.conf"
+    fi
     # The port is picked, then bound by the server: retry if another process took it meanwhile.
     for _ in 1 2 3 4 5; do
       port="$(free_port)"
@@ -99,7 +135,7 @@ case "$cmd" in
       if as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 start 9>&- -o \
         "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='$dir' \
          -c max_connections=500 -c fsync=$fsync -c full_page_writes=$fsync \
-         -c shared_buffers=128MB" >/dev/null 2>&1; then
+         -c shared_buffers=128MB $ssl_opts" >/dev/null 2>&1; then
         echo "$port" >"$dir/port"
         url_of "$dir"
         exit 0
@@ -119,7 +155,7 @@ case "$cmd" in
     rm -rf "$dir" "$dir.lock"
     ;;
   *)
-    echo "usage: $0 start [DIR] [--no-fsync] | stop DIR" >&2
+    echo "usage: $0 start [DIR] [--no-fsync] [--ssl] | stop DIR" >&2
     exit 2
     ;;
 esac

@@ -78,7 +78,7 @@ pub(super) struct Leadership {
     /// Where clients and workers reach this coordinator.
     pub url: String,
     pub lease: Duration,
-    pg: tokio_postgres::Config,
+    pg: super::Target,
     /// The lease session (renewals and campaigns), reconnected on error.
     conn: tokio::sync::Mutex<Option<Client>>,
     state: Mutex<State>,
@@ -89,7 +89,7 @@ pub(super) struct Leadership {
 }
 
 impl Leadership {
-    pub(super) fn new(pg: tokio_postgres::Config, url: String, lease: Duration) -> Self {
+    pub(super) fn new(pg: super::Target, url: String, lease: Duration) -> Self {
         Self {
             holder: format!("{}", uuid::Uuid::new_v4().simple()),
             url,

@@ -16,20 +16,22 @@
 //!   watchdog then calls [`PgStore::reopen`], which campaigns until this
 //!   coordinator leads and returns what the store holds.
 //!
-//! Schema and migrations: `schema.rs`.
+//! Schema and migrations: `schema.rs`. TLS (`sslmode`, `sslrootcert`):
+//! `tls.rs`; every connection above goes through [`Target`], so all of
+//! them share one TLS setting.
 
 mod lease;
 mod schema;
+mod tls;
 mod writer;
 
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::{Cursor, Done, ListQuery, Loaded, Op, Page, StoredJob};
@@ -43,7 +45,8 @@ const READ_POOL: usize = 8;
 /// How to reach the database and how this coordinator takes part.
 #[derive(Clone)]
 pub struct PgOptions {
-    /// `postgres://` URL or `key=value` string.
+    /// `postgres://` URL or `key=value` string; libpq's `sslmode` and
+    /// `sslrootcert` are honoured (`tls.rs`).
     pub url: String,
     /// This coordinator's advertised URL (written in the lease row).
     pub advertise_url: String,
@@ -62,22 +65,55 @@ impl std::fmt::Debug for PgOptions {
 
 pub(super) fn pg_err(e: tokio_postgres::Error) -> Error {
     match e.as_db_error() {
-        Some(db) => Error::Unavailable(format!(
-            "store: postgres: {} ({})",
-            db.message(),
-            db.code().code()
-        )),
-        None => Error::Unavailable(format!("store: postgres: {e}")),
+        Some(db) => {
+            // pg_hba.conf refusing a plaintext connection (PostgreSQL 14+
+            // says "no encryption", older ones "SSL off").
+            let hint = if db.code()
+                == &tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                && (db.message().ends_with("no encryption") || db.message().ends_with("SSL off"))
+            {
+                "; the server requires TLS: set sslmode=require (or verify-full) in the URL"
+            } else {
+                ""
+            };
+            Error::Unavailable(format!(
+                "store: postgres: {} ({}){hint}",
+                db.message(),
+                db.code().code()
+            ))
+        }
+        None => {
+            // tokio-postgres's Display leaves out the cause ("error
+            // performing TLS handshake"): the cause is what says why.
+            let mut why = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                why = format!("{why}: {c}");
+                cause = c.source();
+            }
+            Error::Unavailable(format!("store: postgres: {why}"))
+        }
     }
+}
+
+/// Where and how every connection of the store connects: the driver's
+/// settings and the TLS connector that goes with them.
+#[derive(Clone)]
+pub(super) struct Target {
+    pg: tokio_postgres::Config,
+    tls: tls::MakeRustls,
 }
 
 /// Parses the URL; a password may come from `PGPASSWORD` instead (keep it
 /// out of flags and config files).
-fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
-    let mut c = tokio_postgres::Config::from_str(url).map_err(|e| {
+fn pg_config(url: &str) -> Result<Target> {
+    let (url, tls) = tls::take_settings(url)?;
+    let (ssl_mode, tls) = tls::connector(&tls)?;
+    let mut c = url.parse::<tokio_postgres::Config>().map_err(|e| {
         // The URL may hold a password: never echo it.
         Error::Config(format!("store: the PostgreSQL URL does not parse: {e}"))
     })?;
+    c.ssl_mode(ssl_mode);
     if c.get_password().is_none() {
         if let Ok(p) = std::env::var("PGPASSWORD") {
             c.password(p);
@@ -92,17 +128,17 @@ fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
         .keepalives_idle(Duration::from_secs(10))
         .keepalives_interval(Duration::from_secs(2))
         .keepalives_retries(3);
-    Ok(c)
+    Ok(Target { pg: c, tls })
 }
 
 /// One connection, its driver task spawned (named by `role`); `ended` is
 /// told when the connection ends.
 pub(super) async fn connect(
-    c: &tokio_postgres::Config,
+    t: &Target,
     role: &'static str,
     ended: Option<Arc<tokio::sync::Notify>>,
 ) -> Result<Client> {
-    let (client, conn) = c.connect(NoTls).await.map_err(pg_err)?;
+    let (client, conn) = t.pg.connect(t.tls.clone()).await.map_err(pg_err)?;
     tokio::spawn(
         async move {
             if let Err(e) = conn.await {
@@ -162,8 +198,8 @@ impl PgStore {
         let version = schema::migrate(&mut c).await?;
         drop(c);
         let pool = Pool::builder(Manager::from_config(
-            pg.clone(),
-            NoTls,
+            pg.pg.clone(),
+            pg.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },

@@ -69,7 +69,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn open(pg: &tokio_postgres::Config, shared: &Shared) -> Result<Self> {
+    async fn open(pg: &super::Target, shared: &Shared) -> Result<Self> {
         let client = connect(pg, "writer", None).await?;
         // A paused writer must not hold the lease row's share lock for
         // ever: the database ends a transaction left idle this long.
@@ -255,7 +255,7 @@ enum Refusal {
 /// The writer task: group commit until `Close` or the channel closes.
 pub(super) async fn run(
     shared: Arc<Shared>,
-    pg: tokio_postgres::Config,
+    pg: super::Target,
     mut rx: mpsc::UnboundedReceiver<Msg>,
 ) {
     let mut conn: Option<Conn> = None;
@@ -314,7 +314,7 @@ pub(super) async fn run(
 /// otherwise committed under the fence.
 async fn write(
     shared: &Shared,
-    pg: &tokio_postgres::Config,
+    pg: &super::Target,
     conn: &mut Option<Conn>,
     ops: &[Op],
 ) -> Result<()> {
