@@ -30,6 +30,25 @@ pub struct Storm {
     pub within_min: f64,
 }
 
+/// A surge: one model takes a share of all arrivals for a while (a viral
+/// checkpoint). The model is found by popularity rank, so its size follows
+/// from the catalogue; `size_gb` picks the first model at or after `rank`
+/// of that size.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Surge {
+    /// Popularity rank where the search starts (1 = most popular).
+    pub rank: usize,
+    /// Size of the model wanted, GB (matched within 0.05 GB); 0: the model
+    /// at `rank`, whatever its size. Default: 0.
+    #[serde(default)]
+    pub size_gb: f64,
+    /// Share of all arrivals that go to the model during the surge.
+    pub share: f64,
+    pub start_min: f64,
+    pub duration_min: f64,
+}
+
 /// A popularity shift (S2).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,6 +107,8 @@ pub struct SimParams {
     pub zombie_delay_s: f64,
     pub storm: Option<Storm>,
     pub shift: Option<Shift>,
+    /// Surges of single models (`[[surges]]` in TOML).
+    pub surges: Vec<Surge>,
     // ---- arrivals
     /// Jobs per second for the reference run.
     pub rate: f64,
@@ -112,8 +133,18 @@ pub struct SimParams {
     pub abort_backlog_s: f64,
     // ---- baselines and Corral tunables
     pub b4_vram_models: usize,
+    /// B6: candidates per model (fixed k).
     pub b6_k: usize,
+    /// B6: bounded-load cap, a multiple of the mean load.
     pub b6_cap: f64,
+    /// B6-prop: candidates per model = max(b6_min_k, ceil(scale x share
+    /// of recent arrivals x live nodes)).
+    pub b6_prop_scale: f64,
+    pub b6_min_k: usize,
+    /// B7-late: queued jobs a free node looks at.
+    pub b7_window: usize,
+    /// B7-late: a job waiting longer than this goes to the next free node.
+    pub b7_starvation_s: f64,
     pub corral_min_replicas: u32,
     pub corral_headroom: f64,
     pub corral_replicate: bool,
@@ -123,6 +154,11 @@ pub struct SimParams {
     pub corral_recent_per_h: f64,
     /// The scheduler's `replica_disk_share`.
     pub corral_disk_share: f64,
+    /// Ablation corral-early: jobs a node accepts at once (it runs one and
+    /// queues the rest), so the scheduler binds jobs before a GPU is free.
+    /// The scheduler takes a free slot for a free GPU, so this overstates
+    /// what binding early costs; a faithful switch is for the scheduler.
+    pub corral_early_slots: u32,
 }
 
 impl Default for SimParams {
@@ -178,44 +214,67 @@ impl Default for SimParams {
             zombie_delay_s: 60.0,
             storm: None,
             shift: None,
+            surges: Vec::new(),
             rate: 10.0,
             arrival_cv: 2.0,
-            ramp_min: 0.0,
-            length_h: 1.0,
-            warmup_min: 20.0,
+            ramp_min: 20.0,
+            length_h: 1.5,
+            warmup_min: 40.0,
             drain_min: 10.0,
             slo_p95_s: 60.0,
-            bisect_lo: 2.0,
-            bisect_hi: 32.0,
-            bisect_steps: 2,
+            bisect_lo: 4.0,
+            bisect_hi: 64.0,
+            bisect_steps: 4,
             goodput_grid: 5,
             abort_backlog_s: 300.0,
             b4_vram_models: 3,
             b6_k: 4,
             b6_cap: 1.25,
+            b6_prop_scale: 2.0,
+            b6_min_k: 2,
+            b7_window: 64,
+            b7_starvation_s: 60.0,
             corral_min_replicas: 2,
             corral_headroom: 1.5,
             corral_replicate: true,
             corral_starvation_s: 60.0,
             corral_recent_per_h: 6.0,
             corral_disk_share: 0.8,
+            corral_early_slots: 2,
         }
     }
 }
 
-/// The reference arrival rate for S2 and S3: 0.7 x B7's S1 goodput, as
+/// The reference arrival rate of S1's latency table, S2, S3 and the surge
+/// scenarios: 0.7 x the best baseline's steady-state S1 goodput, as
 /// measured with `--scenario s1` (see docs/sim.md).
-pub const S2_S3_RATE: f64 = 7.9;
+pub const REFERENCE_RATE: f64 = 20.0;
 
 impl SimParams {
-    /// The named scenario (s1 to s4).
+    /// The named scenario: s1 to s4, surge-sd15, surge-sdxl.
     pub fn scenario(name: &str) -> Result<Self> {
         let s1 = Self::default();
+        let surge = |name: &str, size_gb: f64| Self {
+            name: name.into(),
+            rate: REFERENCE_RATE,
+            length_h: 1.5,
+            goodput_grid: 0,
+            surges: vec![Surge {
+                rank: 100,
+                size_gb,
+                share: 0.3,
+                start_min: 50.0,
+                duration_min: 20.0,
+            }],
+            ..Self::default()
+        };
         Ok(match name.to_ascii_lowercase().as_str() {
             "s1" => s1,
+            "surge-sd15" => surge("surge-sd15", s1.sd15_gb),
+            "surge-sdxl" => surge("surge-sdxl", s1.sdxl_gb),
             "s2" => Self {
                 name: "s2".into(),
-                rate: S2_S3_RATE,
+                rate: REFERENCE_RATE,
                 length_h: 2.0,
                 goodput_grid: 0,
                 shift: Some(Shift {
@@ -228,7 +287,7 @@ impl SimParams {
             },
             "s3" => Self {
                 name: "s3".into(),
-                rate: S2_S3_RATE,
+                rate: REFERENCE_RATE,
                 length_h: 2.0,
                 goodput_grid: 0,
                 hazard_per_h: 0.05,
@@ -248,6 +307,7 @@ impl SimParams {
                 nodes: 100,
                 rate: 0.5,
                 ramp_min: 10.0,
+                warmup_min: 20.0,
                 length_h: 2.0,
                 goodput_grid: 0,
                 ..s1
@@ -255,7 +315,9 @@ impl SimParams {
             other => {
                 return Err(Error::invalid(
                     "scenario",
-                    format!("unknown scenario {other:?}; expected s1, s2, s3 or s4"),
+                    format!(
+                    "unknown scenario {other:?}; expected s1, s2, s3, s4, surge-sd15 or surge-sdxl"
+                ),
                 ))
             }
         })
