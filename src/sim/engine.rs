@@ -246,6 +246,7 @@ impl Probe {
 
 /// One run of `kind` on the world of (`seed`, `rate`).
 pub fn run_once(p: &SimParams, kind: PolicyKind, seed: u64, rate: f64) -> Result<RunResult> {
+    let p = &p.at_rate(rate);
     let world = World::generate(p, seed, rate);
     let c = simulate(p, &world, kind, seed, false)?;
     let mut r = aggregate::finish(&c.0, &*c.1)?;
@@ -257,6 +258,7 @@ pub fn run_once(p: &SimParams, kind: PolicyKind, seed: u64, rate: f64) -> Result
 /// or infinity as soon as it is certain to exceed the SLO (the run stops
 /// there, so failing probes cost less).
 pub fn probe_p95(p: &SimParams, kind: PolicyKind, seed: u64, rate: f64) -> Result<f64> {
+    let p = &p.at_rate(rate);
     let world = World::generate(p, seed, rate);
     let (c, pol) = simulate(p, &world, kind, seed, true)?;
     if c.probe.as_ref().is_some_and(|pr| pr.late > pr.allowed) || c.aborted {

@@ -205,6 +205,7 @@ pub fn cold_start(
     threads: usize,
 ) -> Result<Experiment> {
     let mut q = p.clone();
+    q.warmup_jobs = 0.0;
     q.warmup_min = 0.0;
     q.ramp_min = 0.0;
     q.goodput_grid = 0;

@@ -101,6 +101,9 @@ pub struct SimArgs {
     /// ranges of issue 14).
     #[arg(long, value_delimiter = ',', requires = "sweep")]
     pub points: Vec<f64>,
+    /// Also write the result as JSON to this file.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
     /// Worker threads (default: available cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -124,6 +127,7 @@ impl Default for SimArgs {
             cold_start: false,
             sweep: None,
             points: Vec::new(),
+            json_out: None,
             threads: None,
         }
     }
@@ -183,6 +187,10 @@ pub fn run_cli(args: &SimArgs) -> Result<String> {
         if let Some(dir) = &args.plots_dir {
             report::write_sweep_plot(&sw, dir)?;
         }
+        if let Some(path) = &args.json_out {
+            let text = report::render_sweep(&sw, Format::Json);
+            std::fs::write(path, text).map_err(|e| Error::io(path, e))?;
+        }
         return Ok(report::render_sweep(&sw, args.format));
     }
     let policies = if args.policies.is_empty() {
@@ -197,6 +205,10 @@ pub fn run_cli(args: &SimArgs) -> Result<String> {
     };
     if let Some(dir) = &args.plots_dir {
         report::write_plots(&exp, dir)?;
+    }
+    if let Some(path) = &args.json_out {
+        let text = report::render(&exp, Format::Json);
+        std::fs::write(path, text).map_err(|e| Error::io(path, e))?;
     }
     Ok(report::render(&exp, args.format))
 }

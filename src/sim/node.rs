@@ -166,14 +166,31 @@ impl Core<'_> {
     /// committed there, this job's own fetch + load + generation). Uses the
     /// node's measured bandwidth and true class speed (which Corral has to
     /// learn).
+    /// The node's download rate as a baseline knows it: the last one
+    /// measured, else the scheduler's default.
+    pub fn known_bps(&self, n: u32) -> u64 {
+        match self.nodes[n as usize].measured_bps {
+            0 => CostModel::default().default_download_bps,
+            bps => bps,
+        }
+    }
+
+    /// Until the job at `n`'s GPU is done, ms: its estimate, but never
+    /// less than the download it waits for still needs (an estimate made
+    /// with a guessed bandwidth can run out while the node is still busy).
+    pub fn busy_left(&self, n: u32) -> u64 {
+        let x = &self.nodes[n as usize];
+        let left = x.busy_until.saturating_sub(self.now);
+        match (x.gpu, x.dl) {
+            (Gpu::Waiting(_), Some((_, _, end))) => left.max(end.saturating_sub(self.now)),
+            _ => left,
+        }
+    }
+
     pub fn estimate(&self, n: u32, job: u32) -> (u64, u64) {
         let x = &self.nodes[n as usize];
         let a = self.jobs[job as usize].arr;
-        let bps = if x.measured_bps == 0 {
-            CostModel::default().default_download_bps
-        } else {
-            x.measured_bps
-        };
+        let bps = self.known_bps(n);
         let queued_files = |f: u32| x.local.iter().any(|r| self.files(r.job).contains(&Some(f)));
         let mut own = 0u64;
         for f in self.files(job).into_iter().flatten() {
@@ -190,7 +207,7 @@ impl Core<'_> {
             own += self.load_ms(a.model);
         }
         own += self.mean_gen_ms(x.class, a.model);
-        let backlog = x.busy_until.saturating_sub(self.now) + x.local_est;
+        let backlog = self.busy_left(n) + x.local_est;
         (backlog + own, own)
     }
 

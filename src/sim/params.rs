@@ -117,6 +117,15 @@ pub struct SimParams {
     pub ramp_min: f64,
     pub length_h: f64,
     pub warmup_min: f64,
+    /// Warm-up by count of jobs instead of minutes (0: use `warmup_min`):
+    /// the warm-up lasts as long as this many jobs take at the run's rate,
+    /// its first 3/4 ramping the rate up from 5% (a fleet with cold disks
+    /// is not swamped), then `measure_min` minutes are measured. Caches converge by requests, not minutes, so every
+    /// rate gets a like warm-up. Overrides `warmup_min`, `ramp_min` and
+    /// `length_h`.
+    pub warmup_jobs: f64,
+    /// Minutes measured after a `warmup_jobs` warm-up.
+    pub measure_min: f64,
     /// Simulated minutes after the last arrival for jobs to finish.
     pub drain_min: f64,
     // ---- goodput bisection
@@ -141,10 +150,6 @@ pub struct SimParams {
     /// of recent arrivals x live nodes)).
     pub b6_prop_scale: f64,
     pub b6_min_k: usize,
-    /// B7-late: queued jobs a free node looks at.
-    pub b7_window: usize,
-    /// B7-late: a job waiting longer than this goes to the next free node.
-    pub b7_starvation_s: f64,
     pub corral_min_replicas: u32,
     pub corral_headroom: f64,
     pub corral_replicate: bool,
@@ -220,6 +225,8 @@ impl Default for SimParams {
             ramp_min: 20.0,
             length_h: 1.5,
             warmup_min: 40.0,
+            warmup_jobs: 100_000.0,
+            measure_min: 30.0,
             drain_min: 10.0,
             slo_p95_s: 60.0,
             bisect_lo: 4.0,
@@ -229,11 +236,9 @@ impl Default for SimParams {
             abort_backlog_s: 300.0,
             b4_vram_models: 3,
             b6_k: 4,
-            b6_cap: 1.25,
+            b6_cap: 4.0,
             b6_prop_scale: 2.0,
             b6_min_k: 2,
-            b7_window: 64,
-            b7_starvation_s: 60.0,
             corral_min_replicas: 2,
             corral_headroom: 1.5,
             corral_replicate: true,
@@ -254,19 +259,28 @@ impl SimParams {
     /// The named scenario: s1 to s4, surge-sd15, surge-sdxl.
     pub fn scenario(name: &str) -> Result<Self> {
         let s1 = Self::default();
+        // Scenarios with events at fixed minutes warm up by time: 90
+        // minutes (the first 20 ramping up), about 100,000 jobs at the
+        // reference rate.
+        let timed = Self {
+            rate: REFERENCE_RATE,
+            warmup_jobs: 0.0,
+            warmup_min: 90.0,
+            ramp_min: 20.0,
+            goodput_grid: 0,
+            ..Self::default()
+        };
         let surge = |name: &str, size_gb: f64| Self {
             name: name.into(),
-            rate: REFERENCE_RATE,
-            length_h: 1.5,
-            goodput_grid: 0,
+            length_h: 130.0 / 60.0,
             surges: vec![Surge {
                 rank: 100,
                 size_gb,
                 share: 0.3,
-                start_min: 50.0,
+                start_min: 90.0,
                 duration_min: 20.0,
             }],
-            ..Self::default()
+            ..timed.clone()
         };
         Ok(match name.to_ascii_lowercase().as_str() {
             "s1" => s1,
@@ -274,30 +288,26 @@ impl SimParams {
             "surge-sdxl" => surge("surge-sdxl", s1.sdxl_gb),
             "s2" => Self {
                 name: "s2".into(),
-                rate: REFERENCE_RATE,
-                length_h: 2.0,
-                goodput_grid: 0,
+                length_h: 150.0 / 60.0,
                 shift: Some(Shift {
-                    at_min: 60.0,
+                    at_min: 110.0,
                     cold_models: 20,
                     swap_share: 0.05,
                     every_min: 10.0,
                 }),
-                ..s1
+                ..timed.clone()
             },
             "s3" => Self {
                 name: "s3".into(),
-                rate: REFERENCE_RATE,
-                length_h: 2.0,
-                goodput_grid: 0,
+                length_h: 150.0 / 60.0,
                 hazard_per_h: 0.05,
                 zombie_share: 0.02,
                 storm: Some(Storm {
-                    at_min: 60.0,
+                    at_min: 110.0,
                     share: 0.3,
                     within_min: 5.0,
                 }),
-                ..s1
+                ..timed.clone()
             },
             "s4" => Self {
                 name: "s4".into(),
@@ -306,6 +316,7 @@ impl SimParams {
                 loras: 5000,
                 nodes: 100,
                 rate: 0.5,
+                warmup_jobs: 0.0,
                 ramp_min: 10.0,
                 warmup_min: 20.0,
                 length_h: 2.0,
@@ -342,6 +353,22 @@ impl SimParams {
         Ok(p)
     }
 
+    /// The parameters of a run at `rate`: a warm-up given in jobs becomes
+    /// minutes at that rate.
+    pub fn at_rate(&self, rate: f64) -> Self {
+        let mut p = self.clone();
+        p.rate = rate;
+        if self.warmup_jobs > 0.0 && rate > 0.0 {
+            // The ramp covers the first 3/4 of the warm-up at a mean of
+            // (5% + 100%) / 2 of the rate: expected jobs are
+            // rate x minutes x (0.75 x 0.525 + 0.25).
+            p.warmup_min = self.warmup_jobs / rate / 60.0 / (0.75 * 0.525 + 0.25);
+            p.ramp_min = 0.75 * p.warmup_min;
+            p.length_h = (p.warmup_min + self.measure_min) / 60.0;
+        }
+        p
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |f: &'static str, r: &str| Err(Error::invalid(f, r.to_owned()));
         if self.models == 0 {
@@ -358,6 +385,9 @@ impl SimParams {
         }
         if self.length_h <= 0.0 || self.warmup_min / 60.0 >= self.length_h {
             return bad("length_h", "must be longer than warmup_min");
+        }
+        if self.warmup_jobs < 0.0 || (self.warmup_jobs > 0.0 && self.measure_min <= 0.0) {
+            return bad("warmup_jobs", "must be >= 0, and measure_min > 0 with it");
         }
         if self.zipf_s < 0.0 {
             return bad("zipf_s", "must be >= 0");

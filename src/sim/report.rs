@@ -248,9 +248,21 @@ fn header(exp: &Experiment) -> String {
             p.name, seeds, p.rate, measured, p.nodes, p.models
         )
     } else {
+        let warm = if p.warmup_jobs > 0.0 {
+            let r = p.at_rate(p.rate);
+            format!(
+                "warm-up of {} jobs ({:.0} min at the reference rate; the rate ramps up from 5% over its first 3/4), {} min measured",
+                p.warmup_jobs, r.warmup_min, p.measure_min
+            )
+        } else {
+            format!(
+                "{} min warm-up (rate ramped up from 5% over the first {} min), {} min measured",
+                p.warmup_min, p.ramp_min, measured
+            )
+        };
         format!(
-            "### Scenario {}: {} seeds, reference rate {} jobs/s, {} min warm-up (rate ramped from 5% over the first {} min), {} min measured; {} nodes, {} models, Zipf {}, median {} Mbit/s, disk {} GB, churn {}/h\n",
-            p.name, seeds, p.rate, p.warmup_min, p.ramp_min, measured, p.nodes, p.models, p.zipf_s, p.bw_median_mbit, p.disk_gb, p.hazard_per_h
+            "### Scenario {}: {} seeds, reference rate {} jobs/s, {warm}; {} nodes, {} models, Zipf {}, median {} Mbit/s, disk {} GB, churn {}/h\n",
+            p.name, seeds, p.rate, p.nodes, p.models, p.zipf_s, p.bw_median_mbit, p.disk_gb, p.hazard_per_h
         )
     }
 }
@@ -635,7 +647,7 @@ fn first_seeds(exp: &Experiment) -> impl Iterator<Item = (&PolicyOutcome, &SeedO
 /// Writes the plots of an experiment (first seed of each policy; the surge
 /// series of every seed as CSV) into `dir`.
 pub fn write_plots(exp: &Experiment, dir: &Path) -> Result<()> {
-    let p = &exp.params;
+    let p = &exp.params.at_rate(exp.params.rate);
     let name = if exp.cold_start {
         format!("{}-cold", p.name)
     } else {

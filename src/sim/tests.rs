@@ -8,6 +8,7 @@ fn small(name: &str) -> SimParams {
     p.length_h = 0.5;
     p.warmup_min = 5.0;
     p.ramp_min = 0.0;
+    p.warmup_jobs = 0.0;
     p.drain_min = 5.0;
     p.goodput_grid = 0;
     if p.loras > 0 {

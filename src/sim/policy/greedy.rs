@@ -4,33 +4,34 @@
 //!   committed there + the job's own fetch + load + generation, with the
 //!   node's measured bandwidth and true speed), bound at arrival; the
 //!   download starts when the job reaches the GPU.
-//! - B7-prefetch: the same placement, but a queued job's files download
-//!   at once (behind the node's other downloads), and a node that runs out
-//!   of work steals the last job of the longest queue when it would finish
-//!   it sooner.
-//! - B7-late: late binding. Jobs wait in one queue; a node that frees up
-//!   takes, among the oldest `b7_window` jobs, the one it would finish
-//!   soonest (a job older than `b7_starvation_s` first). An arriving job
-//!   goes to the idle node that would finish it soonest, if any is idle.
+//! - B7-late: the same placement, but binding is revised when a GPU frees
+//!   up: a node with nothing left to do takes the last job of the longest
+//!   queue if it would finish it sooner than that queue would (late
+//!   binding by stealing).
+//! - B7-prefetch: B7-late whose nodes also download a queued job's files
+//!   at once (behind the node's other downloads), not when the job reaches
+//!   the GPU.
+//!
+//! A pull variant (one central queue; a free node takes the oldest job it
+//! is the best place for) was tried and dropped: under load its free
+//! nodes kept taking jobs that needed downloads and it fell behind at
+//! 22 jobs/s where B7 holds (docs/sim.md).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, VecDeque};
 
 use super::push::Placer;
-use super::{on_leave, Policy, DETECT};
-use crate::error::Result;
 use crate::sim::engine::Core;
-use crate::sim::node::Run;
-use crate::sim::params::SimParams;
 
 pub(crate) struct Greedy {
+    /// Queued jobs' files download at arrival.
     pub prefetch: bool,
+    /// Idle nodes steal from long queues.
+    pub steal: bool,
 }
 
 /// Work committed to `n`, ms from now.
 fn backlog(c: &Core, n: u32) -> u64 {
-    let x = &c.nodes[n as usize];
-    x.busy_until.saturating_sub(c.now) + x.local_est
+    c.busy_left(n) + c.nodes[n as usize].local_est
 }
 
 /// Whether a job at `n`'s GPU or in its queue needs file `f`.
@@ -59,7 +60,7 @@ impl Placer for Greedy {
     }
 
     fn idle(&mut self, c: &mut Core, n: u32) {
-        if !self.prefetch {
+        if !self.steal {
             return;
         }
         let victim = c
@@ -87,106 +88,5 @@ impl Placer for Greedy {
             }
         }
         c.start(n, r.job, r.attempt);
-    }
-}
-
-pub(crate) struct Late {
-    queue: VecDeque<u32>,
-    idle: BTreeSet<u32>,
-    window: usize,
-    starvation_ms: u64,
-}
-
-impl Late {
-    pub(crate) fn new(p: &SimParams) -> Self {
-        Self {
-            queue: VecDeque::new(),
-            idle: BTreeSet::new(),
-            window: p.b7_window.max(1),
-            starvation_ms: (p.b7_starvation_s * 1e3) as u64,
-        }
-    }
-
-    /// The idle node that would finish `j` soonest takes it; false if no
-    /// node is idle.
-    fn give_idle(&mut self, c: &mut Core, j: u32, attempt: u32) -> bool {
-        let best = self
-            .idle
-            .iter()
-            .min_by_key(|n| (c.estimate(**n, j).1, **n))
-            .copied();
-        match best {
-            Some(n) => {
-                self.idle.remove(&n);
-                c.start(n, j, attempt);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// A free node takes the queued job it would finish soonest.
-    fn node_free(&mut self, c: &mut Core, n: u32) {
-        if !c.nodes[n as usize].up {
-            return;
-        }
-        let Some(&oldest) = self.queue.front() else {
-            self.idle.insert(n);
-            return;
-        };
-        let starving = c.now.saturating_sub(c.arrival(oldest).at_ms) > self.starvation_ms;
-        let i = if starving {
-            0
-        } else {
-            (0..self.queue.len().min(self.window))
-                .min_by_key(|i| (c.estimate(n, self.queue[*i]).1, *i))
-                .expect("non-empty")
-        };
-        let j = self.queue.remove(i).expect("in range");
-        c.start(n, j, 1);
-    }
-
-    fn requeue(&mut self, c: &mut Core, runs: Vec<Run>) {
-        for r in runs.into_iter().rev() {
-            if !self.give_idle(c, r.job, r.attempt + 1) {
-                self.queue.push_front(r.job);
-            }
-        }
-    }
-}
-
-impl Policy for Late {
-    fn arrival(&mut self, c: &mut Core, j: u32) -> Result<()> {
-        if !self.give_idle(c, j, 1) {
-            self.queue.push_back(j);
-        }
-        Ok(())
-    }
-
-    fn join(&mut self, c: &mut Core, n: u32) -> Result<()> {
-        self.node_free(c, n);
-        Ok(())
-    }
-
-    fn leave(&mut self, c: &mut Core, n: u32, zombie: bool) -> Result<()> {
-        self.idle.remove(&n);
-        let lost = on_leave(c, n, zombie);
-        self.requeue(c, lost);
-        Ok(())
-    }
-
-    fn finished(&mut self, c: &mut Core, n: u32, run: Run) -> Result<()> {
-        c.record_finish(run.job);
-        c.mark_done(run.job);
-        self.node_free(c, n);
-        Ok(())
-    }
-
-    fn timer(&mut self, c: &mut Core, kind: u8, n: u32) -> Result<()> {
-        if kind == DETECT {
-            let lost = c.take_jobs(n);
-            self.requeue(c, lost);
-        }
-        Ok(())
     }
 }

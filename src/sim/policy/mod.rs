@@ -57,12 +57,13 @@ pub enum PolicyKind {
     /// Locality-greedy: each job to the node with the smallest estimated
     /// queue + fetch + load + generation, at arrival.
     B7,
-    /// B7 with late binding: jobs wait in one queue; a free node takes the
-    /// one it would finish soonest.
+    /// B7 with late binding: placement as B7, and a node that runs out of
+    /// work takes the last job of the longest queue when it would finish
+    /// it sooner.
     #[value(name = "b7-late")]
     B7Late,
-    /// B7 whose nodes download a queued job's files at arrival (not when
-    /// the job reaches the GPU) and steal jobs from long queues when idle.
+    /// B7-late whose nodes also download a queued job's files at arrival
+    /// (not when the job reaches the GPU).
     #[value(name = "b7-prefetch")]
     B7Prefetch,
 }
@@ -154,9 +155,18 @@ pub(super) fn make(kind: PolicyKind, p: &SimParams, w: &World) -> Box<dyn Policy
         PolicyKind::B4 => Box::new(push::Push::new(ray::Ray)),
         PolicyKind::B6 => Box::new(push::Push::new(rendezvous::Rendezvous::fixed(p))),
         PolicyKind::B6Prop => Box::new(push::Push::new(rendezvous::Rendezvous::proportional(p, w))),
-        PolicyKind::B7 => Box::new(push::Push::new(greedy::Greedy { prefetch: false })),
-        PolicyKind::B7Prefetch => Box::new(push::Push::new(greedy::Greedy { prefetch: true })),
-        PolicyKind::B7Late => Box::new(greedy::Late::new(p)),
+        PolicyKind::B7 => Box::new(push::Push::new(greedy::Greedy {
+            prefetch: false,
+            steal: false,
+        })),
+        PolicyKind::B7Late => Box::new(push::Push::new(greedy::Greedy {
+            prefetch: false,
+            steal: true,
+        })),
+        PolicyKind::B7Prefetch => Box::new(push::Push::new(greedy::Greedy {
+            prefetch: true,
+            steal: true,
+        })),
     }
 }
 
