@@ -383,7 +383,10 @@ impl SimParams {
         if self.rate <= 0.0 || self.arrival_cv <= 0.0 {
             return bad("rate", "rate and arrival_cv must be > 0");
         }
-        if self.length_h <= 0.0 || self.warmup_min / 60.0 >= self.length_h {
+        // A warm-up given in jobs sets the length (`at_rate`).
+        if self.warmup_jobs == 0.0
+            && (self.length_h <= 0.0 || self.warmup_min / 60.0 >= self.length_h)
+        {
             return bad("length_h", "must be longer than warmup_min");
         }
         if self.warmup_jobs < 0.0 || (self.warmup_jobs > 0.0 && self.measure_min <= 0.0) {
