@@ -19,6 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // clash with the `Workers.Connect` rpc; clients use `new(channel)`.
     tonic_prost_build::configure()
         .build_transport(false)
+        // Images are shared, not copied, between the wire and the store.
+        .bytes(".corral.v1.JobResult.images")
+        .bytes(".corral.v1.JobOutput.images")
         .file_descriptor_set_path(out.join("corral_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;
     for p in protos {

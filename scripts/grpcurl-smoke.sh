@@ -16,6 +16,8 @@ trap cleanup EXIT
 for _ in $(seq 100); do grpcurl -plaintext "$ADDR" list >/dev/null 2>&1 && break; sleep 0.1; done
 "$CORRAL" worker --worker-id w1 --cache-dir "$WORK/cache" --engine synthetic 2>"$WORK/worker.log" &
 "$CORRAL" models add tiny-sd --source "file://$PWD/fixtures/tiny-sd"
+mkdir -p "$WORK/lora" && cp fixtures/loras/tiny-a.kohya.safetensors "$WORK/lora/"
+"$CORRAL" models add tiny-lora --source "file://$WORK/lora"
 
 echo "== grpcurl -plaintext $ADDR list"
 grpcurl -plaintext "$ADDR" list | tee "$WORK/services"
@@ -38,6 +40,13 @@ echo "== GetJob $JOB"
 grpcurl -plaintext -d "{\"job_id\": \"$JOB\"}" "$ADDR" corral.v1.Jobs/GetJob | tee "$WORK/get.json" | grep '"state"'
 grep -q 'JOB_STATE_COMPLETED' "$WORK/get.json"
 
+echo "== SubmitJob with a LoRA"
+grpcurl -plaintext -d '{"spec": {"model_id": "tiny-sd", "prompt": "a red fox in snow",
+  "width": 256, "height": 256, "steps": 8, "seed": 42, "num_images": 1,
+  "loras": [{"model_id": "tiny-lora", "weight": 0.8}]}}' \
+  "$ADDR" corral.v1.Jobs/SubmitJob | tee "$WORK/submit-lora.json"
+grep -q '"tiny-lora"' "$WORK/submit-lora.json"
+
 echo "== invalid request"
 if grpcurl -plaintext -d '{"spec": {"model_id": "tiny-sd", "prompt": "x", "width": 100, "height": 256, "steps": 8, "num_images": 1}}' \
   "$ADDR" corral.v1.Jobs/SubmitJob 2>"$WORK/err"; then
@@ -48,4 +57,4 @@ grep -q "InvalidArgument" "$WORK/err" && grep -q "width" "$WORK/err"
 
 echo "== health"
 grpcurl -plaintext "$ADDR" grpc.health.v1.Health/Check | grep -q SERVING
-echo "grpcurl smoke: 5 passed, 0 failed"
+echo "grpcurl smoke: 6 passed, 0 failed"

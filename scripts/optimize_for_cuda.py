@@ -9,7 +9,18 @@ The fused graphs use com.microsoft operators that only the CUDA provider impleme
 unfused export for CPU. Start from an fp32 export (optimizing an fp16 export trips two bugs in
 onnxruntime's Python fusions, both worked around below anyway).
 
-usage: python3 scripts/optimize_for_cuda.py IN_DIR OUT_DIR [--keep-fp32] [--components unet,text_encoder,vae_decoder]
+SDXL: text_encoder_2 is optimized like text_encoder; a VAE whose config.json says force_upcast
+(SDXL's, which overflows in float16) is fused but kept float32.
+
+LoRAs: a component with a name_map.json (scripts/name_map.py) keeps one. The packed QKV/KV
+attention fusions, which concatenate the q/k/v weights into one interleaved initializer, are then
+turned off so that each projection stays a weight a LoRA can patch (--no-lora keeps them and drops
+the maps); after fusion and fp16 conversion every mapped weight is looked up again (by name, else
+by value, e.g. an NHWC convolution weight) and the map rewritten; weights no longer found are left
+out and counted (a LoRA targeting them is then refused by name, never silently ignored).
+
+usage: python3 scripts/optimize_for_cuda.py IN_DIR OUT_DIR [--keep-fp32] [--no-lora]
+           [--components unet,text_encoder,text_encoder_2,vae_decoder]
 Needs: pip install onnxruntime (or onnxruntime-gpu) onnx numpy
 """
 import argparse
@@ -22,7 +33,10 @@ import time
 import numpy as np
 import onnx
 
-MODEL_TYPES = {"unet": "unet", "text_encoder": "clip", "vae_decoder": "vae"}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import name_map  # noqa: E402
+
+MODEL_TYPES = {"unet": "unet", "text_encoder": "clip", "text_encoder_2": "clip", "vae_decoder": "vae", "vae_encoder": "vae"}
 TWO_GB = 2 * 1024**3
 
 
@@ -71,13 +85,18 @@ def patch_fusions():
             cls._corral_patched = True
 
 
-def optimize(component, src, dst, keep_fp32):
+def optimize(component, src, dst, keep_fp32, lora):
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     model_type = MODEL_TYPES[component]
     t0 = time.time()
     opts = FusionOptions(model_type)
+    map_src = os.path.join(os.path.dirname(src), name_map.NAME_MAP)
+    keep_map = lora and os.path.exists(map_src)
+    if keep_map and hasattr(opts, "enable_packed_qkv"):
+        opts.enable_packed_qkv = False
+        opts.enable_packed_kv = False
     m = optimize_model(src, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0, optimization_options=opts, use_gpu=True)
     t1 = time.time()
     if not keep_fp32:
@@ -88,6 +107,10 @@ def optimize(component, src, dst, keep_fp32):
             m.convert_float_to_float16(keep_io_types=False)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     big = m.model.ByteSize() > TWO_GB - 64 * 1024**2
+    if keep_map:
+        refreshed, dropped = name_map.refresh(name_map.load(map_src), onnx.load(src), m.model)
+        name_map.save(refreshed, os.path.join(os.path.dirname(dst), name_map.NAME_MAP))
+        print(f"{component}: name map kept {len(refreshed['weights'])} weights, dropped {len(dropped)} {dropped[:5]}", flush=True)
     m.save_model_to_file(dst, use_external_data_format=big)
     print(f"{component}: fused {m.get_fused_operator_statistics()} in {t1 - t0:.1f}s, wrote {dst} ({time.time() - t0:.1f}s total)", flush=True)
 
@@ -97,12 +120,14 @@ def main():
     ap.add_argument("input")
     ap.add_argument("output")
     ap.add_argument("--keep-fp32", action="store_true", help="fuse only, keep float32")
-    ap.add_argument("--components", default="unet,text_encoder,vae_decoder")
+    ap.add_argument("--no-lora", action="store_true", help="pack q/k/v weights (faster) and drop the LoRA name maps")
+    ap.add_argument("--components", default=None, help="default: those of the export among " + ",".join(MODEL_TYPES))
     a = ap.parse_args()
-    if os.path.exists(os.path.join(a.input, "text_encoder_2")):
-        sys.exit("SDXL exports (text_encoder_2) are not supported by Corral's pipeline yet")
     patch_fusions()
-    wanted = [c for c in a.components.split(",") if c]
+    if a.components is None:
+        wanted = [c for c in MODEL_TYPES if os.path.exists(os.path.join(a.input, c, "model.onnx"))]
+    else:
+        wanted = [c for c in a.components.split(",") if c]
     for c in wanted:
         if c not in MODEL_TYPES:
             sys.exit(f"unknown component {c}; expected some of {', '.join(MODEL_TYPES)}")
@@ -110,7 +135,7 @@ def main():
     for root, _, files in os.walk(a.input):
         rel = os.path.relpath(root, a.input)
         for f in files:
-            if rel in wanted and (f.endswith(".onnx") or f.endswith(".onnx_data")):
+            if rel in wanted and (f.endswith(".onnx") or f.endswith(".onnx_data") or f == name_map.NAME_MAP):
                 continue
             os.makedirs(os.path.join(a.output, rel), exist_ok=True)
             shutil.copy2(os.path.join(root, f), os.path.join(a.output, rel, f))
@@ -118,7 +143,14 @@ def main():
         src = os.path.join(a.input, c, "model.onnx")
         if not os.path.exists(src):
             sys.exit(f"missing {src}")
-        optimize(c, src, os.path.join(a.output, c, "model.onnx"), a.keep_fp32)
+        keep_fp32 = a.keep_fp32
+        cfg_path = os.path.join(a.input, c, "config.json")
+        if c.startswith("vae") and os.path.exists(cfg_path):
+            import json
+
+            # SDXL's VAE overflows in float16 (its config says force_upcast): keep it float32.
+            keep_fp32 = keep_fp32 or bool(json.load(open(cfg_path)).get("force_upcast"))
+        optimize(c, src, os.path.join(a.output, c, "model.onnx"), keep_fp32, not a.no_lora)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,15 @@ generator, and writes golden vectors that tests/pipeline.rs compares the Rust pi
   fixtures/golden/<fixture>/noise.f32            initial standard-normal noise [n,4,h/8,w/8]
   fixtures/golden/<fixture>/<sched>.latents.f32  final latents (before 1/scaling_factor)
   fixtures/golden/<fixture>/euler.image.f32      decoded image [n,3,h,w] in [-1, 1]
+  fixtures/golden/<fixture>/<set>.<sched>.latents.f32  final latents with a LoRA set (meta.json
+                                                 "lora_sets") merged into the weights
+
+LoRAs are merged the plain way: read the safetensors file, W += weight * alpha/rank * up @ down
+on the initializer that <component>/name_map.json names (in its layout), then build the sessions
+from the modified models. Those models also list the linear and conv weights of the name map as
+graph inputs (their merged values stay the defaults): Corral patches weights through such inputs,
+and ONNX Runtime picks other convolution kernels for a weight that is an input (no pre-packed
+NCHWc layout), whose rounding differs. Mirroring that keeps the comparison about the merge.
 
 All .f32 files are raw little-endian float32. Run once: python3 scripts/reference_sd.py
 With --print-schedules it prints the timesteps/sigmas used as constants in the Rust unit tests.
@@ -20,11 +29,14 @@ import os
 import sys
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import regex
+from onnx import numpy_helper
 
 MASK64 = (1 << 64) - 1
 ANCESTRAL_STREAM_KEY = 0xA5A5A5A5A5A5A5A5
+VAE_ENCODE_STREAM_KEY = 0x3C3C3C3C3C3C3C3C
 
 
 # ---------------------------------------------------------------- noise (src/pipeline/noise.rs)
@@ -211,6 +223,18 @@ class Sampler:
         self.rngs = [NoiseRng((s ^ ANCESTRAL_STREAM_KEY) & MASK64) for s in seeds]
         self.latent_shape = latent_shape
 
+    def add_noise(self, x0, noise, i):
+        """diffusers' add_noise at step i (the first step img2img runs)."""
+        f = np.float32
+        if self.name in ("euler", "euler_a"):
+            return x0 + noise * self.sigmas[i]
+        if self.name == "ddim":
+            a = self.ac[int(self.ts[i])]
+            return np.sqrt(a) * x0 + np.sqrt(f(1) - a) * noise
+        sig = self.sigmas[i]
+        alpha = f(1) / np.sqrt(sig * sig + f(1))
+        return alpha * x0 + (sig * alpha) * noise
+
     def scale_input(self, x, i):
         if self.name not in ("euler", "euler_a"):
             return x  # DDIM and DPM-Solver++ take the sample unscaled
@@ -263,7 +287,7 @@ class Sampler:
         lam = lambda a, sg: (math.log(a) - math.log(sg)) if sg > 0 else math.inf
         lam_t, lam_s0 = lam(a_t, s_t), lam(a_s, s_s)
         h = lam_t - lam_s0
-        first = i == 0 or i == len(self.ts) - 1
+        first = len(self.outputs) < 2 or i == len(self.ts) - 1
         if first:
             return f(s_t / s_s) * x - f(a_t * (math.exp(-h) - 1.0)) * x0
         s1 = float(self.sigmas[i - 1])
@@ -281,37 +305,168 @@ def np_type(ort_type):
     return {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}[ort_type]
 
 
+# ---------------------------------------------------------------- LoRA merge
+def load_safetensors(path):
+    data = open(path, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        dt = {"F32": "<f4", "F16": "<f2"}[info["dtype"]]
+        out[name] = np.frombuffer(data[8 + n + a : 8 + n + b], dtype=dt).reshape(info["shape"]).astype(np.float32)
+    return out
+
+
+def lora_modules(path):
+    """{(component, module with '_' for '.'): {"up", "down", "alpha"}} of a kohya or PEFT file."""
+    mods = {}
+    for name, arr in load_safetensors(path).items():
+        if name.startswith("lora_unet_") or name.startswith("lora_te_"):
+            comp = "unet" if name.startswith("lora_unet_") else "text_encoder"
+            module, part = name[len("lora_unet_" if comp == "unet" else "lora_te_") :].split(".", 1)
+            part = {"lora_up.weight": "up", "lora_down.weight": "down", "alpha": "alpha"}[part]
+        else:
+            comp, rest = name.split(".", 1)
+            for suffix, part in ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".alpha", "alpha")):
+                if rest.endswith(suffix):
+                    module = rest[: -len(suffix)].replace(".", "_")
+                    break
+            else:
+                raise ValueError(f"{path}: unknown key {name}")
+        mods.setdefault((comp, module), {})[part] = arr
+    return mods
+
+
+def merged_model(d, component, loras):
+    """The component's ONNX model with the LoRAs merged into its initializers."""
+    model = onnx.load(os.path.join(d, component, "model.onnx"))
+    nm = json.load(open(os.path.join(d, component, "name_map.json")))["weights"]
+    by_key = {p[: -len(".weight")].replace(".", "_"): e for p, e in nm.items() if p.endswith(".weight")}
+    inits = {t.name: t for t in model.graph.initializer}
+    deltas = {}
+    for path, weight in loras:
+        for (comp, key), m in lora_modules(path).items():
+            if comp != component:
+                continue
+            e = by_key[key]
+            w = numpy_helper.to_array(inits[e["onnx"]])
+            perm = e.get("perm", list(range(w.ndim)))
+            torch_shape = [0] * w.ndim
+            for i, p in enumerate(perm):
+                torch_shape[p] = w.shape[i]
+            rank = m["down"].shape[0]
+            scale = float(m["alpha"]) / rank if "alpha" in m else 1.0
+            up = m["up"].reshape(m["up"].shape[0], rank).astype(np.float64)
+            down = m["down"].reshape(rank, -1).astype(np.float64)
+            # float64, rounded once: the same merged weights whatever the summation order.
+            delta = (float(np.float32(weight)) * scale * (up @ down)).reshape(torch_shape).transpose(perm)
+            deltas[e["onnx"]] = deltas.get(e["onnx"], 0) + delta
+    for name, delta in deltas.items():
+        w = numpy_helper.to_array(inits[name])
+        merged = (w.astype(np.float64) + delta).astype(np.float32).astype(w.dtype)
+        inits[name].CopyFrom(numpy_helper.from_array(merged, name))
+    declared = {i.name for i in model.graph.input}
+    for e in by_key.values():
+        t = inits[e["onnx"]]
+        if len(t.dims) in (2, 4) and t.name not in declared:
+            declared.add(t.name)
+            model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return model.SerializeToString()
+
+
 class Reference:
-    def __init__(self, d):
+    """SD 1.x/2.x, or SDXL when the export has text_encoder_2 (diffusers' StableDiffusionXLPipeline:
+    penultimate hidden states of both encoders concatenated, the second one's text_embeds pooled,
+    time_ids = (h, w, 0, 0, h, w), zeros for an empty negative prompt)."""
+
+    def __init__(self, d, loras=()):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
-        mk = lambda p: ort.InferenceSession(os.path.join(d, p, "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        opts.log_severity_level = 3
+        self.xl = os.path.isdir(os.path.join(d, "text_encoder_2"))
+
+        def mk(p):
+            src = merged_model(d, p, loras) if loras and p not in ("vae_decoder", "vae_encoder") else os.path.join(d, p, "model.onnx")
+            return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         self.te, self.unet, self.vae = mk("text_encoder"), mk("unet"), mk("vae_decoder")
+        self.enc = mk("vae_encoder") if os.path.exists(os.path.join(d, "vae_encoder", "model.onnx")) else None
         self.tok = ClipTokenizer(os.path.join(d, "tokenizer"))
+        if self.xl:
+            self.te2 = mk("text_encoder_2")
+            self.tok2 = ClipTokenizer(os.path.join(d, "tokenizer_2"))
         self.cfg = json.load(open(os.path.join(d, "scheduler", "scheduler_config.json")))
         self.scaling = json.load(open(os.path.join(d, "vae_decoder", "config.json"))).get("scaling_factor", 0.18215)
 
-    def encode(self, prompt, negative):
-        ids = np.array([self.tok.encode(negative), self.tok.encode(prompt)], dtype=np.int64)
-        inp = self.te.get_inputs()[0]
-        out = self.te.run(["last_hidden_state"], {inp.name: ids.astype(np_type(inp.type))})[0]
-        return ids, out.astype(np.float32)
+    @staticmethod
+    def _run_te(te, ids, xl):
+        inp = te.get_inputs()[0]
+        names = [o.name for o in te.get_outputs()]
+        outs = dict(zip(names, te.run(None, {inp.name: ids.astype(np_type(inp.type))})))
+        if not xl:
+            return outs["last_hidden_state"].astype(np.float32), None
+        top = max(int(n.split(".")[1]) for n in names if n.startswith("hidden_states."))
+        return outs[f"hidden_states.{top - 1}"].astype(np.float32), outs.get("text_embeds")
 
-    def denoise(self, emb, noise, name, steps, guidance, seeds):
+    def encode(self, prompt, negative):
+        """(ids, hidden states [negative, prompt], pooled [negative, prompt] or None)."""
+        ids = np.array([self.tok.encode(negative), self.tok.encode(prompt)], dtype=np.int64)
+        h1, _ = self._run_te(self.te, ids, self.xl)
+        if not self.xl:
+            return ids, h1, None
+        ids2 = np.array([self.tok2.encode(negative), self.tok2.encode(prompt)], dtype=np.int64)
+        h2, pooled = self._run_te(self.te2, ids2, True)
+        emb = np.concatenate([h1, h2], axis=-1)
+        pooled = pooled.astype(np.float32)
+        if negative == "":
+            emb[0] = 0
+            pooled[0] = 0
+        return ids, emb, pooled
+
+    def encode_image(self, rgb, seeds):
+        """img2img: the image's latents, sampled from the encoder's distribution."""
+        x = (rgb.astype(np.float32) / np.float32(255)) * np.float32(2) - np.float32(1)
+        x = x.transpose(2, 0, 1)[None]
+        inp = self.enc.get_inputs()[0]
+        params = self.enc.run(None, {inp.name: x.astype(np_type(inp.type))})[0].astype(np.float32)
+        c = params.shape[1] // 2
+        mean, logvar = params[0, :c], np.clip(params[0, c:], -30.0, 20.0)
+        std = np.exp(0.5 * logvar.astype(np.float64)).astype(np.float32)
+        out = []
+        for s in seeds:
+            z = NoiseRng((s ^ VAE_ENCODE_STREAM_KEY) & MASK64).normals(mean.size).reshape(mean.shape)
+            out.append((mean + std * z) * np.float32(self.scaling))
+        return np.stack(out).astype(np.float32)
+
+    def denoise(self, emb, noise, name, steps, guidance, seeds, pooled=None, size=None, init=None, strength=1.0):
         n = noise.shape[0]
         s = Sampler(self.cfg, name, steps, seeds, noise.shape[1:])
-        x = (noise * np.float32(s.init_sigma)).astype(np.float32)
+        start = 0
+        if init is None:
+            x = (noise * np.float32(s.init_sigma)).astype(np.float32)
+        else:
+            # diffusers' img2img: init_timestep = min(int(steps * strength), steps)
+            start = steps - min(int(steps * strength), steps)
+            x = s.add_noise(init, noise, start).astype(np.float32)
         ins = {i.name: i for i in self.unet.get_inputs()}
         sample_t = np_type(ins["sample"].type)
         ts_in = ins["timestep"]
         ehs = np.concatenate([np.repeat(emb[:1], n, 0), np.repeat(emb[1:], n, 0)]).astype(np_type(ins["encoder_hidden_states"].type))
-        for i, t in enumerate(s.ts):
+        extra = {}
+        if pooled is not None:
+            extra["text_embeds"] = np.concatenate([np.repeat(pooled[:1], n, 0), np.repeat(pooled[1:], n, 0)]).astype(np_type(ins["text_embeds"].type))
+            h, w = size
+            extra["time_ids"] = np.tile(np.array([[h, w, 0, 0, h, w]], np.float32), (2 * n, 1)).astype(np_type(ins["time_ids"].type))
+        for i in range(start, len(s.ts)):
+            t = s.ts[i]
             xin = s.scale_input(x, i)
             xin = np.concatenate([xin, xin]).astype(sample_t)
             tt = np_type(ts_in.type)
             tval = np.array(t).astype(tt)
             tarr = np.full([2 * n], tval, dtype=tt) if len(ts_in.shape) == 1 else tval
-            out = self.unet.run(["out_sample"], {"sample": xin, "timestep": tarr, "encoder_hidden_states": ehs})[0].astype(np.float32)
+            out = self.unet.run(["out_sample"], {"sample": xin, "timestep": tarr, "encoder_hidden_states": ehs, **extra})[0].astype(np.float32)
             unc, cond = out[:n], out[n:]
             eps = unc + np.float32(guidance) * (cond - unc)
             x = s.step(eps, i, x).astype(np.float32)
@@ -324,6 +479,10 @@ class Reference:
 
 
 SCHEDULERS = ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras"]
+LORA_SETS = {
+    "lora_a": [["tiny-a.kohya.safetensors", 0.8]],
+    "lora_ab": [["tiny-a.kohya.safetensors", 0.8], ["tiny-b.kohya.safetensors", -0.7]],
+}
 REQUEST = dict(prompt="a photo of an astronaut riding a horse on mars", negative_prompt="ugly, blurry", width=48, height=64, steps=8, guidance_scale=7.5, seed=42, num_images=2)
 
 
@@ -332,7 +491,7 @@ def write_golden(root, fixture):
     out = os.path.join(root, "golden", fixture)
     os.makedirs(out, exist_ok=True)
     r = REQUEST
-    ids, emb = ref.encode(r["prompt"], r["negative_prompt"])
+    ids, emb, _ = ref.encode(r["prompt"], r["negative_prompt"])
     shape = (4, r["height"] // 8, r["width"] // 8)
     noise = initial_noise(r["seed"], r["num_images"], shape)
     noise.astype("<f4").tofile(os.path.join(out, "noise.f32"))
@@ -343,10 +502,98 @@ def write_golden(root, fixture):
         print(fixture, name, "latents mean abs", float(np.abs(x).mean()))
         if name == "euler":
             ref.decode(x).astype("<f4").tofile(os.path.join(out, "euler.image.f32"))
+    for set_name, loras in LORA_SETS.items():
+        lref = Reference(os.path.join(root, fixture), [(os.path.join(root, "loras", f), w) for f, w in loras])
+        _, lemb, _ = lref.encode(r["prompt"], r["negative_prompt"])
+        for name in SCHEDULERS:
+            x = lref.denoise(lemb, noise, name, r["steps"], r["guidance_scale"], seeds)
+            x.astype("<f4").tofile(os.path.join(out, f"{set_name}.{name}.latents.f32"))
+        print(fixture, set_name, "done")
     meta = dict(REQUEST)
-    meta.update({"uncond_ids": ids[0].tolist(), "cond_ids": ids[1].tolist(), "schedulers": SCHEDULERS})
+    if fixture == "tiny-sd":
+        write_img2img(ref, out, REQUEST, emb, None, meta)
+    meta.update({"uncond_ids": ids[0].tolist(), "cond_ids": ids[1].tolist(), "schedulers": SCHEDULERS, "lora_sets": LORA_SETS})
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f)
+
+
+IMG2IMG = dict(init_image="images/init-48x64.png", strength=0.6)
+
+
+def read_png_rgb(path):
+    """8-bit RGB PNG without filters other than those zlib+PNG allow (fixtures/images)."""
+    import struct
+    import zlib
+
+    data = open(path, "rb").read()
+    pos, idat, w, h = 8, b"", 0, 0
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + n]
+        if kind == b"IHDR":
+            w, h = struct.unpack(">II", body[:8])
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    raw = zlib.decompress(idat)
+    rows = [raw[y * (3 * w + 1) : (y + 1) * (3 * w + 1)] for y in range(h)]
+    assert all(r[0] == 0 for r in rows), "only filter type 0 is read here"
+    return np.frombuffer(b"".join(r[1:] for r in rows), np.uint8).reshape(h, w, 3)
+
+
+def write_img2img(ref, out, r, emb, pooled, meta):
+    rgb = read_png_rgb(os.path.join("fixtures", IMG2IMG["init_image"]))
+    seeds = [r["seed"] + i for i in range(r["num_images"])]
+    init = ref.encode_image(rgb, seeds)
+    noise = initial_noise(r["seed"], r["num_images"], init.shape[1:])
+    for name in SCHEDULERS:
+        x = ref.denoise(emb, noise, name, r["steps"], r["guidance_scale"], seeds, pooled=pooled, size=(r["height"], r["width"]), init=init, strength=IMG2IMG["strength"])
+        x.astype("<f4").tofile(os.path.join(out, f"img2img.{name}.latents.f32"))
+    meta["img2img"] = IMG2IMG
+
+
+XL_REQUEST = dict(prompt="a photo of an astronaut riding a horse on mars", negative_prompt="ugly, blurry", width=48, height=64, steps=8, guidance_scale=7.5, seed=7, num_images=2)
+
+
+def write_golden_xl(root, fixture):
+    ref = Reference(os.path.join(root, fixture))
+    out = os.path.join(root, "golden", fixture)
+    os.makedirs(out, exist_ok=True)
+    r = XL_REQUEST
+    size = (r["height"], r["width"])
+    ids, emb, pooled = ref.encode(r["prompt"], r["negative_prompt"])
+    shape = (4, r["height"] // 8, r["width"] // 8)
+    noise = initial_noise(r["seed"], r["num_images"], shape)
+    noise.astype("<f4").tofile(os.path.join(out, "noise.f32"))
+    seeds = [r["seed"] + i for i in range(r["num_images"])]
+    for name in SCHEDULERS:
+        x = ref.denoise(emb, noise, name, r["steps"], r["guidance_scale"], seeds, pooled=pooled, size=size)
+        x.astype("<f4").tofile(os.path.join(out, f"{name}.latents.f32"))
+        print(fixture, name, "latents mean abs", float(np.abs(x).mean()))
+        if name == "euler":
+            ref.decode(x).astype("<f4").tofile(os.path.join(out, "euler.image.f32"))
+    _, emb0, pooled0 = ref.encode(r["prompt"], "")
+    x = ref.denoise(emb0, noise, "euler", r["steps"], r["guidance_scale"], seeds, pooled=pooled0, size=size)
+    x.astype("<f4").tofile(os.path.join(out, "no-negative.euler.latents.f32"))
+    meta = dict(r)
+    write_img2img(ref, out, r, emb, pooled, meta)
+    meta.update({"schedulers": SCHEDULERS})
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def write_golden_upscaler(root):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    s = ort.InferenceSession(os.path.join(root, "upscaler-x2", "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    # The top-left 24x32 of the test picture (a smaller golden file).
+    rgb = read_png_rgb(os.path.join(root, "images", "init-48x64.png"))[:32, :24]
+    x = (rgb.astype(np.float32) / np.float32(255)).transpose(2, 0, 1)[None]
+    y = s.run(None, {"input": x})[0]
+    out = os.path.join(root, "golden", "upscaler-x2")
+    os.makedirs(out, exist_ok=True)
+    y.astype("<f4").tofile(os.path.join(out, "crop-24x32.x2.f32"))
+    print("upscaler", y.shape)
 
 
 def print_schedules():
@@ -370,3 +617,5 @@ if __name__ == "__main__":
     root = "fixtures"
     for fx in ("tiny-sd", "tiny-sd-fp16"):
         write_golden(root, fx)
+    write_golden_xl(root, "tiny-sdxl")
+    write_golden_upscaler(root)

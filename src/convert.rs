@@ -82,7 +82,21 @@ impl TryFrom<pb::Model> for ModelManifest {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        for (field, v) in [("model.family", &m.family), ("model.format", &m.format)] {
+            if v.len() > 64
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b":._-".contains(&b))
+            {
+                return Err(Error::invalid(
+                    field,
+                    format!("{v:?} is not a family or format name"),
+                ));
+            }
+        }
         Ok(ModelManifest {
+            family: m.family,
+            format: m.format,
             id: model_id(m.id, "model.id")?,
             kind,
             source: m.source,
@@ -112,6 +126,8 @@ impl From<ModelManifest> for pb::Model {
                     sha256: f.sha256,
                 })
                 .collect(),
+            family: m.family,
+            format: m.format,
         }
     }
 }
@@ -125,7 +141,26 @@ impl TryFrom<pb::JobSpec> for JobSpec {
         if !s.guidance_scale.is_finite() {
             return Err(Error::invalid("guidance_scale", "must be a finite number"));
         }
+        let mut loras = Vec::with_capacity(s.loras.len());
+        for l in s.loras {
+            if !l.weight.is_finite() {
+                return Err(Error::invalid("loras.weight", "must be a finite number"));
+            }
+            loras.push(LoraRef {
+                model_id: model_id(l.model_id, "loras.model_id")?,
+                weight: l.weight,
+            });
+        }
+        if !s.strength.is_finite() {
+            return Err(Error::invalid("strength", "must be a finite number"));
+        }
+        let optional = |v: String, field| (!v.is_empty()).then(|| model_id(v, field)).transpose();
         Ok(JobSpec {
+            loras,
+            vae_id: optional(s.vae_id, "vae_id")?,
+            init_image: (!s.init_image.is_empty()).then(|| bytes::Bytes::from(s.init_image)),
+            strength: s.strength,
+            upscaler_id: optional(s.upscaler_id, "upscaler_id")?,
             model_id: model_id(s.model_id, "model_id")?,
             prompt: s.prompt,
             negative_prompt: s.negative_prompt,
@@ -157,6 +192,26 @@ impl From<&JobSpec> for pb::JobSpec {
             scheduler: s.scheduler.clone(),
             priority: s.priority,
             idempotency_key: s.idempotency_key.clone(),
+            loras: s
+                .loras
+                .iter()
+                .map(|l| pb::LoraRef {
+                    model_id: l.model_id.0.clone(),
+                    weight: l.weight,
+                })
+                .collect(),
+            vae_id: s.vae_id.as_ref().map(|m| m.0.clone()).unwrap_or_default(),
+            init_image: s
+                .init_image
+                .as_ref()
+                .map(|b| b.to_vec())
+                .unwrap_or_default(),
+            strength: s.strength,
+            upscaler_id: s
+                .upscaler_id
+                .as_ref()
+                .map(|m| m.0.clone())
+                .unwrap_or_default(),
         }
     }
 }
@@ -184,6 +239,30 @@ pub fn job_state_filter(v: i32) -> Result<Option<JobState>> {
         Ok(pb::JobState::Cancelled) => Some(JobState::Cancelled),
         Err(_) => return Err(Error::invalid("state", format!("unknown job state {v}"))),
     })
+}
+
+pub fn failure_kind_from_pb(v: i32) -> FailureKind {
+    match pb::FailureKind::try_from(v) {
+        Ok(pb::FailureKind::Download) => FailureKind::Download,
+        Ok(pb::FailureKind::Load) => FailureKind::Load,
+        Ok(pb::FailureKind::Inference) => FailureKind::Inference,
+        Ok(pb::FailureKind::Cancelled) => FailureKind::Cancelled,
+        Ok(pb::FailureKind::Invalid) => FailureKind::Invalid,
+        Ok(pb::FailureKind::Result) => FailureKind::Result,
+        _ => FailureKind::Other,
+    }
+}
+
+pub fn failure_kind_to_pb(k: FailureKind) -> pb::FailureKind {
+    match k {
+        FailureKind::Download => pb::FailureKind::Download,
+        FailureKind::Load => pb::FailureKind::Load,
+        FailureKind::Inference => pb::FailureKind::Inference,
+        FailureKind::Cancelled => pb::FailureKind::Cancelled,
+        FailureKind::Invalid => pb::FailureKind::Invalid,
+        FailureKind::Result => pb::FailureKind::Result,
+        _ => pb::FailureKind::Unspecified,
+    }
 }
 
 pub fn tier_to_pb(t: Option<CacheTier>) -> pb::CacheTier {
@@ -215,6 +294,8 @@ impl From<pb::Timings> for Timings {
             load_s: clean(t.load_s),
             inference_s: clean(t.inference_s),
             tier: tier_from_pb(t.tier),
+            lora_s: clean(t.lora_s),
+            upscale_s: clean(t.upscale_s),
         }
     }
 }
@@ -227,6 +308,8 @@ impl From<Timings> for pb::Timings {
             load_s: t.load_s,
             inference_s: t.inference_s,
             tier: tier_to_pb(t.tier) as i32,
+            lora_s: t.lora_s,
+            upscale_s: t.upscale_s,
         }
     }
 }
@@ -429,19 +512,17 @@ pub fn required_model(m: Option<pb::Model>) -> Result<ModelManifest> {
 
 // ---- coordinator records and events -------------------------------------------
 
-fn output_to_pb(o: &JobOutput, include_images: bool) -> pb::JobOutput {
+fn output_to_pb(o: &JobOutput, images: Option<&Images>) -> pb::JobOutput {
     pb::JobOutput {
-        images: if include_images {
-            o.images.clone()
-        } else {
-            Vec::new()
-        },
+        images: images.map(|i| i.to_vec()).unwrap_or_default(),
         timings: Some(o.timings.into()),
         worker_id: o.worker_id.0.clone(),
+        image_count: o.image_count,
     }
 }
 
-pub fn job_to_pb(r: &JobRecord, include_images: bool, estimated_start_s: f64) -> pb::Job {
+/// A job for the wire; `images` only when asked for and completed.
+pub fn job_to_pb(r: &JobRecord, images: Option<&Images>, estimated_start_s: f64) -> pb::Job {
     pb::Job {
         id: r.id.0.clone(),
         spec: Some(r.spec.as_ref().into()),
@@ -452,7 +533,7 @@ pub fn job_to_pb(r: &JobRecord, include_images: bool, estimated_start_s: f64) ->
         created_at_ms: r.created_ms,
         updated_at_ms: r.updated_ms,
         error: r.error.clone(),
-        output: r.output.as_ref().map(|o| output_to_pb(o, include_images)),
+        output: r.output.as_ref().map(|o| output_to_pb(o, images)),
         estimated_start_s,
     }
 }
@@ -485,8 +566,8 @@ pub fn event_to_pb(e: &JobEvent) -> pb::JobEvent {
             step: *step,
             total_steps: *total_steps,
         }),
-        JobEventKind::Completed(o) => Event::Completed(pb::Completed {
-            output: Some(output_to_pb(o, true)),
+        JobEventKind::Completed { output, images } => Event::Completed(pb::Completed {
+            output: Some(output_to_pb(output, Some(images))),
         }),
         JobEventKind::Failed { reason } => Event::Failed(pb::Failed {
             reason: reason.clone(),
@@ -507,26 +588,81 @@ pub fn event_to_pb(e: &JobEvent) -> pb::JobEvent {
     }
 }
 
-pub fn worker_to_pb(w: &crate::scheduler::WorkerEntry, now_ms: Millis) -> pb::WorkerInfo {
+pub fn worker_to_pb(w: &crate::coordinator::WorkerSummary, now_ms: Millis) -> pb::WorkerInfo {
     let mut state: pb::Heartbeat = (&w.report).into();
     state.running_jobs = w
         .running
         .iter()
-        .map(|(j, a)| pb::RunningJob {
-            job_id: j.0.clone(),
-            attempt: *a,
+        .map(|r| pb::RunningJob {
+            job_id: r.job_id.0.clone(),
+            attempt: r.attempt,
         })
         .collect();
     pb::WorkerInfo {
-        worker_id: w.hello.worker_id.0.clone(),
-        version: w.hello.version.clone(),
-        gpu_name: w.hello.gpu_name.clone(),
-        vram_bytes: w.hello.vram_bytes,
-        cache_max_bytes: w.hello.cache_max_bytes,
-        max_concurrent_jobs: w.hello.max_concurrent_jobs,
+        worker_id: w.worker_id.0.clone(),
+        version: w.version.clone(),
+        gpu_name: w.gpu_name.clone(),
+        vram_bytes: w.vram_bytes,
+        cache_max_bytes: w.cache_max_bytes,
+        max_concurrent_jobs: w.max_concurrent_jobs,
         state: Some(state),
         last_seen_s_ago: now_ms.saturating_sub(w.last_seen_ms) as f64 / 1000.0,
         draining: w.draining,
+    }
+}
+
+pub fn model_summary_to_pb(m: &crate::coordinator::ModelSummary) -> pb::ModelStatus {
+    pb::ModelStatus {
+        model_id: m.status.model.0.clone(),
+        queued_jobs: m.status.queued,
+        running_jobs: m.status.running,
+        workers_vram: m.status.workers_vram,
+        workers_disk: m.status.workers_disk,
+        workers_downloading: m.status.workers_downloading,
+        demand_per_s: m.demand_per_s,
+        replica_target: m.replica_target,
+        bytes: m.bytes,
+    }
+}
+
+impl From<crate::coordinator::ToWorker> for pb::CoordinatorMessage {
+    fn from(m: crate::coordinator::ToWorker) -> Self {
+        use crate::coordinator::ToWorker;
+        use pb::coordinator_message::Msg;
+        let msg = match m {
+            ToWorker::Welcome {
+                heartbeat_interval_ms,
+                heartbeat_timeout_ms,
+                max_message_bytes,
+            } => Msg::Welcome(pb::Welcome {
+                heartbeat_interval_ms,
+                heartbeat_timeout_ms,
+                max_message_bytes,
+            }),
+            ToWorker::Assign {
+                job,
+                attempt,
+                spec,
+                model,
+                extras,
+                queued_ms,
+            } => Msg::Assign(pb::Assign {
+                job_id: job.0,
+                attempt,
+                spec: Some(spec.as_ref().into()),
+                model: Some(model.as_ref().clone().into()),
+                queued_s: queued_ms as f64 / 1000.0,
+                extra_models: extras.iter().map(|m| m.as_ref().clone().into()).collect(),
+            }),
+            ToWorker::Cancel { job, attempt } => Msg::Cancel(pb::Cancel {
+                job_id: job.0,
+                attempt,
+            }),
+            ToWorker::Prefetch(models) => Msg::Prefetch(pb::Prefetch {
+                models: models.iter().map(|m| m.as_ref().clone().into()).collect(),
+            }),
+        };
+        pb::CoordinatorMessage { msg: Some(msg) }
     }
 }
 
@@ -546,6 +682,7 @@ mod tests {
                     size_bytes: 1,
                     sha256: "0".repeat(64),
                 }],
+                ..Default::default()
             };
             assert!(ModelManifest::try_from(m).is_err(), "{bad:?} accepted");
         }

@@ -15,6 +15,10 @@ pub enum Error {
     UnknownJob(JobId),
     #[error("unknown worker {0}")]
     UnknownWorker(WorkerId),
+    /// Something with this name exists already (a second live stream for
+    /// one worker id).
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The request is well formed but cannot be served in the current state.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -67,6 +71,46 @@ impl Error {
         }
     }
 
+    /// An equal copy, for errors shared between several waiters (`Error`
+    /// holds an `io::Error`, which is not `Clone`).
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::InvalidArgument { field, reason } => Error::InvalidArgument {
+                field,
+                reason: reason.clone(),
+            },
+            Error::UnknownModel(m) => Error::UnknownModel(m.clone()),
+            Error::UnknownJob(j) => Error::UnknownJob(j.clone()),
+            Error::UnknownWorker(w) => Error::UnknownWorker(w.clone()),
+            Error::AlreadyExists(s) => Error::AlreadyExists(s.clone()),
+            Error::FailedPrecondition(s) => Error::FailedPrecondition(s.clone()),
+            Error::ResourceExhausted(s) => Error::ResourceExhausted(s.clone()),
+            Error::Unauthenticated(s) => Error::Unauthenticated(s.clone()),
+            Error::PermissionDenied(s) => Error::PermissionDenied(s.clone()),
+            Error::Unavailable(s) => Error::Unavailable(s.clone()),
+            Error::Remote { code, message } => Error::Remote {
+                code: *code,
+                message: message.clone(),
+            },
+            Error::Checksum {
+                path,
+                expected,
+                actual,
+            } => Error::Checksum {
+                path: path.clone(),
+                expected: expected.clone(),
+                actual: actual.clone(),
+            },
+            Error::Io { path, source } => Error::Io {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Config(s) => Error::Config(s.clone()),
+            Error::Pipeline(s) => Error::Pipeline(s.clone()),
+            Error::Internal(s) => Error::Internal(s.clone()),
+        }
+    }
+
     /// Whether doing the same thing again (maybe elsewhere) may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(
@@ -94,6 +138,7 @@ impl From<Error> for tonic::Status {
                 Code::NotFound
             }
             Error::FailedPrecondition(_) | Error::Checksum { .. } => Code::FailedPrecondition,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,

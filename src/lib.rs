@@ -21,6 +21,7 @@
 pub mod auth;
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod convert;
@@ -32,8 +33,11 @@ pub mod manifest;
 pub mod metrics;
 pub mod pb;
 pub mod pipeline;
+pub mod redact;
 pub mod scheduler;
+pub mod shutdown;
 pub mod sim;
+pub mod source;
 pub mod types;
 pub mod worker;
 

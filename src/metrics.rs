@@ -1,41 +1,35 @@
-//! Prometheus metrics: counters and histograms on atomics, rendered in the
-//! text exposition format by hand (no metrics crate: the hot paths pay one
-//! relaxed atomic add per event, and the benchmark reads the histograms
-//! back in-process).
+//! Prometheus metrics through `prometheus-client`: one [`Registry`] per
+//! coordinator ([`CoordMetrics`]) and per worker ([`WorkerMetrics`]), no
+//! process-wide state, so that tests running several of each in one
+//! process see exact counts.
 //!
-//! Two process-wide sets: [`coord()`] for the coordinator and [`worker()`]
-//! for a worker. A process normally runs one of the two; tests and the
-//! benchmark that run several workers in one process see their sum.
-//! Gauges that describe state (queue depth per model, workers connected)
-//! are not kept here: the HTTP handler reads them from the coordinator when
-//! scraped, so they cannot drift.
+//! Counters and histograms are updated where events happen (one relaxed
+//! atomic add). Gauges that describe state (queue depth per model, workers
+//! connected) are not kept: a [`Collector`] reads them from the owner's
+//! snapshot at scrape time, so they cannot drift. The text is Prometheus'
+//! classic format (`text/plain; version=0.0.4`).
+//!
+//! Histograms are Corral's own ([`Histogram`], fixed buckets) because the
+//! cluster page and the load benchmark read quantiles back in-process.
 //!
 //! This module knows no tonic or protobuf; callers pass domain types.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::LazyLock;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use dashmap::DashMap;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::Counter as PromCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
 
-use crate::types::{CacheTier, JobId, Timings};
+use crate::types::{CacheTier, FailureKind, JobId, Timings};
 
-/// A monotonically increasing count.
-#[derive(Default, Debug)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    pub fn inc(&self) {
-        self.add(1);
-    }
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Relaxed)
-    }
-}
+/// A monotonically increasing count (shared by its clones).
+pub type Counter = PromCounter<u64, AtomicU64>;
 
 /// Upper bounds of the job-phase histograms, in seconds.
 pub const PHASE_BUCKETS_S: &[f64] = &[
@@ -50,42 +44,45 @@ pub const ASSIGN_BUCKETS_S: &[f64] = &[
     0.15, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 7.0, 10.0, 30.0, 60.0,
 ];
 
-/// A histogram of seconds with fixed buckets.
 #[derive(Debug)]
-pub struct Histogram {
+struct HistogramInner {
     bounds: &'static [f64],
     /// One per bound, plus the +Inf bucket; not cumulative.
     counts: Box<[AtomicU64]>,
     sum_ns: AtomicU64,
 }
 
+/// A histogram of seconds with fixed buckets; clones share their counts.
+#[derive(Clone, Debug)]
+pub struct Histogram(Arc<HistogramInner>);
+
 impl Histogram {
     pub fn new(bounds: &'static [f64]) -> Self {
-        Self {
+        Self(Arc::new(HistogramInner {
             bounds,
             counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
             sum_ns: AtomicU64::new(0),
-        }
+        }))
     }
 
     pub fn observe(&self, secs: f64) {
         let secs = if secs.is_finite() { secs.max(0.0) } else { 0.0 };
-        let i = self.bounds.partition_point(|b| *b < secs);
-        self.counts[i].fetch_add(1, Relaxed);
-        self.sum_ns.fetch_add((secs * 1e9) as u64, Relaxed);
+        let i = self.0.bounds.partition_point(|b| *b < secs);
+        self.0.counts[i].fetch_add(1, Relaxed);
+        self.0.sum_ns.fetch_add((secs * 1e9) as u64, Relaxed);
     }
 
     pub fn count(&self) -> u64 {
-        self.counts.iter().map(|c| c.load(Relaxed)).sum()
+        self.0.counts.iter().map(|c| c.load(Relaxed)).sum()
     }
 
     pub fn sum_s(&self) -> f64 {
-        self.sum_ns.load(Relaxed) as f64 / 1e9
+        self.0.sum_ns.load(Relaxed) as f64 / 1e9
     }
 
     /// The bucket counts now (not cumulative), for differences over time.
     pub fn snapshot(&self) -> Vec<u64> {
-        self.counts.iter().map(|c| c.load(Relaxed)).collect()
+        self.0.counts.iter().map(|c| c.load(Relaxed)).collect()
     }
 
     /// The `q` quantile (0..=1) of a snapshot, interpolated linearly within
@@ -115,55 +112,49 @@ impl Histogram {
     }
 
     pub fn quantile(&self, q: f64) -> Option<f64> {
-        Self::quantile_of(self.bounds, &self.snapshot(), q)
+        Self::quantile_of(self.0.bounds, &self.snapshot(), q)
     }
 
     pub fn bounds(&self) -> &'static [f64] {
-        self.bounds
-    }
-
-    /// Appends `name_bucket`, `name_sum` and `name_count` lines.
-    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cum = 0u64;
-        for (i, c) in self.counts.iter().enumerate() {
-            cum += c.load(Relaxed);
-            let le = self
-                .bounds
-                .get(i)
-                .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cum}");
-        }
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum_s());
-        let _ = writeln!(out, "{name}_count{braces} {cum}");
+        self.0.bounds
     }
 }
 
-/// Appends `# HELP` and `# TYPE` lines.
-pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+impl TypedMetric for Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
 }
 
-/// Appends one sample line.
-pub fn sample(out: &mut String, name: &str, labels: &str, v: impl std::fmt::Display) {
-    if labels.is_empty() {
-        let _ = writeln!(out, "{name} {v}");
-    } else {
-        let _ = writeln!(out, "{name}{{{labels}}} {v}");
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = self
+            .0
+            .bounds
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(self.snapshot())
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(self.sum_s(), self.count(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }
 
-/// Escapes a label value (backslash, quote, newline).
-pub fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabel {
+    pub tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
 }
 
 pub const TIERS: [CacheTier; 4] = [
@@ -173,128 +164,16 @@ pub const TIERS: [CacheTier; 4] = [
     CacheTier::Download,
 ];
 
-fn tier_index(t: CacheTier) -> usize {
-    match t {
-        CacheTier::Vram => 0,
-        CacheTier::Preloaded => 1,
-        CacheTier::Disk => 2,
-        CacheTier::Download => 3,
-    }
+fn tier(t: CacheTier) -> TierLabel {
+    TierLabel { tier: t.as_str() }
 }
 
-/// Why an attempt or a job failed, in a few classes with a bounded number
-/// of label values (the reasons themselves are free text).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FailureClass {
-    Cancelled,
-    WorkerLost,
-    HeartbeatMissed,
-    Download,
-    Load,
-    Inference,
-    Other,
-}
-
-impl FailureClass {
-    pub const ALL: [FailureClass; 7] = [
-        Self::Cancelled,
-        Self::WorkerLost,
-        Self::HeartbeatMissed,
-        Self::Download,
-        Self::Load,
-        Self::Inference,
-        Self::Other,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Cancelled => "cancelled",
-            Self::WorkerLost => "worker_lost",
-            Self::HeartbeatMissed => "heartbeat_missed",
-            Self::Download => "download",
-            Self::Load => "load",
-            Self::Inference => "inference",
-            Self::Other => "other",
-        }
-    }
-
-    /// Classifies a free-text reason by the words the coordinator and
-    /// workers use in them.
-    pub fn of(reason: &str) -> Self {
-        let r = reason.to_ascii_lowercase();
-        let has = |w: &[&str]| w.iter().any(|w| r.contains(w));
-        if has(&["missed its heartbeats"]) {
-            Self::HeartbeatMissed
-        } else if has(&["cancelled"]) {
-            Self::Cancelled
-        } else if has(&[
-            "closed its stream",
-            "stream failed",
-            "could not be reached",
-            "replaced by a new connection",
-            "went away",
-        ]) {
-            Self::WorkerLost
-        } else if has(&["download", "checksum", "sha256", "fetch", "http"]) {
-            Self::Download
-        } else if has(&["load", "onnx", "session"]) {
-            Self::Load
-        } else if has(&["generate", "inference", "unet", "vae", "out of memory"]) {
-            Self::Inference
-        } else {
-            Self::Other
-        }
-    }
-
-    fn index(self) -> usize {
-        Self::ALL.iter().position(|c| *c == self).unwrap_or(6)
-    }
-}
-
-/// Counters by failure class.
-#[derive(Debug, Default)]
-pub struct ByClass([Counter; 7]);
-
-impl ByClass {
-    pub fn inc(&self, c: FailureClass) {
-        self.0[c.index()].inc();
-    }
-    pub fn get(&self, c: FailureClass) -> u64 {
-        self.0[c.index()].get()
-    }
-    pub fn total(&self) -> u64 {
-        self.0.iter().map(Counter::get).sum()
-    }
-    fn render(&self, out: &mut String, name: &str) {
-        for c in FailureClass::ALL {
-            sample(out, name, &format!("class=\"{}\"", c.as_str()), self.get(c));
-        }
-    }
-}
-
-/// Counters by cache tier.
-#[derive(Debug, Default)]
-pub struct ByTier([Counter; 4]);
-
-impl ByTier {
-    pub fn inc(&self, t: CacheTier) {
-        self.0[tier_index(t)].inc();
-    }
-    pub fn get(&self, t: CacheTier) -> u64 {
-        self.0[tier_index(t)].get()
-    }
-    pub fn total(&self) -> u64 {
-        self.0.iter().map(Counter::get).sum()
-    }
-    fn render(&self, out: &mut String, name: &str) {
-        for t in TIERS {
-            sample(out, name, &format!("tier=\"{}\"", t.as_str()), self.get(t));
-        }
-    }
+fn kind(k: FailureKind) -> KindLabel {
+    KindLabel { kind: k.as_str() }
 }
 
 /// The four phases of a job's time, as workers measure them.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct PhaseHistograms {
     pub queue: Histogram,
     pub download: Histogram,
@@ -303,13 +182,38 @@ pub struct PhaseHistograms {
 }
 
 impl PhaseHistograms {
-    fn new() -> Self {
-        Self {
+    fn register(reg: &mut Registry, prefix: &str, who: &str) -> Self {
+        let h = Self {
             queue: Histogram::new(PHASE_BUCKETS_S),
             download: Histogram::new(PHASE_BUCKETS_S),
             load: Histogram::new(PHASE_BUCKETS_S),
             inference: Histogram::new(PHASE_BUCKETS_S),
+        };
+        for (phase, m, what) in [
+            (
+                "queue",
+                &h.queue,
+                "Seconds a job waited before a worker took it",
+            ),
+            (
+                "download",
+                &h.download,
+                "Seconds spent downloading the model (jobs that downloaded)",
+            ),
+            (
+                "load",
+                &h.load,
+                "Seconds spent loading the model (jobs that loaded one)",
+            ),
+            ("inference", &h.inference, "Seconds spent generating"),
+        ] {
+            reg.register(
+                format!("{prefix}_job_{phase}_seconds"),
+                format!("{what}, {who}."),
+                m.clone(),
+            );
         }
+        h
     }
 
     /// Download and load are observed only for jobs that did them, so a
@@ -324,50 +228,51 @@ impl PhaseHistograms {
         }
         self.inference.observe(t.inference_s);
     }
+}
 
-    fn render(&self, out: &mut String, prefix: &str, who: &str) {
-        for (phase, h, what) in [
-            (
-                "queue",
-                &self.queue,
-                "Seconds a job waited before a worker took it",
-            ),
-            (
-                "download",
-                &self.download,
-                "Seconds spent downloading the model (jobs that downloaded)",
-            ),
-            (
-                "load",
-                &self.load,
-                "Seconds spent loading the model (jobs that loaded one)",
-            ),
-            ("inference", &self.inference, "Seconds spent generating"),
-        ] {
-            let name = format!("{prefix}_job_{phase}_seconds");
-            header(out, &name, "histogram", &format!("{what}, {who}."));
-            h.render(out, &name, "");
-        }
-    }
+fn counter(reg: &mut Registry, name: &str, help: &str) -> Counter {
+    let c = Counter::default();
+    reg.register(name, help, c.clone());
+    c
+}
+
+fn family<L>(reg: &mut Registry, name: &str, help: &str) -> Family<L, Counter>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let f = Family::<L, Counter>::default();
+    reg.register(name, help, f.clone());
+    f
+}
+
+/// Renders a registry in Prometheus' text format.
+fn render(reg: &Registry) -> String {
+    let mut out = String::with_capacity(16 << 10);
+    prometheus_client::encoding::prometheus_text::encode(&mut out, reg)
+        .expect("writing to a String cannot fail");
+    out
 }
 
 // ---- coordinator -------------------------------------------------------------
 
 /// The coordinator's counters. Calls are one line at the place the event
-/// happens (`Coordinator::apply`, `submit`, `cancel`, `worker_message`).
+/// happens.
 #[derive(Debug)]
 pub struct CoordMetrics {
+    registry: Mutex<Registry>,
     pub jobs_submitted: Counter,
     pub jobs_rejected: Counter,
     pub jobs_completed: Counter,
-    pub jobs_failed: ByClass,
+    pub jobs_failed: Family<KindLabel, Counter>,
     pub jobs_cancelled: Counter,
-    pub assignments: ByTier,
+    pub assignments: Family<TierLabel, Counter>,
     pub requeues: Counter,
-    pub attempt_failures: ByClass,
+    pub attempt_failures: Family<KindLabel, Counter>,
     pub workers_connected: Counter,
     pub workers_disconnected: Counter,
     pub workers_expired: Counter,
+    /// Commits that failed (the store was then reopened).
+    pub store_failures: Counter,
     pub download_bytes: Counter,
     pub messages_received: Counter,
     pub messages_sent: Counter,
@@ -379,48 +284,121 @@ pub struct CoordMetrics {
     accepted_at: DashMap<JobId, Instant>,
 }
 
-static COORD: LazyLock<CoordMetrics> = LazyLock::new(|| CoordMetrics {
-    jobs_submitted: Counter::default(),
-    jobs_rejected: Counter::default(),
-    jobs_completed: Counter::default(),
-    jobs_failed: ByClass::default(),
-    jobs_cancelled: Counter::default(),
-    assignments: ByTier::default(),
-    requeues: Counter::default(),
-    attempt_failures: ByClass::default(),
-    workers_connected: Counter::default(),
-    workers_disconnected: Counter::default(),
-    workers_expired: Counter::default(),
-    download_bytes: Counter::default(),
-    messages_received: Counter::default(),
-    messages_sent: Counter::default(),
-    assign_latency: Histogram::new(ASSIGN_BUCKETS_S),
-    phases: PhaseHistograms::new(),
-    accepted_at: DashMap::new(),
-});
-
-/// The coordinator's metrics in this process.
-pub fn coord() -> &'static CoordMetrics {
-    &COORD
-}
-
 impl CoordMetrics {
-    /// A job entered the scheduler.
+    /// A registry with every coordinator series; `gauges` adds the series
+    /// read at scrape time.
+    pub fn new(gauges: Option<Box<dyn Collector>>) -> Self {
+        let mut reg = Registry::default();
+        let r = &mut reg;
+        let m = Self {
+            jobs_submitted: counter(
+                r,
+                "corral_jobs_submitted",
+                "Jobs accepted (committed to the store).",
+            ),
+            jobs_rejected: counter(
+                r,
+                "corral_jobs_rejected",
+                "Submissions refused after validation: limits, or the store could not commit them.",
+            ),
+            jobs_completed: counter(r, "corral_jobs_completed", "Jobs completed."),
+            jobs_failed: family(r, "corral_jobs_failed", "Jobs that ended failed, by kind."),
+            jobs_cancelled: counter(r, "corral_jobs_cancelled", "Jobs cancelled by clients."),
+            assignments: family(
+                r,
+                "corral_assignments",
+                "Assignments by the cache tier the worker held the model at.",
+            ),
+            requeues: counter(
+                r,
+                "corral_requeues",
+                "Attempts lost or failed retryably whose job was queued again.",
+            ),
+            attempt_failures: family(
+                r,
+                "corral_attempt_failures",
+                "Attempts that failed, by kind (accepted reports only).",
+            ),
+            workers_connected: counter(
+                r,
+                "corral_workers_connected",
+                "Worker streams that said Hello.",
+            ),
+            workers_disconnected: counter(
+                r,
+                "corral_workers_disconnected",
+                "Worker streams that ended (closed, failed or GoingAway).",
+            ),
+            workers_expired: counter(
+                r,
+                "corral_workers_expired",
+                "Workers dropped for missing their heartbeats.",
+            ),
+            store_failures: counter(
+                r,
+                "corral_store_failures",
+                "Store commits that failed; each made the coordinator reopen its store and reload.",
+            ),
+            download_bytes: counter(
+                r,
+                "corral_download_bytes",
+                "Model bytes downloaded by workers for jobs (from results at tier download).",
+            ),
+            messages_received: counter(
+                r,
+                "corral_worker_messages_received",
+                "Messages received on worker streams.",
+            ),
+            messages_sent: counter(
+                r,
+                "corral_worker_messages_sent",
+                "Messages sent on worker streams.",
+            ),
+            assign_latency: Histogram::new(ASSIGN_BUCKETS_S),
+            phases: PhaseHistograms::register(r, "corral", "from results"),
+            accepted_at: DashMap::new(),
+            registry: Mutex::new(Registry::default()),
+        };
+        reg.register(
+            "corral_assign_latency_seconds",
+            "Seconds from accepting a job to its first assignment, on the coordinator.",
+            m.assign_latency.clone(),
+        );
+        if let Some(g) = gauges {
+            reg.register_collector(g);
+        }
+        // Every label value from the start, so that series exist at zero.
+        for t in TIERS {
+            let _ = m.assignments.get_or_create(&tier(t));
+        }
+        for k in FailureKind::ALL {
+            let _ = m.jobs_failed.get_or_create(&kind(k));
+            let _ = m.attempt_failures.get_or_create(&kind(k));
+        }
+        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = reg;
+        m
+    }
+
+    /// The text of `/metrics`.
+    pub fn render(&self) -> String {
+        render(&self.registry.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// A job was accepted.
     pub fn job_accepted(&self, job: &JobId) {
         self.jobs_submitted.inc();
         self.accepted_at.insert(job.clone(), Instant::now());
     }
 
-    /// The scheduler refused a job `job_accepted` counted.
-    pub fn job_rejected(&self, job: &JobId) {
+    /// A submission was refused after validation.
+    pub fn job_rejected(&self) {
         self.jobs_rejected.inc();
-        self.accepted_at.remove(job);
     }
 
     /// An Assign effect was carried out. The first assignment of a job
     /// records its accept-to-assign latency.
-    pub fn job_assigned(&self, job: &JobId, tier: CacheTier) {
-        self.assignments.inc(tier);
+    pub fn job_assigned(&self, job: &JobId, t: CacheTier) {
+        self.assignments.get_or_create(&tier(t)).inc();
         if let Some((_, at)) = self.accepted_at.remove(job) {
             self.assign_latency.observe(at.elapsed().as_secs_f64());
         }
@@ -430,12 +408,12 @@ impl CoordMetrics {
         self.jobs_completed.inc();
         self.phases.observe(t);
         if t.tier == Some(CacheTier::Download) {
-            self.download_bytes.add(model_bytes);
+            self.download_bytes.inc_by(model_bytes);
         }
     }
 
-    pub fn job_failed(&self, job: &JobId, reason: &str) {
-        self.jobs_failed.inc(FailureClass::of(reason));
+    pub fn job_failed(&self, job: &JobId, k: FailureKind) {
+        self.jobs_failed.get_or_create(&kind(k)).inc();
         self.accepted_at.remove(job);
     }
 
@@ -444,227 +422,150 @@ impl CoordMetrics {
         self.accepted_at.remove(job);
     }
 
-    /// A worker reported an attempt failed.
-    pub fn attempt_failed(&self, reason: &str) {
-        self.attempt_failures.inc(FailureClass::of(reason));
+    /// An attempt failed (a worker's accepted report, or a result refused).
+    pub fn attempt_failed(&self, k: FailureKind) {
+        self.attempt_failures.get_or_create(&kind(k)).inc();
     }
 
-    /// Renders the counters; `gauges` (state read from the coordinator) is
-    /// appended by the caller.
-    pub fn render(&self, out: &mut String) {
-        let counters: [(&str, &str, &Counter); 11] = [
-            (
-                "corral_jobs_submitted_total",
-                "Jobs accepted into the queue.",
-                &self.jobs_submitted,
-            ),
-            (
-                "corral_jobs_rejected_total",
-                "Jobs refused by the scheduler (queue full).",
-                &self.jobs_rejected,
-            ),
-            (
-                "corral_jobs_completed_total",
-                "Jobs completed.",
-                &self.jobs_completed,
-            ),
-            (
-                "corral_jobs_cancelled_total",
-                "Jobs cancelled by clients.",
-                &self.jobs_cancelled,
-            ),
-            (
-                "corral_requeues_total",
-                "Attempts lost or failed retryably whose job was queued again.",
-                &self.requeues,
-            ),
-            (
-                "corral_workers_connected_total",
-                "Worker streams that said Hello.",
-                &self.workers_connected,
-            ),
-            (
-                "corral_workers_disconnected_total",
-                "Worker streams that ended (closed, failed or GoingAway).",
-                &self.workers_disconnected,
-            ),
-            (
-                "corral_workers_expired_total",
-                "Workers dropped for missing their heartbeats.",
-                &self.workers_expired,
-            ),
-            (
-                "corral_download_bytes_total",
-                "Model bytes downloaded by workers for jobs (from results at tier download).",
-                &self.download_bytes,
-            ),
-            (
-                "corral_worker_messages_received_total",
-                "Messages received on worker streams.",
-                &self.messages_received,
-            ),
-            (
-                "corral_worker_messages_sent_total",
-                "Messages sent on worker streams.",
-                &self.messages_sent,
-            ),
-        ];
-        for (name, help, c) in counters {
-            header(out, name, "counter", help);
-            sample(out, name, "", c.get());
-        }
-        header(
-            out,
-            "corral_jobs_failed_total",
-            "counter",
-            "Jobs that ended failed, by reason class.",
-        );
-        self.jobs_failed.render(out, "corral_jobs_failed_total");
-        header(
-            out,
-            "corral_attempt_failures_total",
-            "counter",
-            "Attempts workers reported failed, by reason class.",
-        );
-        self.attempt_failures
-            .render(out, "corral_attempt_failures_total");
-        header(
-            out,
-            "corral_assignments_total",
-            "counter",
-            "Assignments by the cache tier the worker held the model at.",
-        );
-        self.assignments.render(out, "corral_assignments_total");
-        header(
-            out,
-            "corral_assign_latency_seconds",
-            "histogram",
-            "Seconds from accepting a job to its first assignment, on the coordinator.",
-        );
-        self.assign_latency
-            .render(out, "corral_assign_latency_seconds", "");
-        self.phases.render(out, "corral", "from results");
+    pub fn jobs_failed_total(&self) -> u64 {
+        FailureKind::ALL
+            .iter()
+            .map(|k| self.jobs_failed.get_or_create(&kind(*k)).get())
+            .sum()
     }
 }
 
 // ---- worker ------------------------------------------------------------------
 
-/// What a worker's disk cache counts, for `/metrics`. The cache's own
-/// `stats()` fills it (see `worker::http::worker_cache_stats`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CacheStatsView {
-    pub bytes_downloaded: u64,
-    /// Hits by tier: preloaded, disk; misses are downloads.
-    pub hits_preloaded: u64,
-    pub hits_disk: u64,
-    pub downloads: u64,
-    pub evictions: u64,
-    pub checksum_failures: u64,
-}
-
-impl CacheStatsView {
-    pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, u64); 6] = [
-            (
-                "corral_worker_cache_download_bytes_total",
-                "",
-                "Bytes downloaded into the disk cache.",
-                self.bytes_downloaded,
-            ),
-            (
-                "corral_worker_cache_lookups_total",
-                "result=\"preloaded\"",
-                "Cache lookups by where the model was found.",
-                self.hits_preloaded,
-            ),
-            (
-                "corral_worker_cache_lookups_total",
-                "result=\"disk\"",
-                "",
-                self.hits_disk,
-            ),
-            (
-                "corral_worker_cache_lookups_total",
-                "result=\"download\"",
-                "",
-                self.downloads,
-            ),
-            (
-                "corral_worker_cache_evictions_total",
-                "",
-                "Models evicted from the disk cache.",
-                self.evictions,
-            ),
-            (
-                "corral_worker_cache_checksum_failures_total",
-                "",
-                "Downloaded files whose sha256 did not match.",
-                self.checksum_failures,
-            ),
-        ];
-        for (name, labels, help, v) in rows {
-            if !help.is_empty() {
-                header(out, name, "counter", help);
-            }
-            sample(out, name, labels, v);
-        }
-    }
-}
-
 /// A worker's counters, kept by its session.
 #[derive(Debug)]
 pub struct WorkerMetrics {
-    pub jobs_run: ByTier,
-    pub jobs_failed: ByClass,
+    registry: Mutex<Registry>,
+    pub jobs_run: Family<TierLabel, Counter>,
+    pub jobs_failed: Family<KindLabel, Counter>,
     pub phases: PhaseHistograms,
 }
 
-static WORKER: LazyLock<WorkerMetrics> = LazyLock::new(|| WorkerMetrics {
-    jobs_run: ByTier::default(),
-    jobs_failed: ByClass::default(),
-    phases: PhaseHistograms::new(),
-});
-
-/// The worker metrics of this process (summed over its workers).
-pub fn worker() -> &'static WorkerMetrics {
-    &WORKER
-}
-
 impl WorkerMetrics {
+    /// A registry with every worker series; `gauges` adds the series read
+    /// at scrape time (cache counters, what the worker holds).
+    pub fn new() -> Self {
+        let mut reg = Registry::default();
+        let r = &mut reg;
+        let m = Self {
+            jobs_run: family(
+                r,
+                "corral_worker_jobs",
+                "Jobs this worker completed, by the tier it found the model at.",
+            ),
+            jobs_failed: family(
+                r,
+                "corral_worker_job_failures",
+                "Jobs this worker failed, by kind.",
+            ),
+            phases: PhaseHistograms::register(r, "corral_worker", "measured on this worker"),
+            registry: Mutex::new(Registry::default()),
+        };
+        for t in TIERS {
+            let _ = m.jobs_run.get_or_create(&tier(t));
+        }
+        for k in FailureKind::ALL {
+            let _ = m.jobs_failed.get_or_create(&kind(k));
+        }
+        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = reg;
+        m
+    }
+
+    /// Adds series read at scrape time.
+    pub fn add_collector(&self, c: Box<dyn Collector>) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register_collector(c);
+    }
+
+    pub fn render(&self) -> String {
+        render(&self.registry.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     pub fn job_done(&self, t: &Timings) {
-        if let Some(tier) = t.tier {
-            self.jobs_run.inc(tier);
+        if let Some(tr) = t.tier {
+            self.jobs_run.get_or_create(&tier(tr)).inc();
         }
         self.phases.observe(t);
     }
 
-    pub fn job_failed(&self, cancelled: bool, reason: &str) {
-        let class = if cancelled {
-            FailureClass::Cancelled
-        } else {
-            FailureClass::of(reason)
-        };
-        self.jobs_failed.inc(class);
+    pub fn job_failed(&self, k: FailureKind) {
+        self.jobs_failed.get_or_create(&kind(k)).inc();
+    }
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// ---- series read at scrape time ----------------------------------------------
+
+/// Writes gauges and counters whose values are read when scraped.
+pub struct Scrape<'a, 'e> {
+    enc: &'a mut prometheus_client::encoding::DescriptorEncoder<'e>,
+}
+
+impl<'a, 'e> Scrape<'a, 'e> {
+    pub fn new(enc: &'a mut prometheus_client::encoding::DescriptorEncoder<'e>) -> Self {
+        Self { enc }
     }
 
-    pub fn render(&self, out: &mut String) {
-        header(
-            out,
-            "corral_worker_jobs_total",
-            "counter",
-            "Jobs this worker completed, by the tier it found the model at.",
-        );
-        self.jobs_run.render(out, "corral_worker_jobs_total");
-        header(
-            out,
-            "corral_worker_job_failures_total",
-            "counter",
-            "Jobs this worker failed, by reason class.",
-        );
-        self.jobs_failed
-            .render(out, "corral_worker_job_failures_total");
-        self.phases
-            .render(out, "corral_worker", "measured on this worker");
+    pub fn gauge(&mut self, name: &str, help: &str, v: f64) -> Result<(), std::fmt::Error> {
+        let g = prometheus_client::metrics::gauge::ConstGauge::new(v);
+        let e = self
+            .enc
+            .encode_descriptor(name, help, None, g.metric_type())?;
+        g.encode(e)
+    }
+
+    pub fn counter(&mut self, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
+        let c = prometheus_client::metrics::counter::ConstCounter::new(v);
+        let e = self
+            .enc
+            .encode_descriptor(name, help, None, c.metric_type())?;
+        c.encode(e)
+    }
+
+    /// One gauge per label set.
+    pub fn gauges<L: EncodeLabelSet>(
+        &mut self,
+        name: &str,
+        help: &str,
+        rows: impl IntoIterator<Item = (L, f64)>,
+    ) -> Result<(), std::fmt::Error> {
+        let mut e = self
+            .enc
+            .encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (labels, v) in rows {
+            let g = prometheus_client::metrics::gauge::ConstGauge::new(v);
+            g.encode(e.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    /// One counter per label set.
+    pub fn counters<L: EncodeLabelSet>(
+        &mut self,
+        name: &str,
+        help: &str,
+        rows: impl IntoIterator<Item = (L, u64)>,
+    ) -> Result<(), std::fmt::Error> {
+        let mut e = self
+            .enc
+            .encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (labels, v) in rows {
+            let c = prometheus_client::metrics::counter::ConstCounter::new(v);
+            c.encode(e.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -684,8 +585,9 @@ mod tests {
         // Rank 2.5 of 5 lies halfway through the (1, 2] bucket's two samples.
         assert!((h.quantile(0.5).unwrap() - 1.75).abs() < 1e-9);
         assert_eq!(h.quantile(1.0), Some(4.0));
-        let mut out = String::new();
-        h.render(&mut out, "x_seconds", "");
+        let mut reg = Registry::default();
+        reg.register("x_seconds", "x", h.clone());
+        let out = render(&reg);
         assert!(out.contains("x_seconds_bucket{le=\"2\"} 3\n"), "{out}");
         assert!(out.contains("x_seconds_bucket{le=\"+Inf\"} 5\n"), "{out}");
         assert!(out.contains("x_seconds_count 5\n"), "{out}");
@@ -693,25 +595,19 @@ mod tests {
     }
 
     #[test]
-    fn reasons_fall_into_classes() {
-        assert_eq!(
-            FailureClass::of("worker w1 missed its heartbeats"),
-            FailureClass::HeartbeatMissed
+    fn two_coordinators_in_one_process_count_apart() {
+        let (a, b) = (CoordMetrics::new(None), CoordMetrics::new(None));
+        a.jobs_completed.inc();
+        a.attempt_failed(FailureKind::Download);
+        a.attempt_failed(FailureKind::Download);
+        assert_eq!(a.jobs_completed.get(), 1);
+        assert_eq!(b.jobs_completed.get(), 0);
+        let text = a.render();
+        assert!(text.contains("corral_jobs_completed_total 1\n"), "{text}");
+        assert!(
+            text.contains("corral_attempt_failures_total{kind=\"download\"} 2\n"),
+            "{text}"
         );
-        assert_eq!(
-            FailureClass::of("worker w1 closed its stream"),
-            FailureClass::WorkerLost
-        );
-        assert_eq!(FailureClass::of("cancelled"), FailureClass::Cancelled);
-        assert_eq!(
-            FailureClass::of("sha256 mismatch for unet/model.onnx"),
-            FailureClass::Download
-        );
-        assert_eq!(FailureClass::of("something odd"), FailureClass::Other);
-    }
-
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert!(b.render().contains("corral_jobs_completed_total 0\n"));
     }
 }

@@ -73,18 +73,46 @@ pub struct ModelFile {
 }
 
 /// A catalogue entry: the files of one pipeline and where they come from.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Its `Debug` redacts the source (a pre-signed URL carries credentials).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelManifest {
     pub id: ModelId,
     pub kind: ModelKind,
     pub source: String,
     pub files: Vec<ModelFile>,
+    /// A checkpoint's family, or the family a LoRA or VAE targets: "sd1",
+    /// "sd2", "sdxl", "dim:N"; empty when unknown or any (upscalers).
+    #[serde(default)]
+    pub family: String,
+    /// A LoRA's key format ("kohya", "peft") or an upscaler's scale ("x2", "x4").
+    #[serde(default)]
+    pub format: String,
+}
+
+impl fmt::Debug for ModelManifest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModelManifest")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("source", &crate::redact::url(&self.source))
+            .field("files", &self.files)
+            .field("family", &self.family)
+            .field("format", &self.format)
+            .finish()
+    }
 }
 
 impl ModelManifest {
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size_bytes).sum()
     }
+}
+
+/// A LoRA applied to a job, with its weight.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraRef {
+    pub model_id: ModelId,
+    pub weight: f32,
 }
 
 /// What a client asked for, validated.
@@ -103,9 +131,35 @@ pub struct JobSpec {
     pub scheduler: String,
     pub priority: i32,
     pub idempotency_key: String,
+    /// Applied in order.
+    #[serde(default)]
+    pub loras: Vec<LoraRef>,
+    /// Replaces the checkpoint's VAE.
+    #[serde(default)]
+    pub vae_id: Option<ModelId>,
+    /// Image-to-image: the input picture (PNG or JPEG).
+    #[serde(default, with = "base64_bytes")]
+    pub init_image: Option<bytes::Bytes>,
+    /// Image-to-image: how much of the input is replaced, (0, 1].
+    #[serde(default)]
+    pub strength: f32,
+    /// Run on every image after generation.
+    #[serde(default)]
+    pub upscaler_id: Option<ModelId>,
 }
 
 impl JobSpec {
+    /// Every bundle the job needs besides its checkpoint: its LoRAs in
+    /// order, then its VAE, then its upscaler.
+    pub fn extra_models(&self) -> Vec<ModelId> {
+        self.loras
+            .iter()
+            .map(|l| l.model_id.clone())
+            .chain(self.vae_id.clone())
+            .chain(self.upscaler_id.clone())
+            .collect()
+    }
+
     /// An empty-prompt 512x512, 20-step job for `model`: what the simulator
     /// and the scheduling benchmark submit, where only the model matters.
     pub fn for_model(model_id: ModelId) -> Self {
@@ -122,7 +176,36 @@ impl JobSpec {
             scheduler: String::new(),
             priority: 0,
             idempotency_key: String::new(),
+            loras: Vec::new(),
+            vae_id: None,
+            init_image: None,
+            strength: 0.0,
+            upscaler_id: None,
         }
+    }
+}
+
+/// An input image in a stored job, as base64 in its JSON.
+mod base64_bytes {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<bytes::Bytes>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_some(&base64::engine::general_purpose::STANDARD.encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bytes::Bytes>, D::Error> {
+        let v: Option<String> = Option::deserialize(d)?;
+        v.map(|s| {
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map(bytes::Bytes::from)
+                .map_err(serde::de::Error::custom)
+        })
+        .transpose()
     }
 }
 
@@ -171,6 +254,62 @@ impl CacheTier {
     }
 }
 
+/// Why an attempt or a job failed: a bounded set, for metrics and for the
+/// wire (`FailureKind` in workers.proto). The reason text says the rest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum FailureKind {
+    #[default]
+    Other,
+    /// The coordinator asked for it (a client cancelled the job).
+    Cancelled,
+    /// The worker's stream ended, or it could not be reached.
+    WorkerLost,
+    /// The worker stopped heartbeating.
+    HeartbeatMissed,
+    /// The attempt ran past its deadline.
+    Deadline,
+    /// Fetching a model failed (network, checksum, disk).
+    Download,
+    /// Loading a model failed.
+    Load,
+    /// Generating failed (including running out of memory).
+    Inference,
+    /// The request can never run (bad spec or model files).
+    Invalid,
+    /// The result could not be delivered or was not what the job asked for.
+    Result,
+}
+
+impl FailureKind {
+    pub const ALL: [FailureKind; 10] = [
+        Self::Other,
+        Self::Cancelled,
+        Self::WorkerLost,
+        Self::HeartbeatMissed,
+        Self::Deadline,
+        Self::Download,
+        Self::Load,
+        Self::Inference,
+        Self::Invalid,
+        Self::Result,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Other => "other",
+            Self::Cancelled => "cancelled",
+            Self::WorkerLost => "worker_lost",
+            Self::HeartbeatMissed => "heartbeat_missed",
+            Self::Deadline => "deadline",
+            Self::Download => "download",
+            Self::Load => "load",
+            Self::Inference => "inference",
+            Self::Invalid => "invalid",
+            Self::Result => "result",
+        }
+    }
+}
+
 /// Where the time of one job went, as the worker measured it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
@@ -179,6 +318,12 @@ pub struct Timings {
     pub load_s: f64,
     pub inference_s: f64,
     pub tier: Option<CacheTier>,
+    /// Part of `inference_s`: merging or switching LoRAs.
+    #[serde(default)]
+    pub lora_s: f64,
+    /// Part of `inference_s`: the upscaler.
+    #[serde(default)]
+    pub upscale_s: f64,
 }
 
 /// A model on a worker's disk.
@@ -238,13 +383,17 @@ pub enum JobPhase {
     Denoising { step: u32, total_steps: u32 },
 }
 
-/// A finished job's output.
+/// A finished job's output. The images themselves live in the store (and
+/// travel as [`Images`]); records carry only how many there are.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobOutput {
-    pub images: Vec<Vec<u8>>,
+    pub image_count: u32,
     pub timings: Timings,
     pub worker_id: WorkerId,
 }
+
+/// PNG files of one job, shared by every reader without copying.
+pub type Images = std::sync::Arc<[bytes::Bytes]>;
 
 /// Something that happened to a job, for `WatchJob`.
 #[derive(Clone, Debug, PartialEq)]
@@ -266,7 +415,10 @@ pub enum JobEventKind {
         step: u32,
         total_steps: u32,
     },
-    Completed(std::sync::Arc<JobOutput>),
+    Completed {
+        output: std::sync::Arc<JobOutput>,
+        images: Images,
+    },
     Failed {
         reason: String,
     },

@@ -34,9 +34,12 @@ fn auth() -> AuthConfig {
     }
 }
 
+/// Authentication on; local model sources only under the system's temp
+/// directory, where the tests write their bundles.
 fn secured() -> CoordinatorConfig {
     CoordinatorConfig {
         auth: Some(auth()),
+        local_source_root: Some(std::env::temp_dir()),
         ..fast_config()
     }
 }
@@ -94,9 +97,29 @@ fn keyed(model: &str, seed: u64, key: &str) -> pb::JobSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_required_and_roles_are_kept_apart() {
-    let c = coordinator(secured()).await;
     let models = tmp();
+    let c = coordinator(CoordinatorConfig {
+        local_source_root: Some(models.path().to_path_buf()),
+        ..secured()
+    })
+    .await;
     let m = make_model(models.path(), "sd-a");
+    // With authentication on, a local source outside the configured root is
+    // refused at registration, naming the source.
+    let elsewhere = tmp();
+    let outside = make_model(elsewhere.path(), "sd-outside");
+    let refused = admin_as(&c.url, Some(ADMIN))
+        .await
+        .register_model(pb::RegisterModelRequest {
+            model: Some(outside.into()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(
+        refused.message().contains("source") && refused.message().contains("outside"),
+        "{refused:?}"
+    );
     let register = |token: Option<&'static str>| {
         let (url, m) = (c.url.clone(), m.clone());
         async move {
@@ -267,6 +290,7 @@ async fn a_worker_cannot_report_for_another_workers_job() {
             attempt: a.attempt,
             reason: "forged".into(),
             retryable: false,
+            ..Default::default()
         }))
         .await;
     // Messages on one stream are handled in order: once mallory's
@@ -287,7 +311,7 @@ async fn a_worker_cannot_report_for_another_workers_job() {
     let out = done.output.unwrap();
     assert_eq!(
         (out.worker_id.as_str(), out.images),
-        ("honest", vec![b"real".to_vec()])
+        ("honest", vec![common::raw::png_like(b"real").into()])
     );
     c.stop().await;
 }

@@ -43,3 +43,23 @@ async fn idle_mode_connects_workers_and_submits_nothing() {
     // Four workers heartbeating every 100 ms for half a second.
     assert!(r.messages_per_s > 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ceiling_runs_the_same_load() {
+    let r = bench::run_target(
+        BenchArgs {
+            workers: 3,
+            jobs: 60,
+            clients: 2,
+            inline: true,
+            ..BenchArgs::default()
+        },
+        bench::Target::Ceiling,
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.target, r.jobs_completed), ("ceiling", 60));
+    // No scheduler: no assign latency is measured.
+    assert!(r.assign_p50_ms.is_none());
+    assert!(r.messages_per_s * r.elapsed_s >= 3.0 * 60.0);
+}

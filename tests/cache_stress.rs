@@ -4,7 +4,7 @@
 #[path = "cache_common/mod.rs"]
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::*;
@@ -48,10 +48,10 @@ async fn concurrent_ensures_never_exceed_the_budget() {
     let cache = DiskCache::open(config(d.path(), budget, None))
         .await
         .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = StopOnDrop::new();
     let max_seen = Arc::new(AtomicU64::new(0));
     let watcher = {
-        let (stop, max_seen, dir) = (stop.clone(), max_seen.clone(), d.path().to_path_buf());
+        let (stop, max_seen, dir) = (stop.0.clone(), max_seen.clone(), d.path().to_path_buf());
         let cache = cache.clone();
         tokio::task::spawn_blocking(move || {
             while !stop.load(Ordering::Relaxed) {
@@ -83,7 +83,7 @@ async fn concurrent_ensures_never_exceed_the_budget() {
     for t in tasks {
         ok += t.await.unwrap() as usize;
     }
-    stop.store(true, Ordering::Relaxed);
+    drop(stop);
     watcher.await.unwrap();
     assert!(ok > 0);
     assert!(
@@ -104,4 +104,40 @@ async fn concurrent_ensures_never_exceed_the_budget() {
         "{ok} of 48 served; {s:?}; most bytes seen on disk {}",
         max_seen.load(Ordering::Relaxed)
     );
+}
+
+/// A guard dropped is a pin gone, at once: the next caller must never find the bundle still
+/// pinned by the download that fetched it. (The download task used to hand its guard over
+/// in a channel that kept it alive until the task had finished too: under CPU contention, one
+/// `ensure` in twenty returned while that pin lingered for milliseconds, and a budget that
+/// fits exactly then refused room. The race needs preemption, so two threads burn CPU.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_guard_leaves_no_pin_behind() {
+    let stop = StopOnDrop::new();
+    let burners: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.0.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    let srv = TestServer::start().await;
+    let d = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open(config(d.path(), 100_000_000, None))
+        .await
+        .unwrap();
+    for i in 0..100 {
+        let m = srv.publish(&format!("m{i}"), &[("model.bin", 2000)]);
+        let (g, _) = cache.ensure(&m, &|_, _| {}).await.unwrap();
+        drop(g);
+        assert_eq!(cache.pinned(), [], "download {i}");
+    }
+    drop(stop);
+    for b in burners {
+        b.join().unwrap();
+    }
 }

@@ -106,7 +106,7 @@ fn job_spec(i: usize) -> pb::JobSpec {
 async fn submit_until_accepted(url: &str, i: usize) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(ch) = corral::cli::channel(url).await {
+        if let Ok(ch) = corral::client::channel(url).await {
             let r = pb::jobs_client::JobsClient::new(ch)
                 .submit_job(pb::SubmitJobRequest {
                     spec: Some(job_spec(i)),
@@ -122,7 +122,7 @@ async fn submit_until_accepted(url: &str, i: usize) -> String {
 }
 
 async fn completed_count(url: &str) -> Option<usize> {
-    let ch = corral::cli::channel(url).await.ok()?;
+    let ch = corral::client::channel(url).await.ok()?;
     let r = pb::jobs_client::JobsClient::new(ch)
         .list_jobs(pb::ListJobsRequest {
             state: pb::JobState::Completed as i32,
@@ -142,7 +142,7 @@ async fn watch(url: String, id: String) -> (usize, String) {
     let mut completed = 0;
     let mut first_worker = String::new();
     while Instant::now() < deadline {
-        let Ok(ch) = corral::cli::channel(&url).await else {
+        let Ok(ch) = corral::client::channel(&url).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -300,7 +300,7 @@ async fn jobs_survive_killed_workers_and_coordinator() {
     let mut without_image = 0;
     let mut reattempted = 0;
     let mut finals = HashMap::new();
-    let mut client = pb::jobs_client::JobsClient::new(corral::cli::channel(&url).await.unwrap())
+    let mut client = pb::jobs_client::JobsClient::new(corral::client::channel(&url).await.unwrap())
         .max_decoding_message_size(64 << 20);
     for id in &all {
         match client

@@ -43,11 +43,14 @@ fn pb_model() -> impl Strategy<Value = pb::Model> {
         -2i32..7,
         nasty(),
         prop::collection::vec((nasty(), any::<u64>(), hex64()), 0..4),
+        (nasty(), nasty()),
     )
-        .prop_map(|(id, kind, source, files)| pb::Model {
+        .prop_map(|(id, kind, source, files, (family, format))| pb::Model {
             id,
             kind,
             source,
+            family,
+            format,
             files: files
                 .into_iter()
                 .map(|(path, size_bytes, sha256)| pb::ModelFile {
@@ -64,13 +67,29 @@ fn pb_spec() -> impl Strategy<Value = pb::JobSpec> {
         (nasty(), nasty(), nasty(), any::<u32>(), any::<u32>()),
         (any::<u32>(), any::<f32>(), any::<u64>(), any::<u32>()),
         (nasty(), any::<i32>(), nasty()),
+        (
+            prop::collection::vec((nasty(), any::<f32>()), 0..3),
+            nasty(),
+            prop::collection::vec(any::<u8>(), 0..32),
+            any::<f32>(),
+            nasty(),
+        ),
     )
         .prop_map(
             |(
                 (model_id, prompt, negative_prompt, width, height),
                 (steps, guidance_scale, seed, num_images),
                 (scheduler, priority, idempotency_key),
+                (loras, vae_id, init_image, strength, upscaler_id),
             )| pb::JobSpec {
+                loras: loras
+                    .into_iter()
+                    .map(|(model_id, weight)| pb::LoraRef { model_id, weight })
+                    .collect(),
+                vae_id,
+                init_image,
+                strength,
+                upscaler_id,
                 model_id,
                 prompt,
                 negative_prompt,
@@ -359,7 +378,7 @@ fn job_spec(model: u8, priority: i8) -> Arc<JobSpec> {
         num_images: 1,
         scheduler: String::new(),
         priority: i32::from(priority),
-        idempotency_key: String::new(),
+        ..JobSpec::for_model(mid(model))
     })
 }
 

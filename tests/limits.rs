@@ -37,9 +37,16 @@ async fn worker_streams_are_limited() {
         refused.message().contains("max_worker_streams"),
         "{refused:?}"
     );
-    // The same worker reconnecting is not a new stream.
-    let again = RawWorker::connect(&c.url, "w1", vec![]).await;
-    drop((first, again, tx));
+    // The same worker reconnecting after its stream ended is not a new
+    // stream (a second live stream for one id is refused: control_plane).
+    drop(first);
+    let url = c.url.clone();
+    wait_until(10, "w1 to reconnect", || {
+        let url = url.clone();
+        async move { try_hello(&url, "w1").await.is_ok() }
+    })
+    .await;
+    drop(tx);
     c.stop().await;
 }
 
@@ -67,4 +74,22 @@ async fn unfinished_jobs_are_limited_in_total() {
     assert_eq!(third.code(), Code::ResourceExhausted);
     assert!(third.message().contains("max_unfinished_jobs"), "{third:?}");
     c.stop().await;
+}
+
+/// Says Hello as `id`; the stream is dropped at once.
+async fn try_hello(url: &str, id: &str) -> Result<(), tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(pb::WorkerMessage {
+        msg: Some(pb::worker_message::Msg::Hello(pb::Hello {
+            worker_id: id.into(),
+            max_concurrent_jobs: 1,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    pb::workers_client::WorkersClient::new(channel(url).await)
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map(|_| ())
 }

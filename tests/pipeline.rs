@@ -19,6 +19,7 @@ fn cfg() -> PipelineConfig {
         device: Device::Cpu,
         allow_cpu_fallback: false,
         intra_op_threads: Some(1),
+        ..Default::default()
     }
 }
 
@@ -60,6 +61,7 @@ impl Golden {
             seed: m["seed"].as_u64().unwrap(),
             num_images: m["num_images"].as_u64().unwrap() as u32,
             scheduler: scheduler.into(),
+            ..Default::default()
         }
     }
 
@@ -184,6 +186,7 @@ fn small_request(seed: u64) -> GenerateRequest {
         seed,
         num_images: 2,
         scheduler: "euler_a".into(),
+        ..Default::default()
     }
 }
 
@@ -324,6 +327,16 @@ fn wrong_or_missing_files_give_clear_errors() {
         assert!(e.to_string().contains(needle), "{rel}: {e}");
     }
     let e = broken(|d| std::fs::write(d.join("unet/model.onnx"), b"not a model").unwrap());
+    assert!(matches!(e, PipelineError::BadModel(_)), "{e:?}");
+    assert!(
+        e.to_string().contains("unet/model.onnx: not an ONNX model"),
+        "{e}"
+    );
+    // Without a name map the file goes to ONNX Runtime unread, which says the same.
+    let e = broken(|d| {
+        std::fs::remove_file(d.join("unet/name_map.json")).unwrap();
+        std::fs::write(d.join("unet/model.onnx"), b"not a model").unwrap()
+    });
     assert!(matches!(e, PipelineError::Runtime(_)), "{e:?}");
     assert!(e.to_string().contains("unet/model.onnx"), "{e}");
     let e = broken(|d| {
@@ -353,10 +366,12 @@ fn wrong_or_missing_files_give_clear_errors() {
         matches!(e, PipelineError::BadModel(_)) && e.to_string().contains("text_encoder"),
         "{e}"
     );
+    // A text_encoder_2/ makes it SDXL, which needs the whole second encoder.
     let e = broken(|d| std::fs::create_dir(d.join("text_encoder_2")).unwrap());
     assert!(
-        e.to_string()
-            .contains("SDXL (text_encoder_2) is not supported yet"),
+        matches!(e, PipelineError::MissingFile { .. })
+            && e.to_string().contains("text_encoder_2/model.onnx")
+            && e.to_string().contains("SDXL's second text encoder"),
         "{e}"
     );
     let e = Pipeline::load(Path::new("/nonexistent/model"), &cfg())
@@ -402,7 +417,8 @@ fn optimized_graph_cache_is_written_and_reused() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(files.len(), 3, "{files:?}");
+    // text encoder, UNet, VAE decoder and encoder.
+    assert_eq!(files.len(), 4, "{files:?}");
     assert!(
         files
             .iter()

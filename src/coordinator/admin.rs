@@ -11,6 +11,57 @@ use crate::pb;
 
 pub struct AdminService(pub Arc<Coordinator>);
 
+/// Fills a bundle's family and format from its files (a LoRA's header, a
+/// checkpoint's unet/config.json); a value the client gave must agree.
+/// When the files cannot be read from here, the client's values stand, but a
+/// LoRA must then come with its family.
+async fn with_traits(mut m: crate::types::ModelManifest) -> Result<crate::types::ModelManifest> {
+    use crate::types::ModelKind;
+    match crate::manifest::read_traits(&m).await {
+        Ok((family, format)) => {
+            for (field, given, read) in [
+                ("model.family", &m.family, &family),
+                ("model.format", &m.format, &format),
+            ] {
+                if !given.is_empty() && !read.is_empty() && given != read {
+                    return Err(Error::invalid(
+                        field,
+                        format!("{given:?} was given, but the files say {read:?}"),
+                    ));
+                }
+            }
+            if !family.is_empty() {
+                m.family = family;
+            }
+            if !format.is_empty() {
+                m.format = format;
+            }
+        }
+        Err(e) if m.kind == ModelKind::Lora && m.family.is_empty() => {
+            return Err(Error::invalid(
+                "model",
+                format!(
+                    "the LoRA's header could not be read from its source ({e}); \
+                     give model.family and model.format"
+                ),
+            ))
+        }
+        Err(e) => {
+            tracing::warn!(model_id = %m.id, error = %e, "could not read the bundle's family")
+        }
+    }
+    if m.kind == ModelKind::Upscaler
+        && !m.format.is_empty()
+        && !["x2", "x4"].contains(&m.format.as_str())
+    {
+        return Err(Error::invalid(
+            "model.format",
+            format!("{:?} is not x2 or x4", m.format),
+        ));
+    }
+    Ok(m)
+}
+
 impl AdminService {
     pub fn warm_inner(&self, req: pb::WarmModelRequest) -> Result<pb::WarmModelResponse> {
         let model = convert::model_id(req.model_id, "model_id")?;
@@ -32,8 +83,14 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::RegisterModelRequest>,
     ) -> Result<Response<pb::Model>, Status> {
         let m = convert::required_model(req.into_inner().model)?;
-        let m = self.0.register_model(m);
-        self.0.sync().await?;
+        crate::manifest::validate_manifest(&m)?;
+        let cfg = self.0.config();
+        crate::source::Source::parse(&m.source)?.check_local_policy(
+            cfg.local_source_root.as_deref(),
+            cfg.local_sources_anywhere(),
+        )?;
+        let m = with_traits(m).await?;
+        let m = self.0.register_model(m).await?;
         Ok(Response::new(m.into()))
     }
 
@@ -51,8 +108,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::RemoveModelRequest>,
     ) -> Result<Response<pb::RemoveModelResponse>, Status> {
         let id = convert::model_id(req.into_inner().model_id, "model_id")?;
-        self.0.remove_model(&id)?;
-        self.0.sync().await?;
+        self.0.remove_model(&id).await?;
         Ok(Response::new(pb::RemoveModelResponse {}))
     }
 
@@ -67,8 +123,13 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let snap = self.0.snapshot();
         Ok(Response::new(pb::ListWorkersResponse {
-            workers: self.0.workers_pb(),
+            workers: snap
+                .workers
+                .iter()
+                .map(|w| convert::worker_to_pb(w, snap.at_ms))
+                .collect(),
         }))
     }
 
@@ -76,6 +137,17 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        Ok(Response::new(self.0.cluster_status()))
+        let snap = self.0.snapshot();
+        let models: Vec<pb::ModelStatus> = snap
+            .models
+            .iter()
+            .map(convert::model_summary_to_pb)
+            .collect();
+        Ok(Response::new(pb::ClusterStatusResponse {
+            workers: snap.workers.len() as u32,
+            queued_jobs: models.iter().map(|m| m.queued_jobs).sum(),
+            running_jobs: models.iter().map(|m| m.running_jobs).sum(),
+            models,
+        }))
     }
 }

@@ -12,8 +12,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::Coordinator;
-use crate::metrics::{self, header, label, sample, Histogram};
-use crate::types::{CacheTier, JobId, Timings};
+use crate::metrics::{self, CoordMetrics, Histogram, Scrape};
+use crate::types::{CacheTier, JobSpec, Timings};
 
 /// Workers listed in `/api/cluster` at most (the page is a grid; a few
 /// thousand rows help nobody). The counts are always complete.
@@ -52,14 +52,13 @@ struct Totals {
 }
 
 impl Totals {
-    fn now() -> Self {
-        let m = metrics::coord();
+    fn now(m: &CoordMetrics) -> Self {
         let p = &m.phases;
         Self {
             at: std::time::Instant::now(),
             submitted: m.jobs_submitted.get(),
             completed: m.jobs_completed.get(),
-            failed: m.jobs_failed.total(),
+            failed: m.jobs_failed_total(),
             job_s: p.queue.sum_s() + p.download.sum_s() + p.load.sum_s() + p.inference.sum_s(),
             inference_s: p.inference.sum_s(),
             assign: m.assign_latency.snapshot(),
@@ -77,10 +76,10 @@ pub struct History {
 pub const SAMPLE_PERIOD_S: u64 = 10;
 
 impl History {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, m: &CoordMetrics) -> Self {
         Self {
             samples: Mutex::new(VecDeque::with_capacity(capacity)),
-            last: Mutex::new(Totals::now()),
+            last: Mutex::new(Totals::now(m)),
             capacity,
         }
     }
@@ -115,8 +114,8 @@ impl History {
     }
 
     /// Closes the current period (called every [`SAMPLE_PERIOD_S`]).
-    pub fn record(&self, queued: u64, workers: u64) {
-        let now = Totals::now();
+    pub fn record(&self, m: &CoordMetrics, queued: u64, workers: u64) {
+        let now = Totals::now(m);
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let s = Self::diff(&last, &now, queued, workers, false);
         *last = now;
@@ -129,7 +128,7 @@ impl History {
     }
 
     /// The closed samples, then the period still running.
-    pub fn samples(&self, queued: u64, workers: u64) -> Vec<Sample> {
+    pub fn samples(&self, m: &CoordMetrics, queued: u64, workers: u64) -> Vec<Sample> {
         let mut out: Vec<Sample> = self
             .samples
             .lock()
@@ -138,7 +137,7 @@ impl History {
             .cloned()
             .collect();
         let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        out.push(Self::diff(&last, &Totals::now(), queued, workers, true));
+        out.push(Self::diff(&last, &Totals::now(m), queued, workers, true));
         out
     }
 }
@@ -187,192 +186,202 @@ pub struct ClusterView {
 impl Coordinator {
     /// Queued jobs and connected workers, for a sample.
     pub(super) fn load_now(&self) -> (u64, u64) {
-        let s = self.sched();
-        (s.queued_len() as u64, s.workers().count() as u64)
+        let snap = self.snapshot();
+        (snap.queued as u64, snap.workers.len() as u64)
     }
 
     /// A result arrived: its timings, and the model's bytes if it was downloaded.
-    pub(super) fn observe_completed(&self, job: &JobId, t: &Timings) {
+    pub(super) fn observe_completed(&self, spec: &JobSpec, t: &Timings) {
         let bytes = if t.tier == Some(CacheTier::Download) {
-            self.jobs
-                .get(job)
-                .map(|slot| slot.record.spec.model_id.clone())
-                .and_then(|m| self.models.get(&m).map(|m| m.total_bytes()))
-                .unwrap_or(0)
+            self.models
+                .get(&spec.model_id)
+                .map_or(0, |m| m.total_bytes())
         } else {
             0
         };
-        metrics::coord().job_completed(t, bytes);
+        self.metrics.job_completed(t, bytes);
     }
 
-    /// The document behind the cluster page.
+    /// The document behind the cluster page (from the snapshot).
     pub fn cluster_view(&self, history: &History) -> ClusterView {
-        let now = self.now_ms();
-        let (workers_total, workers, status, queued) = {
-            let s = self.sched();
-            let workers: Vec<WorkerView> = s
-                .workers()
-                .take(MAX_WORKERS_SHOWN)
-                .map(|w| {
-                    let r = &w.report;
-                    WorkerView {
-                        id: w.hello.worker_id.0.clone(),
-                        gpu: w.hello.gpu_name.clone(),
-                        slots: w.hello.max_concurrent_jobs,
-                        running: w.running.len(),
-                        draining: w.draining,
-                        last_seen_s_ago: now.saturating_sub(w.last_seen_ms) as f64 / 1000.0,
-                        vram: r.vram_models.iter().map(|m| m.0.clone()).collect(),
-                        disk: r
-                            .disk_models
-                            .iter()
-                            .filter(|d| !d.preloaded)
-                            .map(|d| d.model_id.0.clone())
-                            .collect(),
-                        preloaded: r
-                            .disk_models
-                            .iter()
-                            .filter(|d| d.preloaded)
-                            .map(|d| d.model_id.0.clone())
-                            .collect(),
-                        downloading: r
-                            .downloads
-                            .iter()
-                            .map(|d| (d.model_id.0.clone(), d.bytes_done, d.bytes_total))
-                            .collect(),
-                    }
-                })
-                .collect();
-            (
-                s.workers().count(),
-                workers,
-                s.model_status(),
-                s.queued_len(),
-            )
-        };
-        let models: Vec<ModelView> = status
-            .into_iter()
-            .map(|m| ModelView {
-                id: m.model.0,
-                queued: m.queued,
-                running: m.running,
-                workers_vram: m.workers_vram,
-                workers_disk: m.workers_disk,
-                workers_downloading: m.workers_downloading,
+        let snap = self.snapshot();
+        let now = snap.at_ms;
+        let workers: Vec<WorkerView> = snap
+            .workers
+            .iter()
+            .take(MAX_WORKERS_SHOWN)
+            .map(|w| {
+                let r = &w.report;
+                WorkerView {
+                    id: w.worker_id.0.clone(),
+                    gpu: w.gpu_name.clone(),
+                    slots: w.max_concurrent_jobs,
+                    running: w.running.len(),
+                    draining: w.draining,
+                    last_seen_s_ago: now.saturating_sub(w.last_seen_ms) as f64 / 1000.0,
+                    vram: r.vram_models.iter().map(|m| m.0.clone()).collect(),
+                    disk: r
+                        .disk_models
+                        .iter()
+                        .filter(|d| !d.preloaded)
+                        .map(|d| d.model_id.0.clone())
+                        .collect(),
+                    preloaded: r
+                        .disk_models
+                        .iter()
+                        .filter(|d| d.preloaded)
+                        .map(|d| d.model_id.0.clone())
+                        .collect(),
+                    downloading: r
+                        .downloads
+                        .iter()
+                        .map(|d| (d.model_id.0.clone(), d.bytes_done, d.bytes_total))
+                        .collect(),
+                }
             })
             .collect();
-        let m = metrics::coord();
+        let models: Vec<ModelView> = snap
+            .models
+            .iter()
+            .map(|m| ModelView {
+                id: m.status.model.0.clone(),
+                queued: m.status.queued,
+                running: m.status.running,
+                workers_vram: m.status.workers_vram,
+                workers_disk: m.status.workers_disk,
+                workers_downloading: m.status.workers_downloading,
+            })
+            .collect();
+        let m = &self.metrics;
         let totals = serde_json::json!({
             "submitted": m.jobs_submitted.get(),
             "completed": m.jobs_completed.get(),
-            "failed": m.jobs_failed.total(),
+            "failed": m.jobs_failed_total(),
             "cancelled": m.jobs_cancelled.get(),
             "requeues": m.requeues.get(),
             "workers_expired": m.workers_expired.get(),
-            "queued": queued,
+            "queued": snap.queued,
         });
         ClusterView {
             at_ms: unix_ms(),
-            workers_total,
+            workers_total: snap.workers.len(),
             workers,
             models,
             totals,
-            samples: history.samples(queued as u64, workers_total as u64),
+            samples: history.samples(m, snap.queued as u64, snap.workers.len() as u64),
         }
     }
 
-    /// The Prometheus text: counters, then gauges read from the state now.
+    /// The Prometheus text of `/metrics`.
     pub fn metrics_text(&self) -> String {
-        let mut out = String::with_capacity(16 << 10);
-        metrics::coord().render(&mut out);
-        let (workers, draining, slots, busy, status, unfinished) = {
-            let s = self.sched();
-            let mut draining = 0u64;
-            let (mut slots, mut busy) = (0u64, 0u64);
-            for w in s.workers() {
-                draining += u64::from(w.draining);
-                slots += u64::from(w.hello.max_concurrent_jobs);
-                busy += w.running.len() as u64;
-            }
-            (
-                s.workers().count(),
-                draining,
-                slots,
-                busy,
-                s.model_status(),
-                s.job_count(),
-            )
+        self.metrics.render()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ModelLabel {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ModelTierLabel {
+    model: String,
+    tier: &'static str,
+}
+
+/// The coordinator's gauges, read from its snapshot when scraped.
+#[derive(Debug)]
+pub(super) struct Gauges(pub(super) std::sync::Weak<Coordinator>);
+
+impl prometheus_client::collector::Collector for Gauges {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let Some(c) = self.0.upgrade() else {
+            return Ok(());
         };
-        header(
-            &mut out,
-            "corral_workers",
-            "gauge",
-            "Workers connected now.",
-        );
-        sample(&mut out, "corral_workers", "", workers);
-        header(
-            &mut out,
-            "corral_workers_draining",
-            "gauge",
-            "Connected workers taking no new jobs.",
-        );
-        sample(&mut out, "corral_workers_draining", "", draining);
-        header(
-            &mut out,
-            "corral_worker_slots",
-            "gauge",
-            "Job slots of connected workers.",
-        );
-        sample(&mut out, "corral_worker_slots", "", slots);
-        header(
-            &mut out,
-            "corral_worker_slots_busy",
-            "gauge",
-            "Job slots running an attempt.",
-        );
-        sample(&mut out, "corral_worker_slots_busy", "", busy);
-        header(
-            &mut out,
-            "corral_jobs_unfinished",
-            "gauge",
-            "Jobs queued or running.",
-        );
-        sample(&mut out, "corral_jobs_unfinished", "", unfinished);
-        header(
-            &mut out,
-            "corral_worker_streams",
-            "gauge",
-            "Open worker streams.",
-        );
-        sample(&mut out, "corral_worker_streams", "", self.links.len());
-        for (name, help) in [
-            ("corral_queue_depth", "Jobs queued, by model."),
-            ("corral_jobs_running", "Jobs running, by model."),
-            (
-                "corral_model_workers",
-                "Workers holding the model, by model and tier (vram, disk, downloading).",
-            ),
-        ] {
-            header(&mut out, name, "gauge", help);
-            for m in &status {
-                let model = label(&m.model.0);
-                let l = format!("model=\"{model}\"");
-                match name {
-                    "corral_queue_depth" => sample(&mut out, name, &l, m.queued),
-                    "corral_jobs_running" => sample(&mut out, name, &l, m.running),
-                    _ => {
-                        for (tier, v) in [
-                            ("vram", m.workers_vram),
-                            ("disk", m.workers_disk),
-                            ("downloading", m.workers_downloading),
-                        ] {
-                            sample(&mut out, name, &format!("{l},tier=\"{tier}\""), v);
-                        }
-                    }
-                }
-            }
+        let snap = c.snapshot();
+        let (mut draining, mut slots, mut busy) = (0u64, 0u64, 0u64);
+        for w in &snap.workers {
+            draining += u64::from(w.draining);
+            slots += u64::from(w.max_concurrent_jobs);
+            busy += w.running.len() as u64;
         }
-        out
+        let mut g = Scrape::new(&mut encoder);
+        g.gauge(
+            "corral_workers",
+            "Workers connected now.",
+            snap.workers.len() as f64,
+        )?;
+        g.gauge(
+            "corral_workers_draining",
+            "Connected workers taking no new jobs.",
+            draining as f64,
+        )?;
+        g.gauge(
+            "corral_worker_slots",
+            "Job slots of connected workers.",
+            slots as f64,
+        )?;
+        g.gauge(
+            "corral_worker_slots_busy",
+            "Job slots running an attempt.",
+            busy as f64,
+        )?;
+        g.gauge(
+            "corral_jobs_unfinished",
+            "Jobs queued or running.",
+            snap.unfinished as f64,
+        )?;
+        g.gauge(
+            "corral_worker_streams",
+            "Open worker streams.",
+            c.links.len() as f64,
+        )?;
+        g.gauge(
+            "corral_store_up",
+            "1 while the store takes writes; 0 while it is failing and being reopened.",
+            f64::from(u8::from(c.store.failed().is_none())),
+        )?;
+        let model = |m: &super::ModelSummary| ModelLabel {
+            model: m.status.model.0.clone(),
+        };
+        g.gauges(
+            "corral_queue_depth",
+            "Jobs queued, by model.",
+            snap.models
+                .iter()
+                .map(|m| (model(m), f64::from(m.status.queued))),
+        )?;
+        g.gauges(
+            "corral_jobs_running",
+            "Jobs running, by model.",
+            snap.models
+                .iter()
+                .map(|m| (model(m), f64::from(m.status.running))),
+        )?;
+        g.gauges(
+            "corral_model_workers",
+            "Workers holding the model, by model and tier (vram, disk, downloading).",
+            snap.models.iter().flat_map(|m| {
+                [
+                    ("vram", m.status.workers_vram),
+                    ("disk", m.status.workers_disk),
+                    ("downloading", m.status.workers_downloading),
+                ]
+                .map(|(tier, v)| {
+                    (
+                        ModelTierLabel {
+                            model: m.status.model.0.clone(),
+                            tier,
+                        },
+                        f64::from(v),
+                    )
+                })
+            }),
+        )?;
+        Ok(())
     }
 }
 
@@ -382,11 +391,12 @@ mod tests {
 
     #[test]
     fn ring_buffer_keeps_the_last_samples_and_a_partial_one() {
-        let h = History::new(3);
+        let m = CoordMetrics::new(None);
+        let h = History::new(3, &m);
         for _ in 0..5 {
-            h.record(1, 2);
+            h.record(&m, 1, 2);
         }
-        let s = h.samples(1, 2);
+        let s = h.samples(&m, 1, 2);
         assert_eq!(s.len(), 4);
         assert!(s[..3].iter().all(|x| !x.partial));
         assert!(s[3].partial);

@@ -51,7 +51,7 @@ pub fn spawn(listener: TcpListener, coord: &Arc<Coordinator>) -> Result<HttpGuar
         .map_err(|e| Error::io("http listener", e))?;
     let state = Arc::new(HttpState {
         coord: Arc::downgrade(coord),
-        history: History::new(HISTORY_SAMPLES),
+        history: History::new(HISTORY_SAMPLES, coord.metrics()),
     });
     let app = axum::Router::new()
         .route("/", get(page))
@@ -70,7 +70,7 @@ pub fn spawn(listener: TcpListener, coord: &Arc<Coordinator>) -> Result<HttpGuar
                 let Some(st) = sampler.upgrade() else { return };
                 let Some(c) = st.coord.upgrade() else { return };
                 let (queued, workers) = c.load_now();
-                st.history.record(queued, workers);
+                st.history.record(c.metrics(), queued, workers);
             }
         }
         .instrument(info_span!("http_sampler")),

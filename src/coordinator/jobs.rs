@@ -8,6 +8,7 @@ use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
+use super::accept::Watch;
 use super::auth::Caller;
 use super::Coordinator;
 use crate::config::JobLimits;
@@ -94,33 +95,39 @@ impl JobsService {
         client: &str,
         req: pb::SubmitJobRequest,
     ) -> Result<pb::SubmitJobResponse> {
+        // Checked against the limits and the catalogue by `submit`.
         let spec = convert::required_spec(req.spec)?;
-        validate(&spec, &self.0.config().limits)?;
-        if !self.0.has_model(&spec.model_id) {
-            return Err(Error::UnknownModel(spec.model_id));
-        }
-        let (record, deduplicated) = self.0.submit_durable(client, spec).await?;
-        let est = self.0.estimated_start_s(&record.id);
+        let (v, deduplicated) = self.0.submit(client, spec).await?;
         Ok(pb::SubmitJobResponse {
-            job: Some(convert::job_to_pb(&record, false, est)),
+            job: Some(convert::job_to_pb(&v.record, None, v.estimated_start_s)),
             deduplicated,
         })
     }
 
     /// Refuses (as not found) a job `caller` may not see.
-    fn check_owner(&self, caller: &Caller, id: &JobId) -> Result<()> {
-        caller.check_owner(id, self.0.owner(id).as_deref())
+    async fn check_owner(&self, caller: &Caller, id: &JobId) -> Result<()> {
+        let owner = self.0.owner(id).await?;
+        caller.check_owner(id, Some(&owner))
     }
 
-    pub fn get_inner(&self, caller: &Caller, req: pb::GetJobRequest) -> Result<pb::Job> {
+    pub async fn get_inner(&self, caller: &Caller, req: pb::GetJobRequest) -> Result<pb::Job> {
         let id = convert::job_id(req.job_id)?;
-        self.check_owner(caller, &id)?;
-        let record = self.0.get(&id)?;
-        let est = self.0.estimated_start_s(&id);
-        Ok(convert::job_to_pb(&record, req.include_images, est))
+        self.check_owner(caller, &id).await?;
+        let v = self.0.view(&id).await?;
+        let images = match &v.record.output {
+            Some(o) if req.include_images && v.record.state == JobState::Completed => {
+                Some(self.0.images(&id, o.image_count).await?)
+            }
+            _ => None,
+        };
+        Ok(convert::job_to_pb(
+            &v.record,
+            images.as_ref(),
+            v.estimated_start_s,
+        ))
     }
 
-    pub fn list_inner(
+    pub async fn list_inner(
         &self,
         caller: &Caller,
         req: pb::ListJobsRequest,
@@ -129,9 +136,6 @@ impl JobsService {
         let model = (!req.model_id.is_empty())
             .then(|| convert::model_id(req.model_id, "model_id"))
             .transpose()?;
-        let after = (!req.page_token.is_empty())
-            .then(|| convert::job_id(req.page_token))
-            .transpose()?;
         let limit = match req.page_size {
             0 => 100,
             n => n.min(1000) as usize,
@@ -139,45 +143,22 @@ impl JobsService {
         let owner = (!caller.sees_all()).then(|| caller.client_name());
         let (jobs, next) = self
             .0
-            .list(state, model.as_ref(), owner, after.as_ref(), limit);
+            .list(state, model, owner, &req.page_token, limit)
+            .await?;
         Ok(pb::ListJobsResponse {
             jobs: jobs
                 .iter()
-                .map(|r| convert::job_to_pb(r, false, 0.0))
+                .map(|r| convert::job_to_pb(r, None, 0.0))
                 .collect(),
-            next_page_token: next.map(|j| j.0).unwrap_or_default(),
+            next_page_token: next,
         })
     }
-}
-
-/// The event that describes a record as it is now, for a new watcher.
-fn snapshot_event(r: &JobRecord, est: f64, now: Millis) -> Option<JobEvent> {
-    let kind = match r.state {
-        JobState::Queued => JobEventKind::Queued {
-            estimated_start_s: est,
-        },
-        JobState::Running => JobEventKind::Assigned {
-            worker: r.worker.clone()?,
-            tier: r.tier?,
-            attempt: r.attempt,
-        },
-        JobState::Completed => JobEventKind::Completed(r.output.clone()?),
-        JobState::Failed => JobEventKind::Failed {
-            reason: r.error.clone(),
-        },
-        JobState::Cancelled => JobEventKind::Cancelled,
-    };
-    Some(JobEvent {
-        job_id: r.id.clone(),
-        at_ms: now,
-        kind,
-    })
 }
 
 fn is_terminal(e: &JobEvent) -> bool {
     matches!(
         e.kind,
-        JobEventKind::Completed(_) | JobEventKind::Failed { .. } | JobEventKind::Cancelled
+        JobEventKind::Completed { .. } | JobEventKind::Failed { .. } | JobEventKind::Cancelled
     )
 }
 
@@ -198,7 +179,9 @@ impl pb::jobs_server::Jobs for JobsService {
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         let caller = Caller::of(&req)?;
-        Ok(Response::new(self.get_inner(&caller, req.into_inner())?))
+        Ok(Response::new(
+            self.get_inner(&caller, req.into_inner()).await?,
+        ))
     }
 
     type WatchJobStream = EventStream;
@@ -209,11 +192,9 @@ impl pb::jobs_server::Jobs for JobsService {
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let caller = Caller::of(&req)?;
         let id = convert::job_id(req.into_inner().job_id)?;
-        self.check_owner(&caller, &id)?;
-        let (record, rx) = self.0.watch(&id)?;
-        let est = self.0.estimated_start_s(&id);
-        let first = snapshot_event(&record, est, self.0.now_ms());
-        Ok(Response::new(watch_stream(self.0.clone(), id, first, rx)))
+        self.check_owner(&caller, &id).await?;
+        let w = self.0.watch(&id).await?;
+        Ok(Response::new(watch_stream(self.0.clone(), id, w)))
     }
 
     async fn cancel_job(
@@ -222,10 +203,9 @@ impl pb::jobs_server::Jobs for JobsService {
     ) -> Result<Response<pb::Job>, Status> {
         let caller = Caller::of(&req)?;
         let id = convert::job_id(req.into_inner().job_id)?;
-        self.check_owner(&caller, &id)?;
-        let record = self.0.cancel(&id)?;
-        self.0.sync().await?;
-        Ok(Response::new(convert::job_to_pb(&record, false, 0.0)))
+        self.check_owner(&caller, &id).await?;
+        let v = self.0.cancel(&id).await?;
+        Ok(Response::new(convert::job_to_pb(&v.record, None, 0.0)))
     }
 
     async fn list_jobs(
@@ -233,30 +213,28 @@ impl pb::jobs_server::Jobs for JobsService {
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let caller = Caller::of(&req)?;
-        Ok(Response::new(self.list_inner(&caller, req.into_inner())?))
+        Ok(Response::new(
+            self.list_inner(&caller, req.into_inner()).await?,
+        ))
     }
 }
 
 /// The snapshot first, then each event as it happens, ending after the
-/// first terminal event.
-fn watch_stream(
-    coord: Arc<Coordinator>,
-    id: JobId,
-    first: Option<JobEvent>,
-    rx: tokio::sync::broadcast::Receiver<JobEvent>,
-) -> EventStream {
+/// first terminal event. A watcher too slow to follow every step resumes
+/// from the job as it is now.
+fn watch_stream(coord: Arc<Coordinator>, id: JobId, w: Watch) -> EventStream {
     struct State {
         coord: Arc<Coordinator>,
         id: JobId,
         pending: Option<JobEvent>,
-        rx: tokio::sync::broadcast::Receiver<JobEvent>,
+        rx: Option<tokio::sync::broadcast::Receiver<JobEvent>>,
         done: bool,
     }
     let state = State {
         coord,
         id,
-        pending: first,
-        rx,
+        pending: Some(w.first),
+        rx: w.rx,
         done: false,
     };
     Box::pin(futures::stream::unfold(state, |mut st| async move {
@@ -265,20 +243,21 @@ fn watch_stream(
         }
         let event = match st.pending.take() {
             Some(e) => e,
-            None => loop {
-                match st.rx.recv().await {
-                    Ok(e) => break e,
-                    Err(RecvError::Lagged(_)) => {
-                        // Too slow to follow every step: resume from the
-                        // record as it is now.
-                        let r = st.coord.get(&st.id).ok()?;
-                        if let Some(e) = snapshot_event(&r, 0.0, st.coord.now_ms()) {
-                            break e;
-                        }
+            None => {
+                let rx = st.rx.as_mut()?;
+                match rx.recv().await {
+                    Ok(e) => e,
+                    Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
+                        // Lagged: resume from the job as it is now. Closed:
+                        // the job finished between events, or the
+                        // coordinator is reloading its state; either way
+                        // the job as it is now says what happened.
+                        let w = st.coord.watch(&st.id).await.ok()?;
+                        st.rx = w.rx;
+                        w.first
                     }
-                    Err(RecvError::Closed) => return None,
                 }
-            },
+            }
         };
         st.done = is_terminal(&event);
         Some((Ok(convert::event_to_pb(&event)), st))

@@ -9,13 +9,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info_span, warn, Instrument};
 
-use super::{Coordinator, WORKER_CHANNEL};
+use super::fleet::WORKER_CHANNEL;
+use super::{Coordinator, ToWorker};
 use crate::pb;
 
 /// How long a new stream may take to say Hello.
@@ -50,14 +51,13 @@ impl pb::workers_server::Workers for WorkersService {
             .into());
         }
         let (tx, rx) = mpsc::channel(WORKER_CHANNEL);
-        let welcome = pb::coordinator_message::Msg::Welcome(pb::Welcome {
+        tx.try_send(ToWorker::Welcome {
             heartbeat_interval_ms: cfg.heartbeat_interval_ms(),
             heartbeat_timeout_ms: cfg.scheduler().heartbeat_timeout_ms,
             max_message_bytes: cfg.max_message_bytes as u64,
-        });
-        tx.try_send(Ok(pb::CoordinatorMessage { msg: Some(welcome) }))
-            .map_err(|_| Status::internal("fresh channel is full"))?;
-        let conn = coord.worker_connected(hello, tx);
+        })
+        .map_err(|_| Status::internal("fresh channel is full"))?;
+        let conn = coord.worker_connected(hello, tx)?;
         let span = info_span!("worker_stream", worker_id = %worker, conn);
         tokio::spawn(
             async move {
@@ -69,12 +69,7 @@ impl pb::workers_server::Workers for WorkersService {
                                 continue;
                             };
                             let going_away = matches!(msg, pb::worker_message::Msg::GoingAway(_));
-                            let res = match msg {
-                                pb::worker_message::Msg::Result(r) => {
-                                    coord.worker_result(&worker, conn, r).await
-                                }
-                                msg => coord.worker_message(&worker, conn, msg),
-                            };
+                            let res = coord.worker_message(&worker, conn, msg);
                             if let Err(e) = res {
                                 warn!(error = %e, "worker message ignored");
                             }
@@ -90,6 +85,8 @@ impl pb::workers_server::Workers for WorkersService {
             }
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // Protobuf is built here, on the stream's task, outside any lock.
+        let out = ReceiverStream::new(rx).map(|m| Ok(pb::CoordinatorMessage::from(m)));
+        Ok(Response::new(Box::pin(out)))
     }
 }

@@ -1,34 +1,46 @@
 //! The Stable Diffusion pipeline on ONNX Runtime (`ort`).
 //!
-//! Owns: loading a Hugging Face optimum ONNX export (`model_index.json`, `text_encoder/`,
-//! `unet/`, `vae_decoder/`, `tokenizer/`, `scheduler/`), CLIP tokenization, classifier-free
-//! guidance, the denoising loop with the schedulers in [`schedulers`], VAE decoding and PNG
-//! encoding. It knows nothing of workers, gRPC or protobuf, and all of it is synchronous: callers
+//! Owns: loading a Hugging Face optimum ONNX export of SD 1.x/2.x or SDXL (`model_index.json`,
+//! `text_encoder/`, `text_encoder_2/`, `unet/`, `vae_decoder/`, `vae_encoder/`, `tokenizer/`,
+//! `scheduler/`), CLIP tokenization, classifier-free guidance, the denoising loop with the
+//! schedulers in [`schedulers`], image-to-image, LoRAs ([`lora`]), VAE decoding (the checkpoint's
+//! or a separate [`vae::VaeModel`]), upscaling ([`upscale`]) and PNG encoding. It knows nothing of workers, gRPC or protobuf, and all of it is synchronous: callers
 //! on an async runtime use `spawn_blocking`.
 //!
 //! Sessions are created once in [`Pipeline::load`] and reused by every [`Pipeline::generate`];
 //! a pipeline runs one request at a time (each session sits behind a mutex, as `ort` requires
-//! `&mut` to run).
+//! `&mut` to run). LoRAs ([`lora`]) are merged into the patched weights once per LoRA set and
+//! bound as inputs of those same sessions: switching sets never rebuilds a session.
 
 pub mod bench;
 mod generate;
+pub mod image;
+mod load;
+pub mod lora;
 pub mod noise;
+pub(crate) mod onnx_proto;
 pub mod png;
+mod request;
 pub mod runtime;
 pub mod schedulers;
 mod tensors;
 pub mod tokenizer;
+pub mod upscale;
+pub mod vae;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ort::session::Session;
-use serde_json::Value;
+use serde::Serialize;
 
+use self::lora::merge::{ComponentWeights, LoraCache, PreparedLoras};
+use self::lora::{Component, LoraWeight};
 use self::schedulers::{SchedulerConfig, SchedulerKind};
-use self::tensors::{find_port, Port};
+use self::tensors::Port;
 use self::tokenizer::ClipTokenizer;
+use self::upscale::Upscaler;
+use self::vae::VaeModel;
 
 /// Where sessions run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -41,7 +53,7 @@ pub enum Device {
 }
 
 /// How a pipeline is loaded.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PipelineConfig {
     /// Execution provider. Default: CPU.
     pub device: Device,
@@ -49,6 +61,69 @@ pub struct PipelineConfig {
     pub allow_cpu_fallback: bool,
     /// ONNX Runtime intra-op threads per session. Default: None (ONNX Runtime decides).
     pub intra_op_threads: Option<usize>,
+    /// Memory (on the session's device) that prepared LoRA sets may keep between requests,
+    /// least recently used evicted first. Default: [`DEFAULT_LORA_CACHE_BYTES`].
+    pub lora_cache_bytes: u64,
+    /// Whether LoRAs may patch k x k convolutions (LoCon) besides linear and 1x1 layers. On the
+    /// CPU such weights lose ONNX Runtime's pre-packed convolutions (+49% conv time measured).
+    /// Default: None = true on CUDA, false on the CPU.
+    pub lora_conv: Option<bool>,
+}
+
+/// Default of [`PipelineConfig::lora_cache_bytes`]: 2 GiB.
+pub const DEFAULT_LORA_CACHE_BYTES: u64 = 2 << 30;
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            allow_cpu_fallback: false,
+            intra_op_threads: None,
+            lora_cache_bytes: DEFAULT_LORA_CACHE_BYTES,
+            lora_conv: None,
+        }
+    }
+}
+
+/// The base architecture of a checkpoint or of the checkpoint a LoRA was trained on, told by
+/// the width of the text features the UNet's cross-attention reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelFamily {
+    /// SD 1.x: CLIP ViT-L, 768.
+    Sd1,
+    /// SD 2.x: OpenCLIP ViT-H, 1024.
+    Sd2,
+    /// SDXL: CLIP ViT-L + OpenCLIP ViT-bigG, 768 + 1280 = 2048.
+    Sdxl,
+    /// Anything else (the tiny test fixtures: 32).
+    Other { cross_attention_dim: usize },
+}
+
+impl ModelFamily {
+    pub fn from_cross_attention_dim(d: usize) -> Self {
+        match d {
+            768 => Self::Sd1,
+            1024 => Self::Sd2,
+            2048 => Self::Sdxl,
+            d => Self::Other {
+                cross_attention_dim: d,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for ModelFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sd1 => f.write_str("SD 1.x"),
+            Self::Sd2 => f.write_str("SD 2.x"),
+            Self::Sdxl => f.write_str("SDXL"),
+            Self::Other {
+                cross_attention_dim,
+            } => write!(f, "other (cross-attention width {cross_attention_dim})"),
+        }
+    }
 }
 
 /// One generation request.
@@ -65,6 +140,20 @@ pub struct GenerateRequest {
     pub num_images: u32,
     /// "euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras"; "" = the model's default.
     pub scheduler: String,
+    /// LoRAs applied for this request, each with its weight (0 = not applied, but checked).
+    pub loras: Vec<LoraWeight>,
+    /// Image-to-image: the input picture, PNG or JPEG bytes (at most
+    /// [`image::MAX_IMAGE_BYTES`], [`image::MAX_IMAGE_PIXELS`]). Its size must be the
+    /// request's (width and height 0 take the image's). None = text-to-image.
+    pub init_image: Option<Vec<u8>>,
+    /// Image-to-image: how much of the schedule is re-run, in (0, 1]; diffusers' `strength`
+    /// (`int(steps * strength)` steps are run). Ignored without `init_image`. Default: 0.8.
+    pub strength: f32,
+    /// A separate VAE replacing the checkpoint's own (decoding, and encoding when it has an
+    /// encoder). None = the checkpoint's.
+    pub vae: Option<Arc<VaeModel>>,
+    /// An upscaler run on each generated image before PNG encoding. None = none.
+    pub upscaler: Option<Arc<Upscaler>>,
 }
 
 impl Default for GenerateRequest {
@@ -80,6 +169,11 @@ impl Default for GenerateRequest {
             seed: 0,
             num_images: 1,
             scheduler: String::new(),
+            loras: Vec::new(),
+            init_image: None,
+            strength: 0.8,
+            vae: None,
+            upscaler: None,
         }
     }
 }
@@ -133,9 +227,15 @@ pub const MAX_IMAGES: u32 = 16;
 pub const MAX_STEPS: u32 = 500;
 
 struct TextEncoder {
+    component: Component,
     session: Mutex<Session>,
+    tokenizer: ClipTokenizer,
     input: Port,
+    /// The hidden states the UNet attends to: `last_hidden_state`, or for SDXL the
+    /// penultimate layer's (`hidden_states.<N-1>`, as diffusers' `hidden_states[-2]`).
     output: Port,
+    /// SDXL's second encoder: the pooled, projected `text_embeds`.
+    pooled: Option<Port>,
 }
 
 struct Unet {
@@ -144,18 +244,18 @@ struct Unet {
     timestep: Port,
     hidden: Port,
     output: Port,
+    /// SDXL's added conditioning: the pooled prompt and the size/crop ids.
+    text_embeds: Option<Port>,
+    time_ids: Option<Port>,
 }
 
-struct Vae {
-    session: Mutex<Session>,
-    input: Port,
-    output: Port,
-}
-
-/// Prompt hidden states `[prompts, seq, dim]`.
+/// Prompt hidden states `[prompts, seq, dim]` and, for SDXL, the pooled prompts
+/// `[prompts, pooled_dim]`.
 pub(crate) struct Encoded {
     data: Vec<f32>,
     dims: [usize; 2],
+    pooled: Vec<f32>,
+    pooled_dim: usize,
 }
 
 /// Seconds spent loading, for the benchmark.
@@ -164,254 +264,109 @@ pub struct LoadTimings {
     pub sessions_s: f64,
 }
 
+/// Where a request's time went, in seconds (zero for stages it did not run).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct GenerateTimings {
+    /// Checking and merging its LoRA set (near 0 when cached or without LoRAs).
+    pub lora_prepare_s: f64,
+    pub text_encoder_s: f64,
+    /// Image-to-image: decoding the input and the VAE encoder.
+    pub vae_encode_s: f64,
+    pub denoise_s: f64,
+    pub vae_decode_s: f64,
+    pub upscale_s: f64,
+    pub png_encode_s: f64,
+}
+
 /// A loaded Stable Diffusion pipeline.
 pub struct Pipeline {
     model_id: String,
     device: Device,
-    tokenizer: ClipTokenizer,
+    family: ModelFamily,
     scheduler: SchedulerConfig,
-    text_encoder: TextEncoder,
+    /// One (SD 1.x/2.x) or two (SDXL) text encoders, hidden states concatenated in this order.
+    text_encoders: Vec<TextEncoder>,
     unet: Unet,
-    vae: Vae,
-    scaling_factor: f32,
+    vae: VaeModel,
     vae_scale: usize,
     latent_channels: usize,
+    /// Width and height used when a request leaves them 0 (SDXL 1024, SD 1.x 512).
+    default_size: u32,
+    /// SDXL: an empty negative prompt is all zeros (diffusers' `force_zeros_for_empty_prompt`).
+    force_zeros_for_empty_prompt: bool,
     resident_bytes: u64,
     timings: LoadTimings,
+    /// Per component with a name map: the weights LoRAs may patch.
+    lora_weights: Vec<ComponentWeights>,
+    lora_cache: LoraCache,
 }
 
 fn lock(m: &Mutex<Session>) -> MutexGuard<'_, Session> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn require(path: PathBuf, what: &str) -> Result<PathBuf, PipelineError> {
-    if path.exists() {
-        Ok(path)
-    } else {
-        Err(PipelineError::MissingFile {
-            path,
-            what: what.into(),
-        })
-    }
-}
-
-fn read_json(path: &Path) -> Result<Value, PipelineError> {
-    let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
-    serde_json::from_str(&text)
-        .map_err(|e| PipelineError::BadModel(format!("{}: {e}", path.display())))
-}
-
-/// Bytes of a model file and its external data, if any.
-fn model_bytes(model: &Path) -> u64 {
-    let data = model.with_file_name("model.onnx_data");
-    [model.to_path_buf(), data]
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum()
-}
-
 impl Pipeline {
-    /// Loads an optimum ONNX export on the configured device.
-    pub fn load(dir: &Path, cfg: &PipelineConfig) -> Result<Pipeline, PipelineError> {
-        Self::load_with_cache(dir, cfg, None)
-    }
-
-    /// As [`Pipeline::load`]; with `optimized_dir`, ONNX Runtime's optimized graphs are saved
-    /// there on the first load and read back on later ones, skipping graph optimization.
-    pub fn load_with_cache(
-        dir: &Path,
-        cfg: &PipelineConfig,
-        optimized_dir: Option<&Path>,
-    ) -> Result<Pipeline, PipelineError> {
-        runtime::init()?;
-        if !dir.is_dir() {
-            return Err(PipelineError::MissingFile {
-                path: dir.to_owned(),
-                what: "the model directory".into(),
-            });
-        }
-        if dir.join("text_encoder_2").exists() {
-            return Err(PipelineError::Unsupported(
-                "SDXL (text_encoder_2) is not supported yet".into(),
-            ));
-        }
-        let index = read_json(&require(
-            dir.join("model_index.json"),
-            "the pipeline index of an optimum export",
-        )?)?;
-        let class = index
-            .get("_class_name")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        if class.contains("XL") {
-            return Err(PipelineError::Unsupported(format!(
-                "{class}: SDXL (text_encoder_2) is not supported yet"
-            )));
-        }
-        let te_path = require(dir.join("text_encoder/model.onnx"), "the CLIP text encoder")?;
-        let unet_path = require(dir.join("unet/model.onnx"), "the UNet")?;
-        let vae_path = require(dir.join("vae_decoder/model.onnx"), "the VAE decoder")?;
-        let sched_path = require(
-            dir.join("scheduler/scheduler_config.json"),
-            "the scheduler configuration",
-        )?;
-        let tok_dir = require(dir.join("tokenizer"), "the tokenizer directory")?;
-
-        let sched_text =
-            std::fs::read_to_string(&sched_path).map_err(|e| PipelineError::io(&sched_path, e))?;
-        let scheduler = SchedulerConfig::from_json(&sched_text)
-            .map_err(|e| PipelineError::BadModel(format!("{}: {e}", sched_path.display())))?;
-        let mut tokenizer = ClipTokenizer::load(&tok_dir)?;
-
-        let vae_cfg_path = dir.join("vae_decoder/config.json");
-        let vae_cfg = if vae_cfg_path.is_file() {
-            Some(read_json(&vae_cfg_path)?)
-        } else {
-            None
-        };
-        let scaling_factor = vae_cfg
-            .as_ref()
-            .and_then(|c| c.get("scaling_factor")?.as_f64())
-            .unwrap_or(0.18215) as f32;
-        let vae_scale = vae_cfg
-            .as_ref()
-            .and_then(|c| {
-                c.get("block_out_channels")?
-                    .as_array()
-                    .map(|a| 1usize << a.len().saturating_sub(1))
-            })
-            .unwrap_or(8);
-
-        let started = Instant::now();
-        let (sessions, device) =
-            match Self::sessions(&[&te_path, &unet_path, &vae_path], cfg, optimized_dir) {
-                Ok(s) => (s, cfg.device),
-                Err(e) if cfg.allow_cpu_fallback && cfg.device != Device::Cpu => {
-                    tracing::warn!(error = %e, "CUDA unavailable; falling back to the CPU");
-                    let cpu = PipelineConfig {
-                        device: Device::Cpu,
-                        ..cfg.clone()
-                    };
-                    (
-                        Self::sessions(&[&te_path, &unet_path, &vae_path], &cpu, optimized_dir)?,
-                        Device::Cpu,
-                    )
-                }
-                Err(e) => return Err(e),
-            };
-        let timings = LoadTimings {
-            sessions_s: started.elapsed().as_secs_f64(),
-        };
-        let [te, un, va]: [Session; 3] = sessions
-            .try_into()
-            .map_err(|_| PipelineError::Runtime("session count".into()))?;
-
-        if un
-            .inputs()
-            .iter()
-            .any(|i| i.name() == "text_embeds" || i.name() == "time_ids")
-        {
-            return Err(PipelineError::Unsupported(
-                "SDXL (text_encoder_2) is not supported yet".into(),
-            ));
-        }
-        let text_encoder = TextEncoder {
-            input: find_port(&te, false, "text_encoder", &["input_ids"], |p| {
-                !p.is_float()
-            })?,
-            output: find_port(&te, true, "text_encoder", &["last_hidden_state"], |p| {
-                p.shape.len() == 3
-            })?,
-            session: Mutex::new(te),
-        };
-        if let Some(n) = text_encoder.input.fixed_dim(1) {
-            tokenizer.set_max_len(n);
-        }
-        let unet = Unet {
-            sample: find_port(&un, false, "unet", &["sample"], |p| {
-                p.is_float() && p.shape.len() == 4
-            })?,
-            timestep: find_port(&un, false, "unet", &["timestep", "timesteps", "t"], |p| {
-                p.shape.len() <= 1
-            })?,
-            hidden: find_port(&un, false, "unet", &["encoder_hidden_states"], |p| {
-                p.shape.len() == 3
-            })?,
-            output: find_port(&un, true, "unet", &["out_sample"], |p| p.shape.len() == 4)?,
-            session: Mutex::new(un),
-        };
-        let vae = Vae {
-            input: find_port(&va, false, "vae_decoder", &["latent_sample"], |p| {
-                p.is_float()
-            })?,
-            output: find_port(&va, true, "vae_decoder", &["sample"], |p| {
-                p.shape.len() == 4
-            })?,
-            session: Mutex::new(va),
-        };
-        let latent_channels = unet.sample.fixed_dim(1).unwrap_or(4);
-        for (port, what) in [
-            (&unet.sample, "unet sample"),
-            (&unet.hidden, "unet encoder_hidden_states"),
-            (&vae.input, "vae latent_sample"),
-        ] {
-            if !port.is_float() {
-                return Err(PipelineError::BadModel(format!(
-                    "{what} must be float16 or float32, is {:?}",
-                    port.ty
-                )));
-            }
-        }
-        let model_id = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        Ok(Pipeline {
-            model_id,
-            device,
-            tokenizer,
-            scheduler,
-            text_encoder,
-            unet,
-            vae,
-            scaling_factor,
-            vae_scale,
-            latent_channels,
-            resident_bytes: [&te_path, &unet_path, &vae_path]
-                .iter()
-                .map(|p| model_bytes(p))
-                .sum(),
-            timings,
-        })
-    }
-
-    fn sessions(
-        models: &[&PathBuf],
-        cfg: &PipelineConfig,
-        optimized_dir: Option<&Path>,
-    ) -> Result<Vec<Session>, PipelineError> {
-        let lib = runtime::init()?;
-        models
-            .iter()
-            .map(|m| {
-                let key = optimized_dir.map(|d| runtime::OptimizedCache {
-                    dir: d,
-                    key: cache_key(m, cfg.device, &lib),
-                });
-                runtime::build_session(m, cfg, key.as_ref())
-            })
-            .collect()
-    }
-
     /// The device the sessions run on (CPU after a permitted fallback).
     pub fn device(&self) -> Device {
         self.device
     }
 
-    /// Approximate memory the sessions hold: the size of the model files.
+    /// True for an SDXL export (two text encoders, added conditioning).
+    pub fn is_xl(&self) -> bool {
+        self.text_encoders.len() > 1
+    }
+
+    /// The size a request with width and height 0 gets.
+    pub fn default_size(&self) -> u32 {
+        self.default_size
+    }
+
+    /// Whether image-to-image works without a separate VAE (the export has a `vae_encoder`).
+    pub fn has_vae_encoder(&self) -> bool {
+        self.vae.has_encoder()
+    }
+
+    /// Approximate memory the pipeline holds: the size of the model files plus the prepared
+    /// LoRA sets it keeps.
     pub fn resident_bytes(&self) -> u64 {
-        self.resident_bytes
+        self.resident_bytes + self.lora_cache.bytes()
+    }
+
+    /// The base family (from the UNet's cross-attention width): what a LoRA must match.
+    pub fn family(&self) -> ModelFamily {
+        self.family
+    }
+
+    /// Bytes and count of the prepared LoRA sets kept.
+    pub fn lora_cache_usage(&self) -> (u64, usize) {
+        (self.lora_cache.bytes(), self.lora_cache.len())
+    }
+
+    /// Checks that every module of these LoRAs patches a weight of this model.
+    pub fn check_loras(&self, loras: &[LoraWeight]) -> Result<(), PipelineError> {
+        lora::merge::check(&self.lora_weights.iter().collect::<Vec<_>>(), loras)
+    }
+
+    /// The merged weights for a LoRA set: from the cache, else merged now and cached. None
+    /// when no LoRA has a non-zero weight (the base weights are used as they are).
+    pub fn prepare_loras(
+        &self,
+        loras: &[LoraWeight],
+    ) -> Result<Option<Arc<PreparedLoras>>, PipelineError> {
+        self.check_loras(loras)?;
+        let key = lora::merge::set_key(loras);
+        if key.is_empty() {
+            return Ok(None);
+        }
+        if let Some(p) = self.lora_cache.get(&key) {
+            return Ok(Some(p));
+        }
+        let parts: Vec<&ComponentWeights> = self.lora_weights.iter().collect();
+        let prepared = Arc::new(lora::merge::prepare(&parts, loras, &|t| {
+            Ok(self.to_device(t))
+        })?);
+        self.lora_cache.insert(prepared.clone());
+        Ok(Some(prepared))
     }
 
     pub fn load_timings(&self) -> LoadTimings {
@@ -430,50 +385,18 @@ impl Pipeline {
             * (height as usize / self.vae_scale)
     }
 
-    /// Token ids the text encoder receives for a prompt (padded to the model's length).
+    /// Token ids the (first) text encoder receives for a prompt (padded to the model's length).
     pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, PipelineError> {
-        self.tokenizer.encode(text)
+        self.text_encoders[0].tokenizer.encode(text)
     }
 
-    /// Checks a request and resolves its scheduler.
+    /// Checks a request and resolves its scheduler (see also `request.rs`).
     pub fn validate(&self, req: &GenerateRequest) -> Result<SchedulerKind, PipelineError> {
+        self.plan(req).map(|p| p.kind)
+    }
+
+    fn scheduler_kind(&self, req: &GenerateRequest) -> Result<SchedulerKind, PipelineError> {
         let bad = |m: String| Err(PipelineError::InvalidRequest(m));
-        let s = self.vae_scale as u32;
-        for (name, v) in [("width", req.width), ("height", req.height)] {
-            if v == 0 || v % s != 0 || v > 4096 {
-                return bad(format!(
-                    "{name} {v} must be a positive multiple of {s}, at most 4096"
-                ));
-            }
-        }
-        if let (Some(h), Some(w)) = (self.unet.sample.fixed_dim(2), self.unet.sample.fixed_dim(3)) {
-            let (mh, mw) = (h as u32 * s, w as u32 * s);
-            if (req.width, req.height) != (mw, mh) {
-                return bad(format!(
-                    "size {}x{}: this model's UNet only takes {mw}x{mh}",
-                    req.width, req.height
-                ));
-            }
-        }
-        let max_steps = MAX_STEPS.min(self.scheduler.num_train_timesteps as u32);
-        if req.steps == 0 || req.steps > max_steps {
-            return bad(format!(
-                "steps {} must be between 1 and {max_steps}",
-                req.steps
-            ));
-        }
-        if req.num_images == 0 || req.num_images > MAX_IMAGES {
-            return bad(format!(
-                "num_images {} must be between 1 and {MAX_IMAGES}",
-                req.num_images
-            ));
-        }
-        if !req.guidance_scale.is_finite() || !(0.0..=100.0).contains(&req.guidance_scale) {
-            return bad(format!(
-                "guidance_scale {} must be between 0 and 100",
-                req.guidance_scale
-            ));
-        }
         if req.scheduler.is_empty() {
             return Ok(self.scheduler.default_kind());
         }
@@ -489,29 +412,4 @@ impl Pipeline {
             Ok,
         )
     }
-}
-
-/// Names a cached optimized graph after the model file (size, mtime), the device and the
-/// ONNX Runtime library, so that a changed model or runtime never reads a stale graph.
-fn cache_key(model: &Path, device: Device, lib: &Path) -> String {
-    use sha2::{Digest, Sha256};
-    let meta = std::fs::metadata(model).ok();
-    let mtime = meta
-        .as_ref()
-        .and_then(|m| m.modified().ok())
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    let mut h = Sha256::new();
-    h.update(format!(
-        "{}|{}|{mtime}|{device:?}|{}",
-        model.display(),
-        meta.map_or(0, |m| m.len()),
-        lib.display()
-    ));
-    let component = model
-        .parent()
-        .and_then(|p| p.file_name())
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    format!("{component}-{}", &hex::encode(h.finalize())[..16])
 }

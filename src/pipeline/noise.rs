@@ -10,11 +10,16 @@
 //! z  = sqrt(-2 ln u1) * cos(2 pi u2)
 //! ```
 //!
-//! Image `i` of a request with seed `s` uses `s + i` (wrapping) for its initial latents and
-//! `(s + i) ^ ANCESTRAL_STREAM_KEY` for the noise an ancestral sampler adds at each step.
+//! Image `i` of a request with seed `s` uses `s + i` (wrapping) for its initial latents,
+//! `(s + i) ^ ANCESTRAL_STREAM_KEY` for the noise an ancestral sampler adds at each step, and
+//! `(s + i) ^ VAE_ENCODE_STREAM_KEY` to sample its image-to-image latents from the VAE
+//! encoder's distribution.
 
 /// XOR-ed into an image's seed to derive its ancestral-noise stream.
 pub const ANCESTRAL_STREAM_KEY: u64 = 0xA5A5_A5A5_A5A5_A5A5;
+
+/// XOR-ed into an image's seed to derive the noise of its VAE-encoder sample (img2img).
+pub const VAE_ENCODE_STREAM_KEY: u64 = 0x3C3C_3C3C_3C3C_3C3C;
 
 /// SplitMix64 with a Box-Muller normal sampler.
 #[derive(Debug, Clone)]

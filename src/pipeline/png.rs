@@ -13,12 +13,30 @@ pub struct Parameters<'a> {
     pub width: u32,
     pub height: u32,
     pub model: &'a str,
+    pub loras: &'a [LoraUse<'a>],
+    /// Image-to-image: the strength (A1111's "Denoising strength").
+    pub denoising_strength: Option<f32>,
+    /// The upscaler run after generation and its scale (A1111's "Postprocess upscaler").
+    pub upscaler: Option<(&'a str, u32)>,
+}
+
+/// A LoRA as the `parameters` chunk records it.
+pub struct LoraUse<'a> {
+    pub name: &'a str,
+    pub weight: f32,
+    /// The first 12 hex digits of the SHA-256 of the file's tensor data.
+    pub short_hash: &'a str,
 }
 
 impl Parameters<'_> {
     /// "prompt\nNegative prompt: ...\nSteps: N, Sampler: X, CFG scale: G, Seed: S, Size: WxH, Model: ID"
+    /// With LoRAs, as AUTOMATIC1111 writes them: `<lora:name:weight>` after the prompt, and
+    /// `, Lora hashes: "name: hash, name2: hash2"` at the end of the parameters line.
     pub fn to_a1111(&self) -> String {
         let mut s = String::from(self.prompt);
+        for l in self.loras {
+            s.push_str(&format!(" <lora:{}:{}>", l.name, l.weight));
+        }
         if !self.negative_prompt.is_empty() {
             s.push_str("\nNegative prompt: ");
             s.push_str(self.negative_prompt);
@@ -33,6 +51,27 @@ impl Parameters<'_> {
             self.height,
             self.model
         ));
+        if let Some(d) = self.denoising_strength {
+            s.push_str(&format!(", Denoising strength: {d}"));
+        }
+        if !self.loras.is_empty() {
+            let hashes: Vec<String> = self
+                .loras
+                .iter()
+                .map(|l| format!("{}: {}", l.name, l.short_hash))
+                .collect();
+            // AUTOMATIC1111 quotes a value holding ':' or ',' as a JSON string.
+            s.push_str(&format!(
+                ", Lora hashes: {}",
+                serde_json::Value::String(hashes.join(", "))
+            ));
+        }
+        if let Some((name, by)) = self.upscaler {
+            s.push_str(&format!(
+                ", Postprocess upscaler: {}, Postprocess upscale by: {by}",
+                name.replace([',', ':'], "")
+            ));
+        }
         s
     }
 }
@@ -94,9 +133,35 @@ mod tests {
             width: 2,
             height: 1,
             model: "sd15",
+            loras: &[],
+            denoising_strength: None,
+            upscaler: None,
         };
         let text = p.to_a1111();
         assert_eq!(text, "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 2x1, Model: sd15");
+        let loras = [
+            LoraUse {
+                name: "ink",
+                weight: 0.8,
+                short_hash: "0123456789ab",
+            },
+            LoraUse {
+                name: "film",
+                weight: -0.5,
+                short_hash: "ba9876543210",
+            },
+        ];
+        let with = Parameters {
+            loras: &loras,
+            negative_prompt: "",
+            denoising_strength: Some(0.6),
+            upscaler: Some(("x4plus", 4)),
+            ..p
+        };
+        assert_eq!(
+            with.to_a1111(),
+            "a cat <lora:ink:0.8> <lora:film:-0.5>\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 2x1, Model: sd15, Denoising strength: 0.6, Lora hashes: \"ink: 0123456789ab, film: ba9876543210\", Postprocess upscaler: x4plus, Postprocess upscale by: 4"
+        );
         let png = encode_rgb(2, 1, &[0, 0, 0, 255, 255, 255], &text).unwrap();
         let dec = png::Decoder::new(std::io::Cursor::new(png));
         let reader = dec.read_info().unwrap();

@@ -122,20 +122,39 @@ pub(crate) struct OptimizedCache<'a> {
     pub key: String,
 }
 
+/// A model to build a session from: its file, and optionally replacement bytes for it (the
+/// file rewritten with overridable weights); external data is still read beside the file.
+#[derive(Clone, Copy)]
+pub(crate) struct ModelSource<'a> {
+    pub path: &'a Path,
+    pub bytes: Option<&'a [u8]>,
+}
+
 /// Builds a session for `model` on the configured device. With a cache, the first load writes
 /// the optimized graph (ONNX Runtime's `optimized_model_filepath`) to a temporary file renamed
 /// into place, and later loads read it with optimization disabled.
 pub(crate) fn build_session(
-    model: &Path,
+    model: ModelSource<'_>,
     cfg: &PipelineConfig,
     cache: Option<&OptimizedCache<'_>>,
 ) -> Result<Session, PipelineError> {
     let device = cfg.device;
+    let quiet = model.bytes.is_some();
     if let Some(c) = cache {
         let cached = c.dir.join(format!("{}.onnx", c.key));
         if cached.is_file() {
-            match builder(cfg, device, GraphOptimizationLevel::Disable)
-                .and_then(|mut b| commit(&mut b, &cached))
+            let from_cache = ModelSource {
+                path: &cached,
+                bytes: None,
+            };
+            match builder(
+                cfg,
+                device,
+                GraphOptimizationLevel::Disable,
+                from_cache,
+                quiet,
+            )
+            .and_then(|mut b| commit(&mut b, from_cache))
             {
                 Ok(s) => return Ok(s),
                 Err(e) => {
@@ -147,10 +166,10 @@ pub(crate) fn build_session(
         let tmp = c
             .dir
             .join(format!(".tmp-{}-{}.onnx", c.key, std::process::id()));
-        let mut b = builder(cfg, device, GraphOptimizationLevel::All)?
+        let mut b = builder(cfg, device, GraphOptimizationLevel::All, model, quiet)?
             .with_optimized_model_path(&tmp)
             .map_err(PipelineError::runtime)?;
-        if has_external_data(model) {
+        if has_external_data(model.path) {
             b = b
                 .with_config_entry(
                     "session.optimized_model_external_initializers_file_name",
@@ -165,7 +184,24 @@ pub(crate) fn build_session(
         }
         return Ok(s);
     }
-    let mut b = builder(cfg, device, GraphOptimizationLevel::All)?;
+    let mut b = builder(cfg, device, GraphOptimizationLevel::All, model, quiet)?;
+    commit(&mut b, model)
+}
+
+/// A session for the unmodified `model` whose named initializers are replaced by `values`
+/// (`SessionBuilder::with_initializer`): the session-rebuild way of switching LoRAs, which
+/// `pipeline::bench` measures against the pipeline's own.
+pub(crate) fn build_session_with_initializers(
+    model: ModelSource<'_>,
+    cfg: &PipelineConfig,
+    values: Vec<(String, ort::value::DynTensor)>,
+) -> Result<Session, PipelineError> {
+    let mut b = builder(cfg, cfg.device, GraphOptimizationLevel::All, model, false)?;
+    for (name, v) in values {
+        b = b
+            .with_initializer(name, v.into_dyn())
+            .map_err(PipelineError::runtime)?;
+    }
     commit(&mut b, model)
 }
 
@@ -173,15 +209,21 @@ fn has_external_data(model: &Path) -> bool {
     model.with_extension("onnx_data").exists() || model.with_file_name("model.onnx_data").exists()
 }
 
-fn commit(b: &mut SessionBuilder, model: &Path) -> Result<Session, PipelineError> {
-    b.commit_from_file(model)
-        .map_err(|e| PipelineError::Runtime(format!("loading {}: {e}", model.display())))
+fn commit(b: &mut SessionBuilder, model: ModelSource<'_>) -> Result<Session, PipelineError> {
+    let err =
+        |e: ort::Error| PipelineError::Runtime(format!("loading {}: {e}", model.path.display()));
+    match model.bytes {
+        Some(bytes) => b.commit_from_memory(bytes).map_err(err),
+        None => b.commit_from_file(model.path).map_err(err),
+    }
 }
 
 fn builder(
     cfg: &PipelineConfig,
     device: Device,
     level: GraphOptimizationLevel,
+    model: ModelSource<'_>,
+    quiet: bool,
 ) -> Result<SessionBuilder, PipelineError> {
     let mut b = Session::builder(environment()?)
         .map_err(PipelineError::runtime)?
@@ -189,6 +231,23 @@ fn builder(
         .map_err(PipelineError::runtime)?;
     if let Some(n) = cfg.intra_op_threads {
         b = b.with_intra_threads(n).map_err(PipelineError::runtime)?;
+    }
+    if model.bytes.is_some() {
+        // From memory, ONNX Runtime resolves external data against this folder.
+        let dir = model.path.parent().unwrap_or(Path::new("."));
+        b = b
+            .with_config_entry(
+                "session.model_external_initializers_file_folder_path",
+                dir.to_string_lossy(),
+            )
+            .map_err(PipelineError::runtime)?;
+    }
+    if quiet {
+        // ONNX Runtime warns once per overridable initializer ("will not be treated as
+        // constant"): by design here (LoRA weights), hundreds of lines on a real UNet.
+        b = b
+            .with_log_level(ort::logging::LogLevel::Error)
+            .map_err(PipelineError::runtime)?;
     }
     match device {
         Device::Cpu => Ok(b),

@@ -445,13 +445,39 @@ impl Sampler {
         self.schedule.init_noise_sigma
     }
 
-    /// The factor the UNet input is multiplied by at step `i` (1/sqrt(sigma^2 + 1) for
-    /// sigma-based samplers).
-    pub fn input_scale(&self, i: usize) -> f32 {
+    /// Image-to-image: `x0` noised to the level of step `i` (the first step run), as diffusers'
+    /// `add_noise` with the begin index set: `x0 + sigma * noise` for Euler, `sqrt(a) x0 +
+    /// sqrt(1 - a) noise` for DDIM, `alpha_t x0 + sigma_t noise` for DPM-Solver++ (f32 maths).
+    pub fn add_noise(&self, x0: &[f32], noise: &[f32], i: usize) -> Vec<f32> {
+        let (a, b) = match self.kind {
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral => (1.0, self.schedule.sigmas[i]),
+            SchedulerKind::Ddim => {
+                let ac = self.alphas_cumprod[self.schedule.timesteps[i] as usize];
+                (ac.sqrt(), (1.0 - ac).sqrt())
+            }
+            SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => {
+                let sig = self.schedule.sigmas[i];
+                let alpha = 1.0 / (sig * sig + 1.0).sqrt();
+                (alpha, sig * alpha)
+            }
+        };
+        let euler = matches!(
+            self.kind,
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral
+        );
+        x0.iter()
+            .zip(noise)
+            .map(|(&x, &n)| if euler { x + n * b } else { a * x + b * n })
+            .collect()
+    }
+
+    /// What the UNet input is divided by at step `i` (sqrt(sigma^2 + 1) for sigma-based
+    /// samplers, as diffusers' `scale_model_input` divides; 1 for the others).
+    pub fn input_divisor(&self, i: usize) -> f32 {
         match self.kind {
             SchedulerKind::Euler | SchedulerKind::EulerAncestral => {
                 let s = self.schedule.sigmas[i] as f64;
-                1.0 / ((s * s + 1.0).sqrt() as f32)
+                (s * s + 1.0).sqrt() as f32
             }
             _ => 1.0,
         }

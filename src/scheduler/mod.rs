@@ -9,11 +9,38 @@
 //!
 //! Decisions iterate only ordered maps, so they are deterministic for a
 //! given sequence of operations.
+//!
+//! Per-job work is O(log n) in workers, models and queued jobs: names are
+//! looked up once at the API and turned into dense integer ids (`ids.rs`);
+//! every question a decision asks (the soonest holder of a model, the
+//! best worker to fetch it, the oldest queue, who is late) is answered
+//! from an index kept in step with each change, never by a scan of the
+//! fleet. Only the periodic full pass (`schedule`), replication rounds and
+//! admin views visit every free worker, worker or model.
+//!
+//! Layout, one concern per file:
+//!
+//! - `state.rs`: the data (jobs, workers, models), the catalogue, views;
+//! - `ids.rs`: the integer ids;
+//! - `jobs.rs`: a job's life (submit, cancel, complete, fail, requeue);
+//! - `workers.rs`: a worker's life (connect, heartbeat, drain, expiry);
+//! - `queue.rs`: per-model queues and their heads;
+//! - `index.rs`: where each worker stands, per model and for fetching;
+//! - `matching.rs`: which job a free worker starts;
+//! - `estimate.rs`: the cost model and start estimates;
+//! - `replicate.rs`: replica targets and prefetches;
+//! - `plan.rs`: which models to bake into the worker image.
 
 mod estimate;
+mod ids;
+mod index;
+mod jobs;
+mod matching;
 mod plan;
+mod queue;
 mod replicate;
 mod state;
+mod workers;
 
 pub use estimate::CostModel;
 pub use plan::{plan_image, ImageCandidate, ImagePlan};
@@ -33,9 +60,6 @@ pub struct SchedulerConfig {
     pub starvation_ms: Millis,
     /// How many queued models a free worker considers fetching per decision. Default: 32.
     pub cold_scan_models: usize,
-    /// How many other holders of a model a free worker compares itself
-    /// with before taking the model's next job. Default: 64.
-    pub holder_scan: usize,
     /// Estimates of download, load and generation time.
     pub cost: CostModel,
     /// Fewest workers that keep a copy of a model with recent demand
@@ -72,7 +96,6 @@ impl Default for SchedulerConfig {
             max_attempts: 3,
             starvation_ms: 60_000,
             cold_scan_models: 32,
-            holder_scan: 32,
             cost: CostModel::default(),
             min_warm_replicas: 2,
             replica_headroom: 1.5,
@@ -116,5 +139,7 @@ pub enum Effect {
     Failed { job: JobId, reason: String },
 }
 
+#[cfg(test)]
+mod index_tests;
 #[cfg(test)]
 mod tests;

@@ -109,9 +109,8 @@ impl Scheduler {
     /// Observed demand per model (arrivals per second) with sizes, for
     /// `plan_image`.
     pub fn demand(&self, now: Millis) -> Vec<ImageCandidate> {
-        self.models
-            .iter()
-            .map(|(id, m)| ImageCandidate {
+        self.catalogue()
+            .map(|(id, _, m)| ImageCandidate {
                 model: id.clone(),
                 bytes: m.bytes,
                 demand: m.demand.rate_per_s(now, &self.cfg),

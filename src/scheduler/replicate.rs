@@ -12,6 +12,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::ids::Mix;
 use super::{Effect, Scheduler, SchedulerConfig};
 use crate::types::{Millis, ModelId, WorkerId};
 
@@ -85,7 +86,7 @@ impl Scheduler {
     /// first (ties by id).
     pub fn replica_targets(&self, now: Millis) -> Vec<ReplicaTarget> {
         let cfg = &self.cfg;
-        let live: Vec<_> = self.workers.values().filter(|w| !w.draining).collect();
+        let live: Vec<_> = self.workers().filter(|w| !w.draining).collect();
         if live.is_empty() {
             return Vec::new();
         }
@@ -102,36 +103,36 @@ impl Scheduler {
         }
         // Recent demand is judged on the slow rate (sustained, not one
         // stray request); the load uses the larger rate (fast to rise).
-        let mut ranked: Vec<(f64, &ModelId)> = self
-            .models
-            .iter()
-            .filter(|(_, m)| m.demand.slow_per_s(now, cfg) * 3600.0 >= cfg.recent_demand_per_hour)
-            .map(|(id, m)| (m.demand.rate_per_s(now, cfg), id))
+        let mut ranked: Vec<(f64, &ModelId, Mix)> = self
+            .catalogue()
+            .filter(|(_, _, m)| {
+                m.demand.slow_per_s(now, cfg) * 3600.0 >= cfg.recent_demand_per_hour
+            })
+            .map(|(id, mix, m)| (m.demand.rate_per_s(now, cfg), id, mix))
             .collect();
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
         let mut out = Vec::with_capacity(ranked.len());
-        for (rate, model) in ranked {
-            let bytes = self.model_bytes(model);
-            let service_s = self.service_ms(model) as f64 / 1000.0;
+        for (rate, model, mix) in ranked {
+            let bytes = self.model_bytes(mix);
+            let service_s = self.service_ms(mix) as f64 / 1000.0;
             let load = rate * service_s;
             let base = ((load * cfg.replica_headroom).ceil() as u32).max(cfg.min_warm_replicas);
             // Copies expected to vanish while a lost one is replaced.
             let refill_s = (cfg.cost.download_ms(bytes, 0) + cfg.cost.load_ms(bytes)) as f64 / 1e3;
             let extra = (base as f64 * loss_per_worker_s * refill_s * 3.0).round() as u32;
             let mut target = (base + extra).min(live.len() as u32);
-            let holders = self.holders.get(model);
-            let held =
-                holders.map_or(0, |h| h.len() as u32) + pending.get(model).copied().unwrap_or(0);
+            let holders = &self.models[mix as usize].holders;
+            let held = holders.len() as u32 + pending.get(model).copied().unwrap_or(0);
             // Copies in the image cost no cache; counting them is only
             // worth it for models held widely (the image's are everywhere).
-            let preloaded = match holders {
-                Some(h) if h.len() as u32 >= target => h
+            let preloaded = if holders.len() as u32 >= target {
+                holders
                     .iter()
                     .take(target as usize)
-                    .filter_map(|id| self.workers.get(id))
-                    .filter(|w| w.disk.get(model) == Some(&true))
-                    .count() as u32,
-                _ => 0,
+                    .filter(|&&w| self.workers[w].disk.get(&mix) == Some(&true))
+                    .count() as u32
+            } else {
+                0
             };
             // Copies beyond the image cost cache; stop adding when the
             // budget is spent.
@@ -161,19 +162,23 @@ impl Scheduler {
         self.repl.next_round_ms = now + self.cfg.replicate_interval_ms;
         // Forget prefetches that arrived, were dropped, or took too long.
         let pending_ms = self.cfg.prefetch_pending_ms;
-        let workers = &self.workers;
+        let (workers, worker_ids, model_ids) = (&self.workers, &self.worker_ids, &self.model_ids);
         self.repl.pending.retain(|w, (m, at)| {
-            workers
-                .get(w)
-                .is_some_and(|w| w.tier_of(m).is_none() && !w.is_downloading(m))
+            let (Some(w), Some(m)) = (worker_ids.get(w), model_ids.get(m)) else {
+                return false;
+            };
+            let w = &workers[*w];
+            w.tier(*m).is_none()
+                && !w.downloading.contains_key(m)
                 && now.saturating_sub(*at) < pending_ms
         });
         let targets = self.replica_targets(now);
         // Candidates: idle download channel, best bandwidth first.
         let default_bps = self.cfg.cost.default_download_bps;
-        let mut candidates: Vec<(&WorkerId, u64, u64)> = self
-            .workers
+        let (workers, worker_ids) = (&self.workers, &self.worker_ids);
+        let mut candidates: Vec<(&WorkerId, u64, u64)> = worker_ids
             .iter()
+            .map(|(id, &w)| (id, &workers[w]))
             .filter(|(id, w)| {
                 !w.draining && w.report.downloads.is_empty() && !self.repl.pending.contains_key(*id)
             })
@@ -190,7 +195,10 @@ impl Scheduler {
         let mut used: BTreeSet<usize> = BTreeSet::new();
         let mut effects = Vec::new();
         'models: for t in targets {
-            let bytes = self.model_bytes(&t.model);
+            let mix = self
+                .model_ix(&t.model)
+                .expect("a target is in the catalogue");
+            let bytes = self.model_bytes(mix);
             for _ in t.holders..t.target {
                 if effects.len() >= self.cfg.max_prefetch_per_round
                     || used.len() == candidates.len()
@@ -199,9 +207,9 @@ impl Scheduler {
                 }
                 let fits = |i: usize, need_free: bool| {
                     let (id, _, free) = candidates[i];
-                    let w = &self.workers[id];
+                    let w = self.worker(id).expect("a candidate is connected");
                     !used.contains(&i)
-                        && w.tier_of(&t.model).is_none()
+                        && w.tier(mix).is_none()
                         && w.can_hold(bytes)
                         && (!need_free || free >= bytes)
                 };

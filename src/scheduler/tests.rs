@@ -18,7 +18,7 @@ fn spec(model: &str, priority: i32) -> Arc<JobSpec> {
         num_images: 1,
         scheduler: String::new(),
         priority,
-        idempotency_key: String::new(),
+        ..JobSpec::for_model(model.into())
     })
 }
 
@@ -449,4 +449,23 @@ fn expiring_several_workers_never_assigns_to_one_of_them() {
         assert_eq!(w, "w3", "{e:?}");
     }
     assert!(s.worker(&"w1".into()).is_none() && s.worker(&"w2".into()).is_none());
+}
+
+#[test]
+fn expiry_names_the_silent_workers_and_spares_those_heard_from() {
+    let mut s = sched();
+    for w in ["w1", "w2", "w3"] {
+        s.connect(hello(w, 1, &["a"], &[]), 0);
+    }
+    let t = s.config().heartbeat_timeout_ms;
+    // Any message counts; a heartbeat too.
+    s.touch(&"w2".into(), t);
+    s.heartbeat(&"w3".into(), CacheReport::default(), t / 2)
+        .unwrap();
+    let (dead, _) = s.expire_workers_listed(t + 1);
+    assert_eq!(dead, vec![WorkerId::from("w1")]);
+    let (dead, _) = s.expire_workers_listed(t / 2 + t + 1);
+    assert_eq!(dead, vec![WorkerId::from("w3")]);
+    assert!(s.worker(&"w2".into()).is_some());
+    assert_eq!(s.workers().count(), 1);
 }

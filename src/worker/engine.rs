@@ -4,7 +4,7 @@
 //! The real engine is `onnx::OnnxEngine` (Stable Diffusion on ONNX
 //! Runtime). The synthetic engine is chosen only by `--engine synthetic`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,33 @@ pub trait Engine: Send + Sync + 'static {
     fn load(&self, manifest: &ModelManifest, dir: &Path) -> Result<Arc<dyn LoadedModel>>;
 }
 
+/// A job as an engine runs it.
+pub struct Job<'a> {
+    pub spec: &'a JobSpec,
+    /// The other bundles the spec names (`JobSpec::extra_models`: its LoRAs
+    /// in order, then its VAE, then its upscaler), each with the directory
+    /// holding it, verified and pinned for the job's duration.
+    pub extras: &'a [(ModelManifest, PathBuf)],
+}
+
+impl Job<'_> {
+    /// The bundle of model `id` among the extras.
+    pub fn extra(&self, id: &crate::types::ModelId) -> Option<&(ModelManifest, PathBuf)> {
+        self.extras.iter().find(|(m, _)| &m.id == id)
+    }
+}
+
+/// What a generation produced.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// PNG files.
+    pub images: Vec<Vec<u8>>,
+    /// Seconds spent preparing the job's LoRA set.
+    pub lora_s: f64,
+    /// Seconds spent upscaling.
+    pub upscale_s: f64,
+}
+
 /// A model ready to generate. Called from blocking threads.
 pub trait LoadedModel: Send + Sync + 'static {
     /// Memory the loaded model holds (VRAM, or RAM on CPU).
@@ -25,11 +52,22 @@ pub trait LoadedModel: Send + Sync + 'static {
     /// Generates `spec.num_images` PNGs. `on_step(done, total)` returns
     /// false to cancel; generation then stops within one step with
     /// [`Error::Cancelled`]-like `Unavailable("cancelled")`.
-    fn generate(
-        &self,
-        spec: &JobSpec,
-        on_step: &mut dyn FnMut(u32, u32) -> bool,
-    ) -> Result<Vec<Vec<u8>>>;
+    fn generate(&self, job: &Job, on_step: &mut dyn FnMut(u32, u32) -> bool) -> Result<Output>;
+}
+
+/// Builds the engine a worker was configured with.
+pub fn from_config(cfg: &crate::config::WorkerConfig) -> Result<Arc<dyn Engine>> {
+    match cfg.engine {
+        crate::config::EngineKind::Synthetic => {
+            tracing::warn!(
+                "using the synthetic engine: images are test patterns, not Stable Diffusion"
+            );
+            Ok(Arc::new(SyntheticEngine {
+                step_ms: cfg.synthetic_step_ms,
+            }))
+        }
+        crate::config::EngineKind::Onnx => Ok(Arc::new(crate::worker::onnx::OnnxEngine::new(cfg)?)),
+    }
 }
 
 /// The error a cancelled generation returns.
@@ -75,11 +113,15 @@ impl LoadedModel for SyntheticModel {
         self.bytes
     }
 
-    fn generate(
-        &self,
-        spec: &JobSpec,
-        on_step: &mut dyn FnMut(u32, u32) -> bool,
-    ) -> Result<Vec<Vec<u8>>> {
+    fn generate(&self, job: &Job, on_step: &mut dyn FnMut(u32, u32) -> bool) -> Result<Output> {
+        let spec = job.spec;
+        // Touch the extras like a real engine would, so a missing one fails.
+        for (m, dir) in job.extras {
+            for f in &m.files {
+                let p = dir.join(&f.path);
+                std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?;
+            }
+        }
         for step in 1..=spec.steps {
             if self.step_ms > 0 {
                 std::thread::sleep(Duration::from_millis(self.step_ms));
@@ -88,9 +130,13 @@ impl LoadedModel for SyntheticModel {
                 return Err(cancelled());
             }
         }
-        (0..spec.num_images)
+        let images = (0..spec.num_images)
             .map(|i| synthetic_png(&self.model, spec, spec.seed.wrapping_add(u64::from(i))))
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok(Output {
+            images,
+            ..Output::default()
+        })
     }
 }
 

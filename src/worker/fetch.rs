@@ -1,16 +1,5 @@
-//! Downloads of single bundle files into the cache's temporary directory.
-//!
-//! Sources: local files (plain path or `file://`), `http(s)://` prefixes (the file URL is the
-//! prefix, `/`, then the relative path), and object stores mapped to their public HTTPS
-//! endpoints (no SDK, no request signing):
-//!
-//! - `s3://bucket/prefix` -> `https://bucket.s3.amazonaws.com/prefix`, or
-//!   `https://bucket.s3.<region>.amazonaws.com/prefix` when `AWS_REGION` (or
-//!   `AWS_DEFAULT_REGION`) is set, or `<AWS_ENDPOINT_URL>/bucket/prefix` (path style, for
-//!   MinIO, R2 and friends) when `AWS_ENDPOINT_URL` is set;
-//! - `gs://bucket/prefix` -> `https://storage.googleapis.com/bucket/prefix`;
-//! - `az://account/container/prefix` -> `https://account.blob.core.windows.net/container/prefix`,
-//!   with `AZURE_STORAGE_SAS_TOKEN` appended as the query string when set.
+//! Downloads of single bundle files into the cache's temporary directory, from a
+//! resolved [`Source`] (an [`Endpoint`]; see `crate::source` for the schemes).
 //!
 //! Bytes are hashed while they arrive: the async side only moves `Bytes` from the network (or
 //! the source file) into a bounded channel; a `spawn_blocking` sink hashes and writes them, so
@@ -33,6 +22,9 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
+use crate::redact;
+pub use crate::source::{http_client, Endpoint, Source};
+use crate::source::{status_error, transport_error, unavailable};
 use crate::types::ModelFile;
 
 /// Chunks in flight between the network and the hashing sink.
@@ -41,135 +33,6 @@ const SINK_QUEUE_CHUNKS: usize = 64;
 const IO_CHUNK_BYTES: usize = 1 << 20;
 /// Smallest transfer that counts as a throughput sample.
 const MIN_SAMPLE_BYTES: u64 = 64 << 10;
-
-/// Where a model's files come from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// A local directory.
-    Local(PathBuf),
-    /// A URL prefix (no trailing `/`) and a query string (empty, or starting with `?`)
-    /// appended to every file URL.
-    Http { prefix: String, query: String },
-}
-
-impl Source {
-    /// Parses a manifest's `source` (see the module docs for the schemes).
-    pub fn parse(s: &str) -> Result<Source> {
-        let bad = |why: &str| Err(Error::invalid("source", format!("{s:?}: {why}")));
-        let trim = |p: &str| p.trim_end_matches('/').to_owned();
-        if s.is_empty() {
-            return bad("empty");
-        }
-        if let Some(rest) = s.strip_prefix("file://") {
-            return Ok(Source::Local(PathBuf::from(rest)));
-        }
-        if s.starts_with("http://") || s.starts_with("https://") {
-            let (prefix, query) = match s.split_once('?') {
-                Some((p, q)) => (trim(p), format!("?{q}")),
-                None => (trim(s), String::new()),
-            };
-            return Ok(Source::Http { prefix, query });
-        }
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        if let Some(rest) = s.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return bad("no bucket");
-            }
-            let base = if let Some(ep) = env("AWS_ENDPOINT_URL") {
-                format!("{}/{bucket}", ep.trim_end_matches('/'))
-            } else if let Some(region) = env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")) {
-                format!("https://{bucket}.s3.{region}.amazonaws.com")
-            } else {
-                format!("https://{bucket}.s3.amazonaws.com")
-            };
-            return Ok(Source::Http {
-                prefix: join_prefix(&base, prefix),
-                query: String::new(),
-            });
-        }
-        if let Some(rest) = s.strip_prefix("gs://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return bad("no bucket");
-            }
-            let base = format!("https://storage.googleapis.com/{bucket}");
-            return Ok(Source::Http {
-                prefix: join_prefix(&base, prefix),
-                query: String::new(),
-            });
-        }
-        if let Some(rest) = s.strip_prefix("az://") {
-            let mut parts = rest.splitn(3, '/');
-            let account = parts.next().unwrap_or("");
-            let container = parts.next().unwrap_or("");
-            let prefix = parts.next().unwrap_or("");
-            if account.is_empty() || container.is_empty() {
-                return bad("expected az://account/container/prefix");
-            }
-            let base = format!("https://{account}.blob.core.windows.net/{container}");
-            let query = env("AZURE_STORAGE_SAS_TOKEN")
-                .map(|t| format!("?{}", t.trim_start_matches('?')))
-                .unwrap_or_default();
-            return Ok(Source::Http {
-                prefix: join_prefix(&base, prefix),
-                query,
-            });
-        }
-        if s.contains("://") {
-            return bad("unsupported scheme");
-        }
-        Ok(Source::Local(PathBuf::from(s)))
-    }
-
-    /// Where the bundle file `rel` (already validated) lives: a URL or a local path.
-    pub fn locate(&self, rel: &str) -> String {
-        match self {
-            Source::Local(dir) => dir.join(rel).display().to_string(),
-            Source::Http { prefix, query } => format!("{prefix}/{}{query}", encode_path(rel)),
-        }
-    }
-}
-
-fn join_prefix(base: &str, prefix: &str) -> String {
-    let p = prefix.trim_matches('/');
-    if p.is_empty() {
-        base.to_owned()
-    } else {
-        format!("{base}/{}", encode_path(p))
-    }
-}
-
-/// Percent-encodes each `/`-separated component (RFC 3986 unreserved characters pass).
-fn encode_path(p: &str) -> String {
-    let mut out = String::with_capacity(p.len());
-    for b in p.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// The HTTP client used for manifests and downloads.
-pub fn http_client() -> Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .user_agent(concat!("corral/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| Error::Internal(format!("http client: {e}")))
-}
-
-/// Maps a non-success HTTP status: server-side and throttling statuses are retryable.
-pub(crate) fn status_error(url: &str, status: reqwest::StatusCode) -> Error {
-    if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
-        Error::Unavailable(format!("GET {url}: HTTP {status}"))
-    } else {
-        Error::FailedPrecondition(format!("GET {url}: HTTP {status}"))
-    }
-}
 
 /// How hard to try an HTTP transfer.
 #[derive(Clone, Debug)]
@@ -320,7 +183,7 @@ impl Fetcher {
     /// mismatch `dest` is deleted and `Error::Checksum` names `file.path`.
     pub async fn fetch_file(
         &self,
-        source: &Source,
+        source: &Endpoint,
         file: &ModelFile,
         dest: &Path,
         progress: &(dyn Fn(u64) + Send + Sync),
@@ -331,18 +194,18 @@ impl Fetcher {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => return Err(Error::io(dest, e)),
         };
-        if keep > size || matches!(source, Source::Local(_)) {
+        if keep > size || matches!(source, Endpoint::Local(_)) {
             keep = 0; // longer than it should be, or a cheap local copy: start over
         }
         let sink = Sink::spawn(Some(dest.to_path_buf()), keep);
         let started = Instant::now();
         let stopped = match source {
-            Source::Http { .. } => {
+            Endpoint::Http { .. } => {
                 let url = source.locate(&file.path);
                 self.produce_http(&url, &file.path, size, keep, &sink.tx, progress)
                     .await
             }
-            Source::Local(_) => {
+            Endpoint::Local(_) => {
                 let path = PathBuf::from(source.locate(&file.path));
                 produce_local(&path, size, &sink.tx, progress).await
             }
@@ -400,9 +263,10 @@ impl Fetcher {
             let attempt = self.http_attempt(url, rel, size, &mut offset, tx, progress);
             let err = match attempt.await {
                 Ok(()) if offset >= size => return Ok(()),
-                Ok(()) => Error::Unavailable(format!(
-                    "GET {url}: connection closed at byte {offset} of {size}"
-                )),
+                Ok(()) => unavailable(
+                    url,
+                    &format!("connection closed at byte {offset} of {size}"),
+                ),
                 Err(Stop::Err(e)) if e.is_retryable() => e,
                 Err(stop) => return Err(stop),
             };
@@ -418,7 +282,7 @@ impl Fetcher {
                 .base_backoff
                 .saturating_mul(1 << (failures - 1).min(5))
                 .min(Duration::from_secs(8));
-            tracing::warn!(%url, offset, size, error = %err, ?backoff, "download interrupted, retrying");
+            tracing::warn!(url = %redact::url(url), offset, size, error = %err, ?backoff, "download interrupted, retrying");
             tokio::time::sleep(backoff).await;
         }
         Ok(())
@@ -433,13 +297,14 @@ impl Fetcher {
         tx: &mpsc::Sender<Bytes>,
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<(), Stop> {
-        let unavailable =
-            |e: &dyn std::fmt::Display| Stop::Err(Error::Unavailable(format!("GET {url}: {e}")));
         let mut req = self.client.get(url);
         if *offset > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={}-", *offset));
         }
-        let resp = req.send().await.map_err(|e| unavailable(&e))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Stop::Err(transport_error(url, e)))?;
         let status = resp.status();
         // A server that ignores Range answers 200 with the whole body: skip what we have.
         let mut skip = match status.as_u16() {
@@ -452,10 +317,13 @@ impl Fetcher {
                     .and_then(|v| v.split('-').next())
                     .and_then(|v| v.parse::<u64>().ok());
                 if start != Some(*offset) {
-                    return Err(Stop::Err(Error::Unavailable(format!(
-                        "GET {url}: asked for bytes from {}, got Content-Range from {start:?}",
-                        *offset
-                    ))));
+                    return Err(Stop::Err(unavailable(
+                        url,
+                        &format!(
+                            "asked for bytes from {}, got Content-Range from {start:?}",
+                            *offset
+                        ),
+                    )));
                 }
                 0
             }
@@ -467,9 +335,9 @@ impl Fetcher {
         loop {
             let next = tokio::time::timeout(self.retry.read_timeout, body.next())
                 .await
-                .map_err(|_| unavailable(&"read timed out"))?;
+                .map_err(|_| Stop::Err(unavailable(url, &"read timed out")))?;
             let Some(chunk) = next else { return Ok(()) };
-            let mut chunk = chunk.map_err(|e| unavailable(&e))?;
+            let mut chunk = chunk.map_err(|e| Stop::Err(transport_error(url, e)))?;
             if skip > 0 {
                 let n = skip.min(chunk.len() as u64);
                 chunk = chunk.slice(n as usize..);
@@ -540,7 +408,7 @@ pub async fn bench_download(url: &str, dest: Option<&Path>) -> Result<BenchRepor
         .get(url)
         .send()
         .await
-        .map_err(|e| Error::Unavailable(format!("GET {url}: {e}")))?;
+        .map_err(|e| transport_error(url, e))?;
     if !resp.status().is_success() {
         return Err(status_error(url, resp.status()));
     }
@@ -555,7 +423,7 @@ pub async fn bench_download(url: &str, dest: Option<&Path>) -> Result<BenchRepor
                 }
             }
             Err(e) => {
-                failed = Some(Error::Unavailable(format!("GET {url}: {e}")));
+                failed = Some(transport_error(url, e));
                 break;
             }
         }
@@ -566,7 +434,7 @@ pub async fn bench_download(url: &str, dest: Option<&Path>) -> Result<BenchRepor
     }
     let seconds = started.elapsed().as_secs_f64();
     Ok(BenchReport {
-        url: url.to_owned(),
+        url: redact::url(url),
         bytes,
         seconds,
         mb_per_s: bytes as f64 / 1e6 / seconds.max(1e-9),
@@ -577,38 +445,6 @@ pub async fn bench_download(url: &str, dest: Option<&Path>) -> Result<BenchRepor
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn object_store_urls_map_to_https() {
-        // Only the env-free forms: tests run in parallel and must not set env vars.
-        assert_eq!(
-            Source::parse("gs://bkt/models/sd15").unwrap(),
-            Source::Http {
-                prefix: "https://storage.googleapis.com/bkt/models/sd15".into(),
-                query: String::new()
-            }
-        );
-        let az = Source::parse("az://acct/cont/p/q/").unwrap();
-        match &az {
-            Source::Http { prefix, .. } => {
-                assert_eq!(prefix, "https://acct.blob.core.windows.net/cont/p/q")
-            }
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(
-            Source::parse("https://h/x/?sig=1")
-                .unwrap()
-                .locate("a b/c.onnx"),
-            "https://h/x/a%20b/c.onnx?sig=1"
-        );
-        assert_eq!(
-            Source::parse("file:///m/x").unwrap(),
-            Source::Local("/m/x".into())
-        );
-        assert_eq!(Source::parse("/m/x").unwrap(), Source::Local("/m/x".into()));
-        assert!(Source::parse("ftp://x").is_err());
-        assert!(Source::parse("az://acct").is_err());
-    }
 
     #[test]
     fn throughput_is_an_ewma() {
@@ -624,7 +460,7 @@ mod tests {
     async fn local_copy_verifies_and_deletes_on_mismatch() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("f"), b"hello").unwrap();
-        let src = Source::Local(d.path().to_path_buf());
+        let src = Endpoint::Local(d.path().to_path_buf());
         let f = Fetcher::new(RetryPolicy::default()).unwrap();
         let dest = d.path().join("out");
         let good = ModelFile {

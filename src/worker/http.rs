@@ -12,65 +12,89 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tracing::info;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+
 use super::Worker;
 use crate::error::{Error, Result};
-use crate::metrics::{self, CacheStatsView};
+use crate::metrics::Scrape;
 
-/// The disk cache's counters (bytes downloaded, lookups by tier, evictions,
-/// checksum failures) for `/metrics`: the one place the cache's `stats()`
-/// meets the exporter. `None` exports no cache series.
-pub fn worker_cache_stats(worker: &Worker) -> Option<CacheStatsView> {
-    let s = worker.cache().stats();
-    Some(CacheStatsView {
-        bytes_downloaded: s.bytes_downloaded,
-        hits_preloaded: s.hits_preloaded,
-        hits_disk: s.hits_disk,
-        downloads: s.misses,
-        evictions: s.evictions,
-        checksum_failures: s.checksum_failures,
-    })
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LookupLabel {
+    result: &'static str,
+}
+
+/// What the disk cache counts (bytes downloaded, lookups by tier,
+/// evictions, checksum failures) and what the worker holds, read from the
+/// worker when `/metrics` is scraped.
+#[derive(Debug)]
+pub(super) struct Gauges(pub(super) Weak<Worker>);
+
+impl Collector for Gauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::result::Result<(), std::fmt::Error> {
+        let Some(w) = self.0.upgrade() else {
+            return Ok(());
+        };
+        let s = w.cache().stats();
+        let report = w.report();
+        let mut g = Scrape::new(&mut encoder);
+        g.counter(
+            "corral_worker_cache_download_bytes",
+            "Bytes downloaded into the disk cache.",
+            s.bytes_downloaded,
+        )?;
+        g.counters(
+            "corral_worker_cache_lookups",
+            "Cache lookups by where the model was found.",
+            [
+                ("preloaded", s.hits_preloaded),
+                ("disk", s.hits_disk),
+                ("download", s.misses),
+            ]
+            .map(|(result, v)| (LookupLabel { result }, v)),
+        )?;
+        g.counter(
+            "corral_worker_cache_evictions",
+            "Models evicted from the disk cache.",
+            s.evictions,
+        )?;
+        g.counter(
+            "corral_worker_cache_checksum_failures",
+            "Downloaded files whose sha256 did not match.",
+            s.checksum_failures,
+        )?;
+        g.gauge(
+            "corral_worker_jobs_running",
+            "Jobs running now.",
+            report.running_jobs.len() as f64,
+        )?;
+        g.gauge(
+            "corral_worker_models_vram",
+            "Models loaded in memory.",
+            report.vram_models.len() as f64,
+        )?;
+        g.gauge(
+            "corral_worker_models_disk",
+            "Models on disk (including preloaded).",
+            report.disk_models.len() as f64,
+        )?;
+        g.gauge(
+            "corral_worker_downloads",
+            "Downloads in progress.",
+            report.downloads.len() as f64,
+        )?;
+        g.gauge(
+            "corral_worker_cache_free_bytes",
+            "Free bytes in the disk cache budget.",
+            report.free_disk_bytes as f64,
+        )?;
+        Ok(())
+    }
 }
 
 /// The worker's `/metrics` text.
 pub fn metrics_text(worker: &Worker) -> String {
-    let mut out = String::with_capacity(8 << 10);
-    metrics::worker().render(&mut out);
-    if let Some(stats) = worker_cache_stats(worker) {
-        stats.render(&mut out);
-    }
-    let report = worker.report();
-    let gauges = [
-        (
-            "corral_worker_jobs_running",
-            "Jobs running now.",
-            report.running_jobs.len() as u64,
-        ),
-        (
-            "corral_worker_models_vram",
-            "Models loaded in memory.",
-            report.vram_models.len() as u64,
-        ),
-        (
-            "corral_worker_models_disk",
-            "Models on disk (including preloaded).",
-            report.disk_models.len() as u64,
-        ),
-        (
-            "corral_worker_downloads",
-            "Downloads in progress.",
-            report.downloads.len() as u64,
-        ),
-        (
-            "corral_worker_cache_free_bytes",
-            "Free bytes in the disk cache budget.",
-            report.free_disk_bytes,
-        ),
-    ];
-    for (name, help, v) in gauges {
-        metrics::header(&mut out, name, "gauge", help);
-        metrics::sample(&mut out, name, "", v);
-    }
-    out
+    worker.metrics().render()
 }
 
 pub use crate::http::HttpGuard;

@@ -1,6 +1,9 @@
 //! The worker's session with the coordinator.
 //!
-//! Connects with exponential backoff and jitter, says Hello with its full
+//! Connects with exponential backoff and jitter (to the leader, when
+//! `coordinator` names several coordinators: a follower's UNAVAILABLE
+//! names the leader, which is tried next; any other failure moves on to
+//! the next coordinator of the list), says Hello with its full
 //! cache state (including attempts still running from before a drop),
 //! heartbeats on the interval the coordinator sets, runs assigned jobs,
 //! streams their progress, and returns results. Messages produced by jobs go
@@ -19,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::cache::{CacheConfig, DiskCache};
-use super::engine::{Engine, LoadedModel};
+use super::engine::{Engine, Job, LoadedModel};
 use super::residency::Residency;
 use crate::config::WorkerConfig;
 use crate::convert;
@@ -45,6 +48,9 @@ pub struct Worker {
     running: Mutex<BTreeMap<JobId, Running>>,
     draining: AtomicBool,
     outbox: mpsc::UnboundedSender<Up>,
+    /// The largest message the coordinator takes (its Welcome says).
+    max_message_bytes: std::sync::atomic::AtomicU64,
+    metrics: crate::metrics::WorkerMetrics,
 }
 
 impl Worker {
@@ -64,8 +70,10 @@ impl Worker {
         .await?;
         let (outbox, rx) = mpsc::unbounded_channel();
         let resident = Residency::new(cfg.vram_budget(), cfg.max_loaded_models);
-        Ok((
-            Arc::new(Self {
+        let worker = Arc::new_cyclic(|me| {
+            let metrics = crate::metrics::WorkerMetrics::new();
+            metrics.add_collector(Box::new(super::http::Gauges(me.clone())));
+            Self {
                 cfg,
                 id,
                 cache,
@@ -74,13 +82,20 @@ impl Worker {
                 running: Mutex::new(BTreeMap::new()),
                 draining: AtomicBool::new(false),
                 outbox,
-            }),
-            rx,
-        ))
+                max_message_bytes: std::sync::atomic::AtomicU64::new(64 << 20),
+                metrics,
+            }
+        });
+        Ok((worker, rx))
     }
 
     pub fn id(&self) -> &WorkerId {
         &self.id
+    }
+
+    /// This worker's counters and histograms.
+    pub fn metrics(&self) -> &crate::metrics::WorkerMetrics {
+        &self.metrics
     }
 
     /// The disk cache, for its counters on `/metrics`.
@@ -141,6 +156,17 @@ impl Worker {
                 let job = convert::job_id(a.job_id)?;
                 let spec = convert::required_spec(a.spec)?;
                 let model = convert::required_model(a.model)?;
+                let extras = a
+                    .extra_models
+                    .into_iter()
+                    .map(ModelManifest::try_from)
+                    .collect::<Result<Vec<_>>>()?;
+                if extras.iter().map(|m| &m.id).ne(spec.extra_models().iter()) {
+                    return Err(Error::invalid(
+                        "extra_models",
+                        "must be the spec's LoRAs, VAE and upscaler, in that order",
+                    ));
+                }
                 if self.draining.load(Ordering::SeqCst) {
                     warn!(job_id = %job, "assigned while draining; running it anyway");
                 }
@@ -157,7 +183,7 @@ impl Worker {
                 let queued_s = a.queued_s;
                 tokio::spawn(
                     async move {
-                        me.run_job(job, a.attempt, spec, model, queued_s, cancel)
+                        me.run_job(job, a.attempt, spec, model, extras, queued_s, cancel)
                             .await
                     }
                     .instrument(span),
@@ -175,6 +201,13 @@ impl Worker {
                 Ok(())
             }
             Msg::Prefetch(p) => {
+                let cap = super::cache::MAX_QUEUED_PREFETCHES;
+                if p.models.len() > cap {
+                    return Err(Error::invalid(
+                        "prefetch",
+                        format!("{} models in one Prefetch, more than {cap}", p.models.len()),
+                    ));
+                }
                 for m in p.models {
                     let m = ModelManifest::try_from(m)?;
                     let me = self.clone();
@@ -209,17 +242,19 @@ impl Worker {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run_job(
         self: Arc<Self>,
         job: JobId,
         attempt: u32,
         spec: JobSpec,
         model: ModelManifest,
+        extras: Vec<ModelManifest>,
         queued_s: f64,
         cancel: Arc<AtomicBool>,
     ) {
         let outcome = self
-            .execute(&job, attempt, &spec, &model, queued_s, &cancel)
+            .execute(&job, attempt, &spec, &model, &extras, queued_s, &cancel)
             .await;
         // A new assignment of this job may have replaced this run (a
         // coordinator that restarted before recording an assignment can
@@ -240,6 +275,25 @@ impl Worker {
             info!("superseded by a newer assignment of this job; outcome dropped");
             return;
         }
+        // A result the coordinator would refuse is a failure that says why.
+        let limit = self.max_message_bytes.load(Ordering::Relaxed);
+        let outcome = outcome.and_then(|(images, timings)| {
+            let bytes: u64 = images.iter().map(|i| i.len() as u64).sum();
+            // Room for the rest of the message.
+            if bytes + (64 << 10) > limit {
+                return Err((
+                    FailureKind::Result,
+                    Error::invalid(
+                        "result",
+                        format!(
+                            "the images are {bytes} bytes, more than the coordinator's \
+                             max_message_bytes ({limit}) allows"
+                        ),
+                    ),
+                ));
+            }
+            Ok((images, timings))
+        });
         match outcome {
             Ok((images, timings)) => {
                 info!(
@@ -247,19 +301,24 @@ impl Worker {
                     inference_s = timings.inference_s,
                     "done"
                 );
-                crate::metrics::worker().job_done(&timings);
+                self.metrics.job_done(&timings);
                 self.send(Up::Result(pb::JobResult {
                     job_id: job.0,
                     attempt,
-                    images,
+                    images: images.into_iter().map(bytes::Bytes::from).collect(),
                     timings: Some(timings.into()),
                 }));
             }
-            Err(e) => {
+            Err((kind, e)) => {
                 let cancelled = cancel.load(Ordering::SeqCst);
+                let kind = if cancelled {
+                    FailureKind::Cancelled
+                } else {
+                    kind
+                };
                 let retryable = !cancelled && e.is_retryable();
-                warn!(error = %e, retryable, cancelled, "job failed");
-                crate::metrics::worker().job_failed(cancelled, &e.to_string());
+                warn!(error = %e, retryable, kind = kind.as_str(), "job failed");
+                self.metrics.job_failed(kind);
                 self.send(Up::Failed(pb::JobFailed {
                     job_id: job.0,
                     attempt,
@@ -269,6 +328,7 @@ impl Worker {
                         e.to_string()
                     },
                     retryable,
+                    kind: convert::failure_kind_to_pb(kind) as i32,
                 }));
             }
         }
@@ -277,15 +337,20 @@ impl Worker {
         self.send(Up::Heartbeat((&self.report()).into()));
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn execute(
         self: &Arc<Self>,
         job: &JobId,
         attempt: u32,
         spec: &JobSpec,
         model: &ModelManifest,
+        extras: &[ModelManifest],
         queued_s: f64,
         cancel: &Arc<AtomicBool>,
-    ) -> Result<(Vec<Vec<u8>>, Timings)> {
+    ) -> std::result::Result<(Vec<Vec<u8>>, Timings), (FailureKind, Error)> {
+        let download = |e: Error| (FailureKind::Download, e);
+        let load = |e: Error| (FailureKind::Load, e);
+        let generating = |e: Error| (FailureKind::Inference, e);
         let mut t = Timings {
             queue_s: queued_s,
             ..Default::default()
@@ -310,23 +375,40 @@ impl Worker {
                 }
             }
         };
-        let mut fetched = self.cache.ensure(model, &progress).await;
+        // The checkpoint and every other bundle the job names, pinned
+        // together (all or nothing).
+        let bundles: Vec<ModelManifest> = std::iter::once(model.clone())
+            .chain(extras.iter().cloned())
+            .collect();
+        let mut fetched = self.cache.ensure_all(&bundles, &progress).await;
         // Models idle in VRAM pin their files on disk: unload them, least
-        // recently used first, until the download fits.
+        // recently used first, until the downloads fit.
         let mut idle: Vec<ModelId> = self.resident.resident();
         while matches!(fetched, Err(Error::ResourceExhausted(_))) {
             let Some(victim) = idle.pop() else { break };
             if self.resident.evict(&victim) {
                 info!(model_id = %victim, "unloaded an idle model to free disk for a download");
-                fetched = self.cache.ensure(model, &progress).await;
+                fetched = self.cache.ensure_all(&bundles, &progress).await;
             }
         }
-        let (guard, tier) = fetched?;
-        if tier == CacheTier::Download {
+        let mut fetched = fetched.map_err(download)?.into_iter();
+        let (guard, tier) = fetched
+            .next()
+            .ok_or_else(|| download(Error::Internal("no bundle returned".into())))?;
+        // The extras stay pinned (their guards held) until generation ends.
+        let mut downloaded = tier == CacheTier::Download;
+        let mut extra_guards = Vec::with_capacity(extras.len());
+        let mut extra_dirs = Vec::with_capacity(extras.len());
+        for (m, (g, t)) in extras.iter().zip(fetched) {
+            downloaded |= t == CacheTier::Download;
+            extra_dirs.push((m.clone(), g.path().to_path_buf()));
+            extra_guards.push(g);
+        }
+        if downloaded {
             t.download_s = started.elapsed().as_secs_f64();
         }
         if cancel.load(Ordering::SeqCst) {
-            return Err(super::engine::cancelled());
+            return Err((FailureKind::Cancelled, super::engine::cancelled()));
         }
         // 2. The model in memory, loaded once and kept.
         let loading = Instant::now();
@@ -347,7 +429,8 @@ impl Worker {
                 })
         })
         .await
-        .map_err(|e| Error::Internal(format!("load task: {e}")))??;
+        .map_err(|e| load(Error::Internal(format!("load task: {e}"))))?
+        .map_err(load)?;
         let loaded: Loaded = loaded.as_ref().clone();
         t.load_s = if was_resident {
             0.0
@@ -361,8 +444,12 @@ impl Worker {
         let job2 = job.clone();
         let cancel2 = cancel.clone();
         let spec2 = spec.clone();
-        let images = tokio::task::spawn_blocking(move || {
-            loaded.generate(&spec2, &mut |step, total| {
+        let out = tokio::task::spawn_blocking(move || {
+            let job = Job {
+                spec: &spec2,
+                extras: &extra_dirs,
+            };
+            let out = loaded.generate(&job, &mut |step, total| {
                 me.send(Up::Progress(convert::job_progress(
                     &job2,
                     attempt,
@@ -372,12 +459,17 @@ impl Worker {
                     },
                 )));
                 !cancel2.load(Ordering::SeqCst)
-            })
+            });
+            drop(extra_guards);
+            out
         })
         .await
-        .map_err(|e| Error::Internal(format!("generate task: {e}")))??;
+        .map_err(|e| generating(Error::Internal(format!("generate task: {e}"))))?
+        .map_err(generating)?;
         t.inference_s = inference.elapsed().as_secs_f64();
-        Ok((images, t))
+        t.lora_s = out.lora_s;
+        t.upscale_s = out.upscale_s;
+        Ok((out.images, t))
     }
 }
 
@@ -385,6 +477,54 @@ impl Worker {
 fn backoff(attempt: u32) -> Duration {
     let cap_ms = (100u64 << attempt.min(7)).min(10_000);
     Duration::from_millis(rand::thread_rng().gen_range(cap_ms / 2..=cap_ms))
+}
+
+/// Where the next connection goes: the leader a follower named, else the
+/// coordinators of the list in turn (re-resolved on each round).
+struct Targets {
+    spec: String,
+    list: Vec<crate::auth::Target>,
+    next: usize,
+    hint: Option<crate::auth::Target>,
+}
+
+impl Targets {
+    fn new(spec: &str) -> Self {
+        Self {
+            spec: spec.to_owned(),
+            list: Vec::new(),
+            next: 0,
+            hint: None,
+        }
+    }
+
+    async fn pick(&mut self) -> crate::auth::Target {
+        if let Some(h) = self.hint.take() {
+            return h;
+        }
+        if self.next == 0 || self.list.is_empty() {
+            self.list = crate::auth::targets(&self.spec).await;
+            if self.list.is_empty() {
+                self.list = vec![crate::auth::Target::url(self.spec.clone())];
+            }
+        }
+        let t = self.list[self.next % self.list.len()].clone();
+        self.next = (self.next + 1) % self.list.len();
+        t
+    }
+
+    /// After a dropped stream: the same coordinator again when it is the
+    /// only one (it may come back); else the next one, which either leads
+    /// now or names the leader (perhaps the same one again).
+    fn dropped(&mut self, t: crate::auth::Target) {
+        if self.list.len() <= 1 {
+            self.hint = Some(t);
+        }
+    }
+
+    fn follow(&mut self, url: String) {
+        self.hint = Some(crate::auth::Target::url(url));
+    }
 }
 
 /// Runs the worker until `shutdown` resolves; then finishes running jobs
@@ -397,13 +537,29 @@ pub async fn run(
     let mut shutdown = Box::pin(shutdown);
     let mut failures = 0u32;
     let mut stop_deadline: Option<tokio::time::Instant> = None;
+    let mut targets = Targets::new(&worker.cfg.coordinator);
     loop {
-        let session = connect_once(&worker, &mut outbox, &mut shutdown, &mut stop_deadline);
+        let target = targets.pick().await;
+        let session = connect_once(
+            &worker,
+            &target,
+            &mut outbox,
+            &mut shutdown,
+            &mut stop_deadline,
+        );
         match session.await {
             Ok(SessionEnd::Finished) => return Ok(()),
             Ok(SessionEnd::Dropped(why)) => {
                 warn!(reason = %why, "stream to coordinator dropped; reconnecting");
                 failures = 1;
+                targets.dropped(target);
+            }
+            Ok(SessionEnd::Redirect(leader)) => {
+                info!(from = %target.url, to = %leader, "not the leader; following it");
+                // A follower may name a leader that just died: retry
+                // briskly, but not in a tight loop.
+                failures = failures.min(3);
+                targets.follow(leader);
             }
             Err(e) => {
                 failures += 1;
@@ -426,6 +582,8 @@ pub async fn run(
 enum SessionEnd {
     Finished,
     Dropped(String),
+    /// A coordinator that does not lead named the one that does.
+    Redirect(String),
 }
 
 fn start_draining(worker: &Worker, deadline: &mut Option<tokio::time::Instant>) {
@@ -441,13 +599,18 @@ fn start_draining(worker: &Worker, deadline: &mut Option<tokio::time::Instant>) 
 
 async fn connect_once(
     worker: &Arc<Worker>,
+    target: &crate::auth::Target,
     outbox: &mut mpsc::UnboundedReceiver<Up>,
     shutdown: &mut std::pin::Pin<Box<impl Future<Output = ()>>>,
     stop_deadline: &mut Option<tokio::time::Instant>,
 ) -> Result<SessionEnd> {
-    let url = worker.cfg.coordinator.clone();
-    let endpoint = crate::auth::endpoint(&url, worker.cfg.ca_cert.as_deref())?
-        .http2_keep_alive_interval(Duration::from_secs(10));
+    let url = target.url.clone();
+    // Keepalive pings find a coordinator that stopped answering (a frozen
+    // or partitioned leader, a dead host) within six seconds, about when a
+    // follower takes over its lease, so that the worker moves to it.
+    let endpoint = crate::auth::target_endpoint(target, worker.cfg.ca_cert.as_deref())?
+        .http2_keep_alive_interval(Duration::from_secs(3))
+        .keep_alive_timeout(Duration::from_secs(3));
     let channel = endpoint
         .connect()
         .await
@@ -461,12 +624,30 @@ async fn connect_once(
     tx.send(up(Up::Hello((&worker.hello()).into())))
         .await
         .map_err(|_| Error::Internal("fresh channel closed".into()))?;
-    let mut inbound = client
-        .connect(ReceiverStream::new(rx))
+    // A coordinator that accepts the connection but never answers (a
+    // paused process) must not hold the worker.
+    let connected = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.connect(ReceiverStream::new(rx)),
+    )
+    .await
+    .map_err(|_| Error::Unavailable(format!("Connect to {url}: no answer in 10 s")))?;
+    let mut inbound = match connected {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            if let Some(leader) = crate::auth::leader_hint(&s).filter(|l| l != &url) {
+                return Ok(SessionEnd::Redirect(leader));
+            }
+            return Err(Error::Unavailable(format!(
+                "Connect to {url}: {}",
+                s.message()
+            )));
+        }
+    };
+    let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
         .await
-        .map_err(|s| Error::Unavailable(format!("Connect: {}", s.message())))?
-        .into_inner();
-    let welcome = match inbound.message().await {
+        .map_err(|_| Error::Unavailable(format!("Connect to {url}: no Welcome in 10 s")))?;
+    let welcome = match first {
         Ok(Some(pb::CoordinatorMessage {
             msg: Some(pb::coordinator_message::Msg::Welcome(w)),
         })) => w,
@@ -475,9 +656,22 @@ async fn connect_once(
                 "expected Welcome, got {other:?}"
             )))
         }
-        Err(s) => return Err(Error::Unavailable(format!("Connect: {}", s.message()))),
+        Err(s) => {
+            if let Some(leader) = crate::auth::leader_hint(&s).filter(|l| l != &url) {
+                return Ok(SessionEnd::Redirect(leader));
+            }
+            return Err(Error::Unavailable(format!(
+                "Connect to {url}: {}",
+                s.message()
+            )));
+        }
     };
     info!(coordinator = %url, heartbeat_ms = welcome.heartbeat_interval_ms, "connected");
+    if welcome.max_message_bytes > 0 {
+        worker
+            .max_message_bytes
+            .store(welcome.max_message_bytes, Ordering::Relaxed);
+    }
     let mut heartbeat =
         tokio::time::interval(Duration::from_millis(welcome.heartbeat_interval_ms.max(50)));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

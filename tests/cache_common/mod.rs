@@ -46,6 +46,8 @@ pub fn local_bundle(root: &Path, id: &str, files: &[(&str, usize)]) -> ModelMani
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     ModelManifest {
+        family: String::new(),
+        format: String::new(),
         id: ModelId::from(id),
         kind: ModelKind::Checkpoint,
         source: format!("file://{}", dir.display()),
@@ -82,6 +84,23 @@ pub async fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> 
     }
 }
 
+/// Stops a watcher thread when dropped, also when the test panics (a runtime waits for its
+/// blocking threads at shutdown, so a watcher left running hangs the test instead of failing
+/// it).
+pub struct StopOnDrop(pub Arc<std::sync::atomic::AtomicBool>);
+
+impl StopOnDrop {
+    pub fn new() -> Self {
+        Self(Arc::default())
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[derive(Default)]
 pub struct ServerState {
     pub files: Mutex<HashMap<String, Vec<u8>>>,
@@ -95,6 +114,8 @@ pub struct ServerState {
     pub ignore_range: std::sync::atomic::AtomicBool,
     /// Every request: (path, Range header if any).
     pub log: Mutex<Vec<(String, Option<String>)>>,
+    /// Every request: (path, query string if any).
+    pub queries: Mutex<Vec<(String, Option<String>)>>,
 }
 
 pub struct TestServer {
@@ -152,6 +173,8 @@ impl TestServer {
             serde_json::to_vec(&out).unwrap(),
         );
         ModelManifest {
+            family: String::new(),
+            format: String::new(),
             id: ModelId::from(id),
             kind: ModelKind::Checkpoint,
             source: self.url(id),
@@ -187,12 +210,14 @@ async fn serve_conn(mut sock: tokio::net::TcpStream, st: Arc<ServerState>) {
     let text = String::from_utf8_lossy(&head).into_owned();
     let mut lines = text.split("\r\n");
     let first = lines.next().unwrap_or("");
-    let path = first
-        .split(' ')
-        .nth(1)
-        .unwrap_or("/")
-        .trim_start_matches('/')
-        .to_owned();
+    let target = first.split(' ').nth(1).unwrap_or("/");
+    // A query (a pre-signed URL's signature) is recorded, not part of the file's name.
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_owned())),
+        None => (target, None),
+    };
+    let path = path.trim_start_matches('/').to_owned();
+    st.queries.lock().unwrap().push((path.clone(), query));
     let range = lines
         .filter_map(|l| l.split_once(':'))
         .find(|(k, _)| k.eq_ignore_ascii_case("range"))

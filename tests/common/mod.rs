@@ -1,7 +1,10 @@
 //! Helpers for end-to-end tests: a coordinator and workers in this process,
-//! over real gRPC on 127.0.0.1 (bound first, then served).
+//! over real gRPC on 127.0.0.1 (bound first, then served). In a test binary
+//! named `postgres_*` every coordinator keeps its state in PostgreSQL
+//! instead of the embedded store (`pg.rs`).
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod procs;
 pub mod raw;
 
@@ -39,13 +42,15 @@ pub fn fast_config() -> CoordinatorConfig {
     }
 }
 
-/// A coordinator in this process on a fresh data dir. Without an auth
-/// decision in `cfg`, authentication is disabled (as `--insecure-no-auth`).
+/// A coordinator in this process on a fresh data dir (or a fresh
+/// PostgreSQL database, see the module docs). Without an auth decision in
+/// `cfg`, authentication is disabled (as `--insecure-no-auth`).
 pub async fn coordinator(mut cfg: CoordinatorConfig) -> Coord {
     cfg.auth
         .get_or_insert_with(corral::config::AuthConfig::disabled);
     let data_dir = tempfile::tempdir().unwrap();
     cfg.data_dir = data_dir.path().to_path_buf();
+    cfg.store = pg::store_for(data_dir.path());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, rx) = oneshot::channel::<()>();
@@ -91,7 +96,7 @@ pub fn worker_config(url: &str, cache_dir: &Path) -> WorkerConfig {
 }
 
 pub async fn worker(id: &str, cfg: WorkerConfig) -> WorkerProc {
-    let engine = corral::cli::engine(&cfg).unwrap();
+    let engine = corral::worker::engine::from_config(&cfg).unwrap();
     let (w, outbox) = corral::worker::Worker::new(cfg, id.into(), engine)
         .await
         .unwrap();
@@ -127,6 +132,8 @@ pub fn make_model(dir: &Path, name: &str) -> ModelManifest {
         });
     }
     ModelManifest {
+        family: String::new(),
+        format: String::new(),
         id: ModelId(name.into()),
         kind: ModelKind::Checkpoint,
         source: format!("file://{}", root.display()),
@@ -135,7 +142,7 @@ pub fn make_model(dir: &Path, name: &str) -> ModelManifest {
 }
 
 pub async fn channel(url: &str) -> Channel {
-    corral::cli::channel(url).await.unwrap()
+    corral::client::channel(url).await.unwrap()
 }
 
 pub async fn jobs(url: &str) -> pb::jobs_client::JobsClient<Channel> {
@@ -214,6 +221,15 @@ pub async fn wait_state(url: &str, id: &str, state: pb::JobState, secs: u64) -> 
         let j = get(url, id).await;
         if j.state == state as i32 {
             return j;
+        }
+        let ended = [
+            pb::JobState::Completed,
+            pb::JobState::Failed,
+            pb::JobState::Cancelled,
+        ]
+        .map(|s| s as i32);
+        if ended.contains(&j.state) {
+            panic!("job {id} ended {:?}, not {state:?}: {j:?}", j.state());
         }
         if tokio::time::Instant::now() > deadline {
             panic!("timed out after {secs} s waiting for job {id} to be {state:?}; it is {j:?}");

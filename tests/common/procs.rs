@@ -85,7 +85,8 @@ impl Drop for Proc {
 }
 
 /// Starts a coordinator; returns it and its address (from its log, so
-/// that `listen` may be port 0 the first time).
+/// that `listen` may be port 0 the first time). In a `postgres_*` test
+/// binary its store is the PostgreSQL database standing for `data_dir`.
 pub fn coordinator(logs: &Path, listen: &str, data_dir: &Path, extra: &[&str]) -> (Proc, String) {
     let mut args = vec![
         "coordinator",
@@ -94,6 +95,10 @@ pub fn coordinator(logs: &Path, listen: &str, data_dir: &Path, extra: &[&str]) -
         "--data-dir",
         data_dir.to_str().unwrap(),
     ];
+    let store = super::pg::store_for(data_dir);
+    if let Some(url) = &store {
+        args.extend(["--store", url.expose()]);
+    }
     args.extend_from_slice(extra);
     let mut p = Proc::start(logs, "coordinator", &args, &[]);
     let line = p.wait_log("coordinator listening", 30);
