@@ -87,6 +87,13 @@ pub struct RunResult {
     pub steady_p99_s: f64,
     pub storm_p99_s: f64,
     pub surges: Vec<SurgeResult>,
+    /// Scale-in: p95 of arrivals in the 15 minutes before and after it,
+    /// GB downloaded in the 30 minutes from it, jobs arriving in those 30
+    /// minutes never finished.
+    pub scale_in_pre_p95_s: f64,
+    pub scale_in_p95_s: f64,
+    pub scale_in_gb: f64,
+    pub scale_in_lost: u64,
     /// Stopped early, hopelessly overloaded (`abort_backlog_s`).
     pub aborted: bool,
 }
@@ -232,6 +239,25 @@ pub(super) fn finish(c: &Core, policy: &dyn Policy) -> Result<RunResult> {
         };
         res.steady_p99_s = percentile(&pick(0, at), 0.99);
         res.storm_p99_s = percentile(&pick(at, at + 15 * 60_000), 0.99);
+    }
+    if let Some(s) = &c.p.scale_in {
+        let at = (s.at_min * 60e3) as u64;
+        let pick = |lo: u64, hi: u64| -> Vec<f64> {
+            sorted(
+                c.jobs
+                    .iter()
+                    .filter(|r| r.arr.at_ms >= lo && r.arr.at_ms < hi.min(c.w.end_ms))
+                    .map(latency)
+                    .collect(),
+            )
+        };
+        res.scale_in_pre_p95_s = percentile(&pick(at.saturating_sub(15 * 60_000), at), 0.95);
+        res.scale_in_p95_s = percentile(&pick(at, at + 15 * 60_000), 0.95);
+        res.scale_in_gb = c.led.downloaded_after_scale_in as f64 / 1e9;
+        res.scale_in_lost = pick(at, at + 30 * 60_000)
+            .iter()
+            .filter(|l| l.is_infinite())
+            .count() as u64;
     }
     res.surges = surges(c);
     let (churn, cap) = super::bounds::lower_bounds(c.p, c.w, c.end_ms);

@@ -35,6 +35,8 @@ pub(super) enum Ev {
     ZombieDone(u32, u32, u32),
     /// A timer the policy set: (its kind, its argument).
     Policy(u8, u32),
+    /// The scale-in event (`SimParams::scale_in`).
+    ScaleIn,
 }
 
 /// What the node model tells the policy.
@@ -71,6 +73,8 @@ pub(super) struct Ledger {
     pub gen_ms: u64,
     pub load_ms: u64,
     pub duplicates: u64,
+    /// Bytes of downloads finished in the 30 minutes from the scale-in.
+    pub downloaded_after_scale_in: u64,
     /// Jobs refused because no node could ever serve them (B3).
     pub unservable: u64,
     pub done: u64,
@@ -105,6 +109,8 @@ pub(super) struct Core<'w> {
     probe: Option<Probe>,
     /// Jobs arrived so far (arrivals come in index order).
     pub arrived: u64,
+    /// Fleet slots removed by a scale-in: their later lives never join.
+    pub removed_slots: Vec<bool>,
 }
 
 pub(super) fn internal(msg: String) -> Error {
@@ -144,6 +150,7 @@ impl<'w> Core<'w> {
             aborted: false,
             probe: None,
             arrived: 0,
+            removed_slots: vec![false; p.nodes],
         }
     }
 
@@ -291,6 +298,9 @@ fn simulate<'w>(
             }
         }
     }
+    if let Some(s) = &p.scale_in {
+        c.at((s.at_min * 60e3) as u64, Ev::ScaleIn);
+    }
     pol.begin(&mut c)?;
     // Past this many jobs outstanding (seconds of arrivals) the run is
     // hopelessly overloaded: stop, and count what is left as lost.
@@ -317,13 +327,25 @@ fn simulate<'w>(
         c.now = t;
         match ev {
             Ev::Arrival(j) => pol.arrival(&mut c, j)?,
+            // A slot removed by a scale-in is not replaced.
+            Ev::Join(n) if c.removed_slots[world.lives[n as usize].slot] => {}
             Ev::Join(n) => {
                 c.join_node(n);
                 pol.join(&mut c, n)?;
             }
+            // Removed by a scale-in before its own departure.
+            Ev::Leave(n) if !c.nodes[n as usize].up => {}
             Ev::Leave(n) => {
                 let zombie = c.leave_node(n);
                 pol.leave(&mut c, n, zombie)?;
+            }
+            Ev::ScaleIn => {
+                let s = p.scale_in.as_ref().expect("scheduled only with one");
+                for n in super::scale_in::choose(&c, s) {
+                    c.removed_slots[world.lives[n as usize].slot] = true;
+                    c.remove_node(n);
+                    pol.leave(&mut c, n, false)?;
+                }
             }
             Ev::DlDone(n, tok) => c.dl_done(n, tok)?,
             Ev::Gpu(n, tok) => c.gpu_step(n, tok)?,

@@ -27,6 +27,7 @@ mod node;
 pub mod params;
 mod policy;
 mod report;
+mod scale_in;
 mod stats;
 mod svg;
 pub mod workload;
@@ -52,7 +53,8 @@ use crate::scheduler::{plan_image, ImageCandidate};
 pub struct SimArgs {
     /// Scenario: s1 (steady Zipf), s2 (popularity shift), s3 (churn storm),
     /// s4 (cold long tail), surge-sd15 and surge-sdxl (one model takes 30%
-    /// of arrivals for 20 minutes).
+    /// of arrivals for 20 minutes), scale-in and scale-in-random (40 of 200
+    /// nodes removed at minute 90 by deletion cost or at random).
     #[arg(long, default_value = "s1")]
     pub scenario: String,
     /// TOML file whose keys override the scenario's parameters (see

@@ -240,6 +240,16 @@ impl Core<'_> {
         zombie
     }
 
+    /// The node is removed by a scale-in: it leaves at once and says so
+    /// (never a zombie).
+    pub fn remove_node(&mut self, n: u32) {
+        let x = &mut self.nodes[n as usize];
+        x.up = false;
+        x.gone = true;
+        x.gpu_token += 1;
+        x.dl_token += 1;
+    }
+
     /// A node known gone: the jobs it held (at the GPU first, unless a
     /// zombie still runs it, then the local queue), for the policy to
     /// place again.
@@ -383,6 +393,12 @@ impl Core<'_> {
         self.led.downloaded += bytes;
         if self.now >= self.w.warmup_ms {
             self.led.downloaded_measured += bytes;
+        }
+        if let Some(s) = &self.p.scale_in {
+            let at = (s.at_min * 60e3) as u64;
+            if self.now >= at && self.now < at + 30 * 60_000 {
+                self.led.downloaded_after_scale_in += bytes;
+            }
         }
         self.insert_disk(n, f)?;
         if let Gpu::Waiting(r) = self.nodes[n as usize].gpu {

@@ -49,6 +49,29 @@ pub struct Surge {
     pub duration_min: f64,
 }
 
+/// How a scale-in picks the nodes it removes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleInRule {
+    /// Lowest deletion cost first (`scale_in.rs`), as SaladCloud does
+    /// with the cost the workers report.
+    #[default]
+    Cost,
+    /// Uniformly at random.
+    Random,
+}
+
+/// A scale-in: `nodes` live nodes are removed at `at_min` and not
+/// replaced (the fleet shrinks).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleIn {
+    pub at_min: f64,
+    pub nodes: usize,
+    #[serde(default)]
+    pub rule: ScaleInRule,
+}
+
 /// A popularity shift (S2).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -109,6 +132,8 @@ pub struct SimParams {
     pub shift: Option<Shift>,
     /// Surges of single models (`[[surges]]` in TOML).
     pub surges: Vec<Surge>,
+    /// A scale-in (`[scale_in]` in TOML).
+    pub scale_in: Option<ScaleIn>,
     // ---- arrivals
     /// Jobs per second for the reference run.
     pub rate: f64,
@@ -220,6 +245,7 @@ impl Default for SimParams {
             storm: None,
             shift: None,
             surges: Vec::new(),
+            scale_in: None,
             rate: 10.0,
             arrival_cv: 2.0,
             ramp_min: 20.0,
@@ -256,7 +282,8 @@ impl Default for SimParams {
 pub const REFERENCE_RATE: f64 = 20.0;
 
 impl SimParams {
-    /// The named scenario: s1 to s4, surge-sd15, surge-sdxl.
+    /// The named scenario: s1 to s4, surge-sd15, surge-sdxl, scale-in,
+    /// scale-in-random.
     pub fn scenario(name: &str) -> Result<Self> {
         let s1 = Self::default();
         // Scenarios with events at fixed minutes warm up by time: 90
@@ -286,6 +313,20 @@ impl SimParams {
             "s1" => s1,
             "surge-sd15" => surge("surge-sd15", s1.sd15_gb),
             "surge-sdxl" => surge("surge-sdxl", s1.sdxl_gb),
+            "scale-in" | "scale-in-random" => Self {
+                name: name.into(),
+                length_h: 130.0 / 60.0,
+                scale_in: Some(ScaleIn {
+                    at_min: 90.0,
+                    nodes: 40,
+                    rule: if name.ends_with("random") {
+                        ScaleInRule::Random
+                    } else {
+                        ScaleInRule::Cost
+                    },
+                }),
+                ..timed.clone()
+            },
             "s2" => Self {
                 name: "s2".into(),
                 length_h: 150.0 / 60.0,
@@ -327,7 +368,7 @@ impl SimParams {
                 return Err(Error::invalid(
                     "scenario",
                     format!(
-                    "unknown scenario {other:?}; expected s1, s2, s3, s4, surge-sd15 or surge-sdxl"
+                    "unknown scenario {other:?}; expected s1, s2, s3, s4, surge-sd15, surge-sdxl, scale-in or scale-in-random"
                 ),
                 ))
             }

@@ -157,6 +157,12 @@ fn metrics(exp: &Experiment, po: &PolicyOutcome) -> Rows {
         push(&format!("surge{}_all_p95_s", i + 1), &|s| at(s).all_p95_s);
         push(&format!("surge{}_lost", i + 1), &|s| at(s).lost as f64);
     }
+    if p.scale_in.is_some() {
+        push("scale_in_pre_p95_s", &|s| s.reference.scale_in_pre_p95_s);
+        push("scale_in_p95_s", &|s| s.reference.scale_in_p95_s);
+        push("scale_in_gb", &|s| s.reference.scale_in_gb);
+        push("scale_in_lost", &|s| s.reference.scale_in_lost as f64);
+    }
     push("aborted_runs", &|s| {
         f64::from(u8::from(s.reference.aborted))
     });
@@ -558,6 +564,15 @@ fn json_value(exp: &Experiment) -> serde_json::Value {
                 obj.insert(k.clone(), num(mean));
                 obj.insert(format!("{k}_ci95"), num(half));
             }
+            // Per-seed values, for pairing runs outside one experiment
+            // (e.g. two scale-in rules on the same traces).
+            obj.insert(
+                "per_seed".into(),
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.iter().map(|x| num(*x)).collect()))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into(),
+            );
             if let Some(corral) = exp.outcome(PolicyKind::Corral) {
                 if po.policy != PolicyKind::Corral {
                     let c = metrics(exp, corral);

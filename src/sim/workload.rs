@@ -29,6 +29,8 @@ pub struct Arrival {
 /// One node's life: it joins, runs, and leaves (maybe as a zombie).
 #[derive(Clone, Copy, Debug)]
 pub struct NodeLife {
+    /// The fleet slot; a replacement takes its predecessor's slot.
+    pub slot: usize,
     pub join_ms: u64,
     pub leave_ms: u64,
     pub zombie: bool,
@@ -260,6 +262,7 @@ fn lives(p: &SimParams, seed: u64, end_ms: u64) -> Vec<NodeLife> {
             }
             let zombie = churn.gen_bool(p.zombie_share.clamp(0.0, 1.0));
             out.push(NodeLife {
+                slot,
                 join_ms: join as u64,
                 leave_ms: leave.min(u64::MAX as f64 / 2.0) as u64,
                 zombie,

@@ -13,7 +13,8 @@
 //! scheduler's code: no `replicate` calls (corral-norepl); nodes that take
 //! `corral_early_slots` jobs and run them one after another, so the
 //! scheduler binds jobs at arrival (corral-early); reports without a
-//! measured download rate (corral-nobw).
+//! measured download rate (corral-nobw); no surge response
+//! (corral-nosurge).
 
 use std::sync::Arc;
 
@@ -66,7 +67,11 @@ fn parse_id(s: &str) -> Result<u32> {
 
 impl CorralAdapter {
     pub(crate) fn new(kind: PolicyKind, p: &SimParams, w: &World) -> Self {
-        let mut sched = Scheduler::new(scheduler_config(p));
+        let mut cfg = scheduler_config(p);
+        if kind == PolicyKind::CorralNoSurge {
+            cfg.surge_ratio = 0.0;
+        }
+        let mut sched = Scheduler::new(cfg);
         let models: Vec<ModelId> = (0..w.models).map(|m| ModelId(format!("m{m}"))).collect();
         for (m, id) in models.iter().enumerate() {
             sched.register_model(id.clone(), w.files[m].bytes);
@@ -107,17 +112,22 @@ impl CorralAdapter {
                     preloaded: *baked,
                 })
                 .collect(),
+            // Downloads queued behind the one in progress are reported too
+            // (at 0 bytes), as the worker's cache reports every download
+            // it has accepted.
             downloads: x
                 .dl
                 .iter()
-                .filter(|d| d.0 < models)
+                .copied()
+                .chain(x.dl_q.iter().map(|&f| (f, c.now, c.now)))
+                .filter(|d| d.0 < models && !x.disk.contains_key(&d.0))
                 .map(|(f, start, end)| {
-                    let total = c.w.files[*f as usize].bytes;
-                    let span = end.saturating_sub(*start).max(1);
-                    let done = (total as u128 * u128::from(c.now.saturating_sub(*start))
+                    let total = c.w.files[f as usize].bytes;
+                    let span = end.saturating_sub(start).max(1);
+                    let done = (total as u128 * u128::from(c.now.saturating_sub(start))
                         / u128::from(span)) as u64;
                     DownloadState {
-                        model_id: self.models[*f as usize].clone(),
+                        model_id: self.models[f as usize].clone(),
                         bytes_done: done.min(total),
                         bytes_total: total,
                     }

@@ -42,6 +42,9 @@ pub enum PolicyKind {
     /// measured download rate; the scheduler assumes its default).
     #[value(name = "corral-nobw")]
     CorralNoBw,
+    /// Ablation: Corral without the surge response (`surge_ratio` 0).
+    #[value(name = "corral-nosurge")]
+    CorralNoSurge,
     /// FIFO-any.
     B1,
     /// Horde-strict: workers take only models they advertise.
@@ -71,11 +74,12 @@ pub enum PolicyKind {
 impl PolicyKind {
     /// The policies of a default run: Corral, its ablations, every
     /// baseline and variant.
-    pub const ALL: [PolicyKind; 12] = [
+    pub const ALL: [PolicyKind; 13] = [
         PolicyKind::Corral,
         PolicyKind::CorralNoRepl,
         PolicyKind::CorralEarly,
         PolicyKind::CorralNoBw,
+        PolicyKind::CorralNoSurge,
         PolicyKind::B1,
         PolicyKind::B3,
         PolicyKind::B4,
@@ -92,6 +96,7 @@ impl PolicyKind {
             Self::CorralNoRepl => "corral-norepl",
             Self::CorralEarly => "corral-early",
             Self::CorralNoBw => "corral-nobw",
+            Self::CorralNoSurge => "corral-nosurge",
             Self::B1 => "b1-fifo",
             Self::B3 => "b3-horde",
             Self::B4 => "b4-ray",
@@ -107,7 +112,11 @@ impl PolicyKind {
     pub fn is_corral(self) -> bool {
         matches!(
             self,
-            Self::Corral | Self::CorralNoRepl | Self::CorralEarly | Self::CorralNoBw
+            Self::Corral
+                | Self::CorralNoRepl
+                | Self::CorralEarly
+                | Self::CorralNoBw
+                | Self::CorralNoSurge
         )
     }
 }
@@ -149,7 +158,8 @@ pub(super) fn make(kind: PolicyKind, p: &SimParams, w: &World) -> Box<dyn Policy
         PolicyKind::Corral
         | PolicyKind::CorralNoRepl
         | PolicyKind::CorralEarly
-        | PolicyKind::CorralNoBw => Box::new(corral::CorralAdapter::new(kind, p, w)),
+        | PolicyKind::CorralNoBw
+        | PolicyKind::CorralNoSurge => Box::new(corral::CorralAdapter::new(kind, p, w)),
         PolicyKind::B1 => Box::new(fifo::Fifo::default()),
         PolicyKind::B3 => Box::new(horde::Horde::new(w)),
         PolicyKind::B4 => Box::new(push::Push::new(ray::Ray)),
