@@ -155,13 +155,16 @@ def main():
     if e:
         parts.append(at_rate(e, "S1 at the reference rate: ablations and variants",
                              [("p95_s", 1), ("gb_per_job", 4), ("gb_per_job_belady_replay", 4)]))
-    e = load(d, "cold-start.json")
-    if e:
-        parts.append(at_rate(e, "Cold start from empty disks", [("cold_ramp_min", 1), ("p95_s", 1)]))
-    for name in ["surge-sd15", "surge-sdxl"]:
+    for name, rate in [("cold-start", 20), ("cold-start-at-14", 14.2)]:
         e = load(d, f"{name}.json")
         if e:
-            parts.append(at_rate(e, f"{name}: surge model to 30% of arrivals for 20 min",
+            parts.append(at_rate(e, f"Cold start from empty disks at {rate} jobs/s",
+                                 [("cold_ramp_min", 1), ("p95_s", 1), ("aborted_runs", 1)]))
+    for name, rate in [("surge-sd15", 20), ("surge-sdxl", 20), ("surge-sd15-at-14", 14.2),
+                       ("surge-sdxl-at-14", 14.2)]:
+        e = load(d, f"{name}.json")
+        if e:
+            parts.append(at_rate(e, f"{name}: surge model to 30% of {rate} jobs/s for 20 min",
                                  [("surge1_recovery_min", 1), ("surge1_model_p95_s", 1),
                                   ("surge1_all_p95_s", 1), ("surge1_lost", 0)]))
     cost, rnd = load(d, "scale-in.json"), load(d, "scale-in-random.json")

@@ -112,8 +112,12 @@ impl Scheduler {
             .map(|w| w.hello.cache_max_bytes as f64)
             .sum::<f64>()
             * cfg.replica_disk_share;
-        // Chance that a given worker is lost in one second.
-        let loss_per_worker_s = self.repl.losses.rate_per_s(now, cfg) / live.len() as f64;
+        // Chance that a given worker is lost in one second: the slow rate,
+        // a sustained hazard. The fast one would read a one-off mass
+        // departure (a scale-in of 40 nodes) as a hazard of 40 a minute and
+        // multiply every target for minutes: the simulated scale-in
+        // downloaded 10 TB in 30 minutes that way.
+        let loss_per_worker_s = self.repl.losses.slow_per_s(now, cfg) / live.len() as f64;
         let mut pending: BTreeMap<&ModelId, u32> = BTreeMap::new();
         for (m, _) in self.repl.pending.values() {
             *pending.entry(m).or_default() += 1;
@@ -138,7 +142,9 @@ impl Scheduler {
                 .max(self.surge_target(mix).unwrap_or(0));
             // Copies expected to vanish while a lost one is replaced.
             let refill_s = (cfg.cost.download_ms(bytes, 0) + cfg.cost.load_ms(bytes)) as f64 / 1e3;
-            let extra = (base as f64 * loss_per_worker_s * refill_s * 3.0).round() as u32;
+            // At most as many again: losses refill copies, never multiply them.
+            let extra =
+                ((base as f64 * loss_per_worker_s * refill_s * 3.0).round() as u32).min(base);
             let mut target = (base + extra).min(live.len() as u32);
             let holders = &self.models[mix as usize].holders;
             let held = holders.len() as u32 + pending.get(model).copied().unwrap_or(0);

@@ -233,3 +233,39 @@ fn surge_response_off_when_ratio_is_zero() {
     arrivals(&mut s, "a", 0, 10 * S, 250);
     assert!(surging(&s).is_empty());
 }
+
+#[test]
+fn a_mass_departure_does_not_multiply_replica_targets() {
+    let mut s = sched(SchedulerConfig::default());
+    for i in 0..40 {
+        s.connect(worker(&format!("w{i:02}"), 25_000_000, 40, &[]), 0);
+    }
+    // One job a second for 10 minutes: about 5 workers busy.
+    for i in 0..600u64 {
+        let id = format!("j{i}");
+        s.submit(
+            id.clone().into(),
+            Arc::new(JobSpec::for_model("a".into())),
+            i * S,
+        )
+        .unwrap();
+        let _ = s.cancel(&id.into(), i * S);
+    }
+    let target = |s: &Scheduler, t: u64| {
+        s.replica_targets(t)
+            .into_iter()
+            .find(|r| r.model.0 == "a")
+            .unwrap()
+            .target
+    };
+    let before = target(&s, 600 * S);
+    // Half the fleet leaves without notice in one second (a scale-in).
+    for i in 0..20 {
+        s.disconnect(&format!("w{i:02}").into(), "gone", false, 600 * S);
+    }
+    let after = target(&s, 601 * S);
+    assert!(before >= 5, "{before}");
+    // The churn term refills copies for a sustained loss rate; one event
+    // is not read as 20 losses a minute for every model.
+    assert!(after * 2 <= before * 3, "{before} -> {after}");
+}

@@ -9,7 +9,8 @@ fn small(name: &str) -> SimParams {
     p.warmup_min = 5.0;
     p.ramp_min = 0.0;
     p.warmup_jobs = 0.0;
-    p.drain_min = 5.0;
+    // Long enough for the last arrivals' downloads on the slowest nodes.
+    p.drain_min = 15.0;
     p.goodput_grid = 0;
     if p.loras > 0 {
         p.loras = 50;
@@ -231,7 +232,9 @@ fn cold_start_reports_the_ramp() {
 #[test]
 fn a_scale_in_removes_nodes_for_good_and_loses_no_job() {
     for sc in ["scale-in", "scale-in-random"] {
-        let p = small(sc);
+        let mut p = small(sc);
+        // Light enough that the 8 nodes left are not overloaded.
+        p.rate = 0.25;
         for pol in [PolicyKind::Corral, PolicyKind::B7Late] {
             let r = run_once(&p, pol, 3, p.rate).unwrap_or_else(|e| panic!("{sc} {pol:?}: {e}"));
             // Removed nodes hand their jobs back at once.
@@ -242,8 +245,8 @@ fn a_scale_in_removes_nodes_for_good_and_loses_no_job() {
     }
     // The two rules remove different nodes: the runs differ after the
     // event, on the same trace.
-    let by_cost = run_once(&small("scale-in"), PolicyKind::Corral, 3, 0.6).unwrap();
-    let random = run_once(&small("scale-in-random"), PolicyKind::Corral, 3, 0.6).unwrap();
+    let by_cost = run_once(&small("scale-in"), PolicyKind::Corral, 3, 0.25).unwrap();
+    let random = run_once(&small("scale-in-random"), PolicyKind::Corral, 3, 0.25).unwrap();
     assert_eq!(by_cost.arrived, random.arrived);
     assert_ne!(
         (by_cost.scale_in_gb, by_cost.latencies_s.clone()),
@@ -253,15 +256,27 @@ fn a_scale_in_removes_nodes_for_good_and_loses_no_job() {
 
 #[test]
 fn the_surge_response_starts_copies_the_ablation_does_not() {
+    // A surge big enough to need copies (6 workers busy at its peak) on a
+    // fleet that is not overloaded: 40 nodes, 3 jobs/s, half of them for
+    // the surge model from minute 12 to 20.
     let mut p = small("surge-sd15");
+    p.nodes = 40;
+    p.models = 100;
+    p.rate = 3.0;
     p.surges[0].rank = 30;
+    p.surges[0].share = 0.5;
     p.surges[0].start_min = 12.0;
     p.surges[0].duration_min = 8.0;
-    p.rate = 2.0;
     let on = run_once(&p, PolicyKind::Corral, 5, p.rate).unwrap();
     let off = run_once(&p, PolicyKind::CorralNoSurge, 5, p.rate).unwrap();
-    assert_eq!(on.surges[0].lost, 0);
-    // Same trace; the response changes what happens to the surge model.
-    assert_eq!(on.arrived, off.arrived);
-    assert_ne!(on.surges[0].per_minute, off.surges[0].per_minute);
+    assert_eq!(on.arrived, off.arrived, "same trace");
+    assert_eq!((on.surges[0].lost, off.surges[0].lost), (0, 0));
+    // On this trace the response halves the surge model's p95 (16.7 s
+    // against 35.2 s when measured).
+    assert!(
+        on.surges[0].model_p95_s < off.surges[0].model_p95_s,
+        "{} vs {}",
+        on.surges[0].model_p95_s,
+        off.surges[0].model_p95_s
+    );
 }
