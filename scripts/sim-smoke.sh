@@ -79,6 +79,8 @@ echo "scale-in (by deletion cost, at random)"
 for rule in cost random; do
   grep -v -e '^\[\[surges' -e '^rank' -e '^size_gb' -e '^share' -e '^start_min' -e '^duration_min' \
     "$OUT/surge.toml" > "$OUT/scale-$rule.toml"
+  # Light enough that the 18 nodes left are not overloaded.
+  sed -i -e 's/^rate = .*/rate = 0.5/' -e 's/^drain_min = .*/drain_min = 15.0/' "$OUT/scale-$rule.toml"
   printf '[scale_in]\nat_min = 12.0\nnodes = 6\nrule = "%s"\n' "$rule" >> "$OUT/scale-$rule.toml"
   "$CORRAL" sim --config "$OUT/scale-$rule.toml" --threads 2 --format json --scenario s1 --seeds 1 \
     --policies corral,b7-late > "$OUT/scale-$rule.json"

@@ -7,7 +7,7 @@ Fleet as in S1: 200 nodes, bandwidth lognormal (median 200 Mbit/s, sigma
 0.9), GPU classes 40/30/30% at 2/3.5/7 s (SD1.5) or 6/10/18 s (SDXL) per
 image, load 1.5 s + size / 1.5 GB/s. The other 70% of the reference load
 (14 jobs/s, about 84 GPUs busy) stays where it is, so at most 116 nodes turn
-to the surge model. Every chosen node starts its download at the surge's
+to the surge model (140 at 14.2 jobs/s). Every chosen node starts its download at the surge's
 first second and then does nothing but the surge model. The surge model
 takes 30% of 20 jobs/s. The bound is the first time T at which the jobs
 those nodes can have finished catch up with the jobs arrived (the backlog
@@ -42,5 +42,9 @@ def catch_up_s(size_gb, rate=6.0, free_nodes=116, draws=200):
 
 
 if __name__ == "__main__":
-    for gb in (2.13, 6.94):
-        print(f"{gb} GB: backlog can be gone at the earliest {catch_up_s(gb) / 60:.1f} min after the surge starts")
+    # At 20 jobs/s (6 for the surge model, 14 x 6 s = 84 GPUs busy with the
+    # rest) and at 14.2 (4.26; 9.94 x 6 s = 60 busy).
+    for total, free in ((20.0, 116), (14.2, 140)):
+        for gb in (2.13, 6.94):
+            t = catch_up_s(gb, rate=0.3 * total, free_nodes=free)
+            print(f"{total} jobs/s, {gb} GB: backlog gone at the earliest {t / 60:.1f} min after the surge starts")

@@ -140,7 +140,10 @@ fn model_values(c: &Core, copies: &BTreeMap<u32, u32>) -> BTreeMap<u32, Value> {
 
 /// What one of `copies` copies is worth (`copy_value` in cloud/cost.rs).
 fn copy_value(m: &Value, copies: u32) -> f64 {
-    if !(m.demand_per_s > 0.0) || !(m.refill_s > 0.0) {
+    // NaN or non-positive: no value.
+    if m.demand_per_s.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        || m.refill_s.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+    {
         return 0.0;
     }
     let asked = 1.0 - (-m.demand_per_s * HORIZON_S).exp();
