@@ -30,6 +30,7 @@
 //! - `estimate.rs`: the cost model and start estimates;
 //! - `deadline.rs`: attempt deadlines (a running attempt's time is up);
 //! - `replicate.rs`: replica targets and prefetches;
+//! - `surge.rs`: surge detection, fast placement of copies, release;
 //! - `plan.rs`: which models to bake into the worker image.
 
 mod deadline;
@@ -42,12 +43,14 @@ mod plan;
 mod queue;
 mod replicate;
 mod state;
+mod surge;
 mod workers;
 
 pub use estimate::CostModel;
 pub use plan::{plan_image, ImageCandidate, ImagePlan};
 pub use replicate::ReplicaTarget;
 pub use state::{JobEntry, ModelStatus, Scheduler, WorkerEntry};
+pub use surge::SurgeView;
 
 use crate::types::{CacheTier, JobId, Millis, ModelId, WorkerId};
 
@@ -94,6 +97,28 @@ pub struct SchedulerConfig {
     /// A prefetch not yet seen in a worker's report counts as a copy for
     /// this long, then is forgotten. Default: 120,000.
     pub prefetch_pending_ms: Millis,
+    /// Time constant of the short arrival rate that detects surges
+    /// (`surge.rs`). Default: 10,000.
+    pub surge_window_ms: Millis,
+    /// How often surges are checked and their copies placed. Default: 1,000.
+    pub surge_check_ms: Millis,
+    /// A model surges when its short rate is at least this many times its
+    /// slow rate (0: surge response off). Default: 3.
+    pub surge_ratio: f64,
+    /// ... and would keep at least this many workers busy (and more than
+    /// its copies serve). Default: 4.
+    pub surge_min_load: f64,
+    /// Copies of a surging model per busy worker its rate needs. Default: 1.5.
+    pub surge_headroom: f64,
+    /// Extra copies clear the jobs already queued for a surging model
+    /// within this time. Default: 120,000.
+    pub surge_drain_ms: Millis,
+    /// Most of the live workers one surging model may take. Default: 0.5.
+    pub surge_max_share: f64,
+    /// A surge ends when its short rate stays below this share of its peak
+    /// for `surge_release_ms`. Default: 0.5 and 120,000.
+    pub surge_release_share: f64,
+    pub surge_release_ms: Millis,
 }
 
 impl Default for SchedulerConfig {
@@ -115,6 +140,15 @@ impl Default for SchedulerConfig {
             replica_disk_share: 0.8,
             max_prefetch_per_round: 256,
             prefetch_pending_ms: 120_000,
+            surge_window_ms: 10_000,
+            surge_check_ms: 1_000,
+            surge_ratio: 3.0,
+            surge_min_load: 4.0,
+            surge_headroom: 1.5,
+            surge_drain_ms: 120_000,
+            surge_max_share: 0.5,
+            surge_release_share: 0.5,
+            surge_release_ms: 120_000,
         }
     }
 }
@@ -150,5 +184,7 @@ pub enum Effect {
 
 #[cfg(test)]
 mod index_tests;
+#[cfg(test)]
+mod surge_tests;
 #[cfg(test)]
 mod tests;

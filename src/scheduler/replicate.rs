@@ -13,6 +13,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::ids::Mix;
+use super::surge::Surge;
 use super::{Effect, Scheduler, SchedulerConfig};
 use crate::types::{Millis, ModelId, WorkerId};
 
@@ -21,6 +22,8 @@ use crate::types::{Millis, ModelId, WorkerId};
 pub(crate) struct Demand {
     fast: f64,
     slow: f64,
+    /// Short time constant (`surge_window_ms`), for surge detection.
+    burst: f64,
     at_ms: Millis,
 }
 
@@ -36,9 +39,17 @@ impl Demand {
     /// One arrival at `now`.
     pub(crate) fn record(&mut self, now: Millis, cfg: &SchedulerConfig) {
         let (f, s) = self.decayed(now, cfg);
+        let b = self.burst_per_s(now, cfg);
         self.fast = f + 1000.0 / cfg.demand_fast_ms.max(1) as f64;
         self.slow = s + 1000.0 / cfg.demand_slow_ms.max(1) as f64;
+        self.burst = b + 1000.0 / cfg.surge_window_ms.max(1) as f64;
         self.at_ms = self.at_ms.max(now);
+    }
+
+    /// Arrivals per second at `now`, short time constant (surges).
+    pub(crate) fn burst_per_s(&self, now: Millis, cfg: &SchedulerConfig) -> f64 {
+        let dt = now.saturating_sub(self.at_ms) as f64;
+        self.burst * (-dt / cfg.surge_window_ms.max(1) as f64).exp()
     }
 
     /// Arrivals per second at `now`, slow time constant.
@@ -59,8 +70,14 @@ pub(crate) struct ReplicaState {
     /// Workers lost without notice, as a decaying rate (slow constant).
     losses: Demand,
     /// Prefetches sent and not yet visible in the worker's report.
-    pending: BTreeMap<WorkerId, (ModelId, Millis)>,
+    pub(super) pending: BTreeMap<WorkerId, (ModelId, Millis)>,
     next_round_ms: Millis,
+    /// Surges in progress (see `surge.rs`).
+    pub(super) surges: BTreeMap<Mix, Surge>,
+    pub(super) next_surge_ms: Millis,
+    /// Each model's replica target at the last round, for judging which
+    /// copies are spare.
+    pub(super) last_targets: BTreeMap<Mix, u32>,
 }
 
 impl ReplicaState {
@@ -95,8 +112,12 @@ impl Scheduler {
             .map(|w| w.hello.cache_max_bytes as f64)
             .sum::<f64>()
             * cfg.replica_disk_share;
-        // Chance that a given worker is lost in one second.
-        let loss_per_worker_s = self.repl.losses.rate_per_s(now, cfg) / live.len() as f64;
+        // Chance that a given worker is lost in one second: the slow rate,
+        // a sustained hazard. The fast one would read a one-off mass
+        // departure (a scale-in of 40 nodes) as a hazard of 40 a minute and
+        // multiply every target for minutes: the simulated scale-in
+        // downloaded 10 TB in 30 minutes that way.
+        let loss_per_worker_s = self.repl.losses.slow_per_s(now, cfg) / live.len() as f64;
         let mut pending: BTreeMap<&ModelId, u32> = BTreeMap::new();
         for (m, _) in self.repl.pending.values() {
             *pending.entry(m).or_default() += 1;
@@ -116,10 +137,14 @@ impl Scheduler {
             let bytes = self.model_bytes(mix);
             let service_s = self.service_ms(mix) as f64 / 1000.0;
             let load = rate * service_s;
-            let base = ((load * cfg.replica_headroom).ceil() as u32).max(cfg.min_warm_replicas);
+            let base = ((load * cfg.replica_headroom).ceil() as u32)
+                .max(cfg.min_warm_replicas)
+                .max(self.surge_target(mix).unwrap_or(0));
             // Copies expected to vanish while a lost one is replaced.
             let refill_s = (cfg.cost.download_ms(bytes, 0) + cfg.cost.load_ms(bytes)) as f64 / 1e3;
-            let extra = (base as f64 * loss_per_worker_s * refill_s * 3.0).round() as u32;
+            // At most as many again: losses refill copies, never multiply them.
+            let extra =
+                ((base as f64 * loss_per_worker_s * refill_s * 3.0).round() as u32).min(base);
             let mut target = (base + extra).min(live.len() as u32);
             let holders = &self.models[mix as usize].holders;
             let held = holders.len() as u32 + pending.get(model).copied().unwrap_or(0);
@@ -156,8 +181,10 @@ impl Scheduler {
     /// The coordinator calls this from its periodic tick; it plans at most
     /// every `replicate_interval_ms` and returns nothing in between.
     pub fn replicate(&mut self, now: Millis) -> Vec<Effect> {
+        // Surges are checked more often than the round (`surge.rs`).
+        let mut effects = self.surge_round(now);
         if now < self.repl.next_round_ms {
-            return Vec::new();
+            return effects;
         }
         self.repl.next_round_ms = now + self.cfg.replicate_interval_ms;
         // Forget prefetches that arrived, were dropped, or took too long.
@@ -173,6 +200,10 @@ impl Scheduler {
                 && now.saturating_sub(*at) < pending_ms
         });
         let targets = self.replica_targets(now);
+        self.repl.last_targets = targets
+            .iter()
+            .filter_map(|t| Some((self.model_ix(&t.model)?, t.target)))
+            .collect();
         // Candidates: idle download channel, best bandwidth first.
         let default_bps = self.cfg.cost.default_download_bps;
         let (workers, worker_ids) = (&self.workers, &self.worker_ids);
@@ -193,7 +224,6 @@ impl Scheduler {
             .collect();
         candidates.sort_by_key(|(id, bps, free)| (Reverse(*bps), Reverse(*free), *id));
         let mut used: BTreeSet<usize> = BTreeSet::new();
-        let mut effects = Vec::new();
         'models: for t in targets {
             let mix = self
                 .model_ix(&t.model)

@@ -1,26 +1,49 @@
 //! The discrete-event simulator: Corral's scheduler against baselines on
-//! the scenarios of ../shared/BENCHMARK.md.
+//! the scenarios of ../shared/BENCHMARK.md, measured as docs/sim.md says.
 //!
-//! It drives `crate::scheduler` directly (never the gRPC server) with
+//! Layout:
+//! - `params.rs`, `workload.rs`: the scenario and the world it generates
+//!   (catalogue, arrivals with shifts and surges, node lives).
+//! - `engine.rs`: the event loop and the simulated world (`Core`);
+//!   `node.rs`: the node model (disk, VRAM, downloads, GPU).
+//! - `policy/`: one file per policy behind a trait; `policy/corral.rs`
+//!   drives `crate::scheduler::Scheduler` as the coordinator does.
+//! - `aggregate.rs`: a run's figures; `belady.rs`: per-node eviction
+//!   replays; `bounds.rs`: lower bounds on bytes and the GPU capacity bound.
+//! - `experiment.rs`: seeds, goodput search, cold start, sweeps, on a
+//!   thread pool; `stats.rs`: intervals and paired differences;
+//!   `report.rs`, `svg.rs`: tables, JSON, CSV, plots.
+//!
+//! It drives `crate::scheduler` directly (never the gRPC server), with
 //! simulated workers that report their cache state as heartbeats, exactly
-//! as real workers do. Baselines share the worker model and the traces but
-//! place jobs themselves. Results: a table per scenario, JSON or CSV, and
-//! SVG plots. See docs/sim.md.
+//! as real workers do.
 
+mod aggregate;
+mod belady;
 mod bounds;
-pub mod engine;
+mod engine;
+mod experiment;
+mod node;
 pub mod params;
+mod policy;
 mod report;
+mod scale_in;
+mod stats;
 mod svg;
 pub mod workload;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 
-pub use engine::{percentile, run_once, PolicyKind, RunResult};
+pub use aggregate::{percentile, RunResult, SurgeResult};
+pub use engine::run_once;
+pub use experiment::{
+    cold_start, experiment, goodput, ramp_min, sweep, with_field, Experiment, PolicyOutcome,
+    SeedOutcome, Sweep,
+};
+pub use node::Tier;
 pub use params::SimParams;
-pub use report::Format;
+pub use policy::PolicyKind;
+pub use report::{best_baseline, Format};
 
 use crate::error::{Error, Result};
 use crate::scheduler::{plan_image, ImageCandidate};
@@ -29,7 +52,9 @@ use crate::scheduler::{plan_image, ImageCandidate};
 #[derive(clap::Args, Clone, Debug)]
 pub struct SimArgs {
     /// Scenario: s1 (steady Zipf), s2 (popularity shift), s3 (churn storm),
-    /// s4 (cold long tail).
+    /// s4 (cold long tail), surge-sd15 and surge-sdxl (one model takes 30%
+    /// of arrivals for 20 minutes), scale-in and scale-in-random (40 of 200
+    /// nodes removed at minute 90 by deletion cost or at random).
     #[arg(long, default_value = "s1")]
     pub scenario: String,
     /// TOML file whose keys override the scenario's parameters (see
@@ -37,22 +62,25 @@ pub struct SimArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Seeds per policy (seeds 1..=N).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 10)]
     pub seeds: u32,
-    /// Policies to run (default: all).
+    /// Policies to run (default: all; with --sweep, corral and b7-late).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub policies: Vec<PolicyKind>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
-    /// Write SVG plots into this directory.
+    /// Write SVG plots (and the surge series as CSV) into this directory.
     #[arg(long)]
     pub plots_dir: Option<PathBuf>,
     /// Arrival rate of the reference run, jobs per second.
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Simulated hours per run.
+    /// Simulated hours per run (warm-up included).
     #[arg(long)]
     pub hours: Option<f64>,
+    /// Warm-up minutes, not measured.
+    #[arg(long)]
+    pub warmup_min: Option<f64>,
     /// Rates probed for SLO-goodput, a geometric grid (0: no goodput).
     #[arg(long)]
     pub goodput_grid: Option<usize>,
@@ -62,6 +90,22 @@ pub struct SimArgs {
     /// Zipf exponent of popularity.
     #[arg(long)]
     pub zipf: Option<f64>,
+    /// Run from empty disks (only the image) with no warm-up, and report
+    /// the time until p95 stays within the SLO.
+    #[arg(long, conflicts_with = "sweep")]
+    pub cold_start: bool,
+    /// Sweep this parameter (any numeric key of the scenario, e.g. zipf_s,
+    /// bw_median_mbit, hazard_per_h, models, disk_gb, b6_prop_scale),
+    /// with goodput at each point.
+    #[arg(long)]
+    pub sweep: Option<String>,
+    /// Values of the swept parameter (default for the keys above: the
+    /// ranges of issue 14).
+    #[arg(long, value_delimiter = ',', requires = "sweep")]
+    pub points: Vec<f64>,
+    /// Also write the result as JSON to this file.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
     /// Worker threads (default: available cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -72,148 +116,23 @@ impl Default for SimArgs {
         Self {
             scenario: "s1".into(),
             config: None,
-            seeds: 3,
+            seeds: 10,
             policies: Vec::new(),
             format: Format::Table,
             plots_dir: None,
             rate: None,
             hours: None,
+            warmup_min: None,
             goodput_grid: None,
             bisect_steps: None,
             zipf: None,
+            cold_start: false,
+            sweep: None,
+            points: Vec::new(),
+            json_out: None,
             threads: None,
         }
     }
-}
-
-/// One policy on one seed: the reference run and, when asked, goodput.
-#[derive(Clone, Debug)]
-pub struct SeedOutcome {
-    pub seed: u64,
-    /// Highest rate with p95 <= SLO (0 when even the lowest fails).
-    pub goodput: Option<f64>,
-    /// (rate, p95 s) of each bisection probe.
-    pub probes: Vec<(f64, f64)>,
-    pub reference: RunResult,
-}
-
-/// All seeds of one policy.
-#[derive(Clone, Debug)]
-pub struct PolicyOutcome {
-    pub policy: PolicyKind,
-    pub seeds: Vec<SeedOutcome>,
-}
-
-pub struct Experiment {
-    pub params: SimParams,
-    pub outcomes: Vec<PolicyOutcome>,
-}
-
-fn p95_of(r: &RunResult) -> f64 {
-    percentile(&r.latencies_s, 0.95)
-}
-
-/// SLO-goodput: the highest arrival rate with p95 <= SLO. p95 is not
-/// monotonic in the rate at the low end (a light load leaves caches cold,
-/// and every miss waits for a download), so a geometric grid from
-/// `bisect_hi` down finds the highest passing grid rate, then bisection
-/// refines between it and the grid rate above.
-pub fn goodput(p: &SimParams, policy: PolicyKind, seed: u64) -> Result<(f64, Vec<(f64, f64)>)> {
-    let mut probes = Vec::new();
-    let ok = |rate: f64, probes: &mut Vec<(f64, f64)>| -> Result<bool> {
-        let r = run_once(p, policy, seed, rate)?;
-        let p95 = p95_of(&r);
-        probes.push((rate, p95));
-        Ok(p95 <= p.slo_p95_s)
-    };
-    let n = p.goodput_grid.max(2);
-    let grid: Vec<f64> = (0..n)
-        .map(|i| p.bisect_lo * (p.bisect_hi / p.bisect_lo).powf(i as f64 / (n - 1) as f64))
-        .collect();
-    let mut found = None;
-    for i in (0..n).rev() {
-        if ok(grid[i], &mut probes)? {
-            found = Some(i);
-            break;
-        }
-    }
-    let Some(i) = found else {
-        probes.sort_by(|a, b| a.0.total_cmp(&b.0));
-        return Ok((0.0, probes));
-    };
-    let (mut lo, mut hi) = (grid[i], grid.get(i + 1).copied().unwrap_or(grid[i]));
-    if hi > lo {
-        for _ in 0..p.bisect_steps {
-            let mid = (lo * hi).sqrt();
-            if ok(mid, &mut probes)? {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-    }
-    probes.sort_by(|a, b| a.0.total_cmp(&b.0));
-    Ok((lo, probes))
-}
-
-/// Runs every (policy, seed) on `threads` threads.
-pub fn experiment(
-    p: &SimParams,
-    policies: &[PolicyKind],
-    seeds: u32,
-    threads: usize,
-) -> Result<Experiment> {
-    p.validate()?;
-    let tasks: Vec<(usize, PolicyKind, u64)> = policies
-        .iter()
-        .enumerate()
-        .flat_map(|(i, pol)| (1..=u64::from(seeds.max(1))).map(move |s| (i, *pol, s)))
-        .collect();
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<SeedOutcome>>>> =
-        Mutex::new((0..tasks.len()).map(|_| None).collect());
-    std::thread::scope(|scope| {
-        for _ in 0..threads.max(1) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some(&(_, policy, seed)) = tasks.get(i) else {
-                    break;
-                };
-                let out = (|| {
-                    let (goodput, probes) = if p.goodput_grid > 0 {
-                        let (g, pr) = goodput(p, policy, seed)?;
-                        (Some(g), pr)
-                    } else {
-                        (None, Vec::new())
-                    };
-                    let reference = run_once(p, policy, seed, p.rate)?;
-                    Ok(SeedOutcome {
-                        seed,
-                        goodput,
-                        probes,
-                        reference,
-                    })
-                })();
-                results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(out);
-            });
-        }
-    });
-    let results = results.into_inner().unwrap_or_else(|e| e.into_inner());
-    let mut outcomes: Vec<PolicyOutcome> = policies
-        .iter()
-        .map(|p| PolicyOutcome {
-            policy: *p,
-            seeds: Vec::new(),
-        })
-        .collect();
-    for ((i, _, _), r) in tasks.iter().zip(results) {
-        let r = r.ok_or_else(|| Error::Internal("a simulation task did not run".into()))??;
-        outcomes[*i].seeds.push(r);
-    }
-    Ok(Experiment {
-        params: p.clone(),
-        outcomes,
-    })
 }
 
 /// The parameters `args` select.
@@ -224,6 +143,10 @@ pub fn params_for(args: &SimArgs) -> Result<SimParams> {
     }
     if let Some(h) = args.hours {
         p.length_h = h;
+    }
+    if let Some(w) = args.warmup_min {
+        p.warmup_min = w;
+        p.ramp_min = p.ramp_min.min(w);
     }
     if let Some(b) = args.bisect_steps {
         p.bisect_steps = b;
@@ -238,21 +161,56 @@ pub fn params_for(args: &SimArgs) -> Result<SimParams> {
     Ok(p)
 }
 
-/// `corral sim`: runs the experiment and renders it; writes plots when
-/// asked. Returns the text to print.
+/// `corral sim`: runs the experiment (steady state, cold start or a
+/// sweep) and renders it; writes plots when asked. Returns the text to
+/// print.
 pub fn run_cli(args: &SimArgs) -> Result<String> {
     let p = params_for(args)?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if let Some(field) = &args.sweep {
+        let points = if args.points.is_empty() {
+            experiment::default_points(field).ok_or_else(|| {
+                Error::invalid(
+                    "points",
+                    format!("no default points for {field}; give --points"),
+                )
+            })?
+        } else {
+            args.points.clone()
+        };
+        let policies = if args.policies.is_empty() {
+            vec![PolicyKind::Corral, PolicyKind::B7Late]
+        } else {
+            args.policies.clone()
+        };
+        let sw = sweep(&p, field, &points, &policies, args.seeds, threads)?;
+        if let Some(dir) = &args.plots_dir {
+            report::write_sweep_plot(&sw, dir)?;
+        }
+        if let Some(path) = &args.json_out {
+            let text = report::render_sweep(&sw, Format::Json);
+            std::fs::write(path, text).map_err(|e| Error::io(path, e))?;
+        }
+        return Ok(report::render_sweep(&sw, args.format));
+    }
     let policies = if args.policies.is_empty() {
         PolicyKind::ALL.to_vec()
     } else {
         args.policies.clone()
     };
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let exp = experiment(&p, &policies, args.seeds, threads)?;
+    let exp = if args.cold_start {
+        cold_start(&p, &policies, args.seeds, threads)?
+    } else {
+        experiment(&p, &policies, args.seeds, threads)?
+    };
     if let Some(dir) = &args.plots_dir {
         report::write_plots(&exp, dir)?;
+    }
+    if let Some(path) = &args.json_out {
+        let text = report::render(&exp, Format::Json);
+        std::fs::write(path, text).map_err(|e| Error::io(path, e))?;
     }
     Ok(report::render(&exp, args.format))
 }

@@ -15,6 +15,19 @@ const COLORS: [&str; 8] = [
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// Half-width of an interval around each point (empty: none), drawn
+    /// as a whisker.
+    pub err: Vec<f64>,
+}
+
+impl Series {
+    pub fn new(name: &str, points: Vec<(f64, f64)>) -> Self {
+        Self {
+            name: name.into(),
+            points,
+            err: Vec::new(),
+        }
+    }
 }
 
 pub struct Axis {
@@ -22,6 +35,26 @@ pub struct Axis {
     pub log: bool,
     pub min: f64,
     pub max: f64,
+}
+
+impl Axis {
+    pub fn log(label: &str, min: f64, max: f64) -> Self {
+        Self {
+            label: label.into(),
+            log: true,
+            min,
+            max,
+        }
+    }
+
+    pub fn linear(label: &str, min: f64, max: f64) -> Self {
+        Self {
+            label: label.into(),
+            log: false,
+            min,
+            max,
+        }
+    }
 }
 
 fn scale(a: &Axis, v: f64, lo: f64, hi: f64) -> f64 {
@@ -160,12 +193,28 @@ pub fn lines(title: &str, x: &Axis, y: &Axis, series: &[Series], hline: Option<f
         if pts.is_empty() {
             continue;
         }
+        let color = COLORS[i % COLORS.len()];
         let _ = writeln!(
             s,
-            r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>"#,
+            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
             pts.join(" "),
-            COLORS[i % COLORS.len()]
         );
+        for ((a, b), e) in se.points.iter().zip(&se.err) {
+            if !(a.is_finite() && b.is_finite() && e.is_finite()) {
+                continue;
+            }
+            let px = scale(x, *a, L, W - R);
+            let (lo, hi) = (scale(y, b - e, H - B, T), scale(y, b + e, H - B, T));
+            let _ = writeln!(
+                s,
+                r#"<path d="M{px:.1},{lo:.1} L{px:.1},{hi:.1} M{:.1},{lo:.1} L{:.1},{lo:.1} M{:.1},{hi:.1} L{:.1},{hi:.1}" stroke="{color}" fill="none"/><circle cx="{px:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
+                px - 4.0,
+                px + 4.0,
+                px - 4.0,
+                px + 4.0,
+                scale(y, *b, H - B, T)
+            );
+        }
     }
     if let Some(h) = hline {
         let py = scale(y, h, H - B, T);

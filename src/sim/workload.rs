@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Exp, Gamma, LogNormal, Zipf};
 
-use super::params::SimParams;
+use super::params::{SimParams, Surge};
 
 pub const GB: f64 = 1e9;
 
@@ -29,6 +29,8 @@ pub struct Arrival {
 /// One node's life: it joins, runs, and leaves (maybe as a zombie).
 #[derive(Clone, Copy, Debug)]
 pub struct NodeLife {
+    /// The fleet slot; a replacement takes its predecessor's slot.
+    pub slot: usize,
     pub join_ms: u64,
     pub leave_ms: u64,
     pub zombie: bool,
@@ -44,6 +46,8 @@ pub struct World {
     pub baked: Vec<u32>,
     /// Popularity rank of each model at the start (0 = most popular).
     pub rank0: Vec<usize>,
+    /// The model of each of `SimParams::surges`, in order.
+    pub surge_models: Vec<u32>,
     pub arrivals: Vec<Arrival>,
     pub lives: Vec<NodeLife>,
     pub end_ms: u64,
@@ -100,19 +104,40 @@ impl World {
             rank0[*m as usize] = r;
         }
         let baked = by.iter().take(p.baked).copied().collect();
-        let arrivals = arrivals(p, seed, rate, end_ms, by);
+        let surge_models: Vec<u32> = p
+            .surges
+            .iter()
+            .map(|s| surge_model(s, &by, &files))
+            .collect();
+        let arrivals = arrivals(p, seed, rate, end_ms, by, &surge_models);
         let lives = lives(p, seed, end_ms);
         Self {
             files,
             models: p.models,
             baked,
             rank0,
+            surge_models,
             arrivals,
             lives,
             end_ms,
             warmup_ms: (p.warmup_min * 60e3) as u64,
         }
     }
+}
+
+/// The model a surge picks: the one at its rank, or the first from there
+/// on whose size matches `size_gb`.
+fn surge_model(s: &Surge, by: &[u32], files: &[File]) -> u32 {
+    let from = s.rank.clamp(1, by.len()) - 1;
+    let fits = |m: &&u32| {
+        s.size_gb <= 0.0 || (files[**m as usize].bytes as f64 / GB - s.size_gb).abs() < 0.05
+    };
+    by[from..]
+        .iter()
+        .find(fits)
+        .or_else(|| by[..from].iter().rev().find(fits))
+        .copied()
+        .unwrap_or(by[from])
 }
 
 fn shuffle<T>(v: &mut [T], rng: &mut StdRng) {
@@ -122,7 +147,14 @@ fn shuffle<T>(v: &mut [T], rng: &mut StdRng) {
     }
 }
 
-fn arrivals(p: &SimParams, seed: u64, rate: f64, end_ms: u64, mut by: Vec<u32>) -> Vec<Arrival> {
+fn arrivals(
+    p: &SimParams,
+    seed: u64,
+    rate: f64,
+    end_ms: u64,
+    mut by: Vec<u32>,
+    surge_models: &[u32],
+) -> Vec<Arrival> {
     let mut rng = stream(seed, WORKLOAD);
     let zipf = Zipf::new(p.models as u64, p.zipf_s.max(0.0)).expect("valid zipf");
     let shape = 1.0 / (p.arrival_cv * p.arrival_cv);
@@ -167,8 +199,21 @@ fn arrivals(p: &SimParams, seed: u64, rate: f64, end_ms: u64, mut by: Vec<u32>) 
                 next_shift = Some(at + s.every_min.max(0.1) * 60e3);
             }
         }
-        let r = zipf.sample(&mut rng) as usize - 1;
-        let model = by[r.min(by.len() - 1)];
+        // A surge takes its share of arrivals while it lasts (the first
+        // active surge, if several overlap).
+        let minute = t / 60e3;
+        let surge = p
+            .surges
+            .iter()
+            .zip(surge_models)
+            .find(|(s, _)| minute >= s.start_min && minute < s.start_min + s.duration_min);
+        let model = match surge {
+            Some((s, m)) if rng.gen_bool(s.share.clamp(0.0, 1.0)) => *m,
+            _ => {
+                let r = zipf.sample(&mut rng) as usize - 1;
+                by[r.min(by.len() - 1)]
+            }
+        };
         let lora = (p.loras > 0 && rng.gen_bool(p.lora_share.clamp(0.0, 1.0)))
             .then(|| (p.models + rng.gen_range(0..p.loras)) as u32);
         out.push(Arrival {
@@ -217,6 +262,7 @@ fn lives(p: &SimParams, seed: u64, end_ms: u64) -> Vec<NodeLife> {
             }
             let zombie = churn.gen_bool(p.zombie_share.clamp(0.0, 1.0));
             out.push(NodeLife {
+                slot,
                 join_ms: join as u64,
                 leave_ms: leave.min(u64::MAX as f64 / 2.0) as u64,
                 zombie,
