@@ -10,6 +10,8 @@ cargo fmt --all -- --check
 scripts/check-deps.sh
 cargo clippy --all-targets --quiet -- -D warnings
 cargo nextest run --no-fail-fast
+# A short run of each kind of simulator experiment (docs/sim.md).
+scripts/sim-smoke.sh target/debug/corral
 # The main job end to end (the README's first command, without the install step).
 target/debug/corral demo --out "$(mktemp -d)/demo" --jobs 4
 # The README's grpcurl examples, as written.

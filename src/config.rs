@@ -392,6 +392,27 @@ pub struct SchedulerTunables {
     pub attempt_deadline_factor: f64,
     /// Seconds an attempt may always run, whatever its estimate. Default: 600.
     pub attempt_deadline_floor_s: f64,
+    /// Surges (docs/sim.md): time constant of the short arrival rate that
+    /// detects them, seconds. Default: 10.
+    pub surge_window_s: f64,
+    /// Seconds between surge checks (and placements of their copies). Default: 1.
+    pub surge_check_s: f64,
+    /// A model surges when its short rate is at least this many times its
+    /// slow rate; 0 turns the surge response off. Default: 3.
+    pub surge_ratio: f64,
+    /// ... and it would keep at least this many workers busy. Default: 4.
+    pub surge_min_load: f64,
+    /// Copies of a surging model per busy worker its rate needs. Default: 1.5.
+    pub surge_headroom: f64,
+    /// Extra copies clear a surging model's queue within this many seconds. Default: 120.
+    pub surge_drain_s: f64,
+    /// Most of the live workers one surging model may take, in (0, 1]. Default: 0.5.
+    pub surge_max_share: f64,
+    /// A surge ends when its short rate stays below this share of its peak,
+    /// in (0, 1) ... Default: 0.5.
+    pub surge_release_share: f64,
+    /// ... for this many seconds. Default: 120.
+    pub surge_release_s: f64,
 }
 
 impl Default for SchedulerTunables {
@@ -415,6 +436,15 @@ impl Default for SchedulerTunables {
             default_service_s: secs(d.cost.default_service_ms),
             attempt_deadline_factor: d.attempt_deadline_factor,
             attempt_deadline_floor_s: secs(d.attempt_deadline_floor_ms),
+            surge_window_s: secs(d.surge_window_ms),
+            surge_check_s: secs(d.surge_check_ms),
+            surge_ratio: d.surge_ratio,
+            surge_min_load: d.surge_min_load,
+            surge_headroom: d.surge_headroom,
+            surge_drain_s: secs(d.surge_drain_ms),
+            surge_max_share: d.surge_max_share,
+            surge_release_share: d.surge_release_share,
+            surge_release_s: secs(d.surge_release_ms),
         }
     }
 }
@@ -431,6 +461,11 @@ impl SchedulerTunables {
             ("load_gb_per_s", self.load_gb_per_s),
             ("default_service_s", self.default_service_s),
             ("attempt_deadline_floor_s", self.attempt_deadline_floor_s),
+            ("surge_window_s", self.surge_window_s),
+            ("surge_check_s", self.surge_check_s),
+            ("surge_headroom", self.surge_headroom),
+            ("surge_drain_s", self.surge_drain_s),
+            ("surge_release_s", self.surge_release_s),
         ];
         for (k, v) in positive {
             if !(v.is_finite() && v > 0.0) {
@@ -450,6 +485,21 @@ impl SchedulerTunables {
                     "scheduler.{k} must be zero or more, got {v}"
                 )));
             }
+        }
+        if !(self.surge_ratio.is_finite() && self.surge_ratio >= 0.0)
+            || !(self.surge_min_load.is_finite() && self.surge_min_load >= 0.0)
+        {
+            return Err(Error::Config(
+                "scheduler.surge_ratio and scheduler.surge_min_load must be zero or more".into(),
+            ));
+        }
+        if !(self.surge_max_share > 0.0 && self.surge_max_share <= 1.0)
+            || !(self.surge_release_share > 0.0 && self.surge_release_share < 1.0)
+        {
+            return Err(Error::Config(
+                "scheduler.surge_max_share must be in (0, 1] and scheduler.surge_release_share in (0, 1)"
+                    .into(),
+            ));
         }
         if !(self.replica_disk_share > 0.0 && self.replica_disk_share <= 1.0) {
             return Err(Error::Config(format!(
@@ -492,6 +542,15 @@ impl SchedulerTunables {
             prefetch_pending_ms: ms(self.prefetch_pending_s),
             attempt_deadline_factor: self.attempt_deadline_factor,
             attempt_deadline_floor_ms: ms(self.attempt_deadline_floor_s),
+            surge_window_ms: ms(self.surge_window_s),
+            surge_check_ms: ms(self.surge_check_s),
+            surge_ratio: self.surge_ratio,
+            surge_min_load: self.surge_min_load,
+            surge_headroom: self.surge_headroom,
+            surge_drain_ms: ms(self.surge_drain_s),
+            surge_max_share: self.surge_max_share,
+            surge_release_share: self.surge_release_share,
+            surge_release_ms: ms(self.surge_release_s),
             cost: CostModel {
                 default_download_bps: (self.default_download_mb_per_s * 1e6) as u64,
                 load_base_ms: ms(self.load_base_s),
