@@ -486,16 +486,15 @@ impl SchedulerTunables {
                 )));
             }
         }
-        if !(self.surge_ratio.is_finite() && self.surge_ratio >= 0.0)
-            || !(self.surge_min_load.is_finite() && self.surge_min_load >= 0.0)
-        {
+        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        if !(non_negative(self.surge_ratio) && non_negative(self.surge_min_load)) {
             return Err(Error::Config(
                 "scheduler.surge_ratio and scheduler.surge_min_load must be zero or more".into(),
             ));
         }
-        if !(self.surge_max_share > 0.0 && self.surge_max_share <= 1.0)
-            || !(self.surge_release_share > 0.0 && self.surge_release_share < 1.0)
-        {
+        let max_share_ok = self.surge_max_share > 0.0 && self.surge_max_share <= 1.0;
+        let release_ok = self.surge_release_share > 0.0 && self.surge_release_share < 1.0;
+        if !(max_share_ok && release_ok) {
             return Err(Error::Config(
                 "scheduler.surge_max_share must be in (0, 1] and scheduler.surge_release_share in (0, 1)"
                     .into(),
