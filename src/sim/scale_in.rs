@@ -1,18 +1,12 @@
 //! Which nodes a scale-in removes: the lowest deletion costs, or random.
 //!
-//! The deletion cost is the rule of `deletion_costs` in `src/cloud/cost.rs`
-//! (the worker's SaladCloud deletion cost, written on another branch at the
-//! same time), restated here on the simulator's state with the same default
-//! constants; once both are merged they should call one function. In
-//! seconds of fleet work:
-//!
-//! - each job running or queued on the node counts `RUNNING_JOB_S`;
-//! - each model copy it holds outside its image counts the time to
-//!   re-create the copy (download at the fleet's median bandwidth, plus
-//!   load) times the chance the model is asked for within `HORIZON_S`
-//!   (`1 - exp(-rate x horizon)`), times `ALONE_FACTOR` when it is the only
-//!   copy, 1 when the fleet holds no more copies than the model's replica
-//!   target, and `target / copies` beyond it.
+//! The deletion cost is `cloud::cost::deletion_costs`, the function the
+//! coordinator uses for the workers' SaladCloud deletion cost, with its
+//! default parameters, fed from the simulator's state. In seconds of fleet
+//! work: each job running or queued on the node, plus, for each model copy
+//! it holds outside its image, the time to re-create the copy (download at
+//! the fleet's median bandwidth, plus load) times the chance the model is
+//! asked for soon, weighted up when it is the only copy.
 //!
 //! The demand and the replica target are what the coordinator would know:
 //! arrivals per model over the last 15 minutes, and the scheduler's
@@ -26,12 +20,9 @@ use rand::SeedableRng;
 
 use super::engine::Core;
 use super::params::{ScaleIn, ScaleInRule};
+use crate::cloud::cost::{self, CostParams, Holding, ModelValue, WorkerLoad};
+use crate::types::{ModelId, WorkerId};
 
-/// The defaults of `[coordinator.cloud]` cost_horizon_s,
-/// cost_running_job_s and cost_alone_factor.
-const HORIZON_S: f64 = 600.0;
-const RUNNING_JOB_S: f64 = 30.0;
-const ALONE_FACTOR: f64 = 3.0;
 /// Window over which demand is counted.
 const DEMAND_WINDOW_MS: u64 = 15 * 60_000;
 
@@ -54,16 +45,10 @@ pub(super) fn choose(c: &Core, s: &ScaleIn) -> Vec<u32> {
     up
 }
 
-/// What a copy of a model is worth to the fleet.
-struct Value {
-    demand_per_s: f64,
-    target: u32,
-    refill_s: f64,
-}
-
 /// The deletion cost of each of `nodes` (seconds of fleet work).
 pub(super) fn deletion_costs(c: &Core, nodes: &[u32]) -> Vec<f64> {
     let models = c.w.models as u32;
+    let model_id = |m: u32| ModelId(format!("m{m}"));
     let held = |n: u32| -> Vec<u32> {
         let x = &c.nodes[n as usize];
         let mut v: Vec<u32> = x
@@ -77,27 +62,31 @@ pub(super) fn deletion_costs(c: &Core, nodes: &[u32]) -> Vec<f64> {
         v.dedup();
         v
     };
-    let mut copies: BTreeMap<u32, u32> = BTreeMap::new();
-    for &n in nodes {
-        for m in held(n) {
-            *copies.entry(m).or_default() += 1;
-        }
-    }
-    let values = model_values(c, &copies);
-    nodes
+    let loads: Vec<WorkerLoad> = nodes
         .iter()
-        .map(|&n| {
-            let running = c.nodes[n as usize].load() as f64 * RUNNING_JOB_S;
-            let kept: f64 = held(n)
+        .map(|&n| WorkerLoad {
+            worker: WorkerId(format!("n{n}")),
+            running_jobs: c.nodes[n as usize].load() as u32,
+            holds: held(n)
                 .into_iter()
-                .map(|m| copy_value(&values[&m], copies[&m]))
-                .sum();
-            running + kept
+                .map(|m| Holding {
+                    model: model_id(m),
+                    preloaded: false,
+                })
+                .collect(),
         })
-        .collect()
+        .collect();
+    let mut wanted: Vec<u32> = nodes.iter().flat_map(|&n| held(n)).collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let values = model_values(c, &wanted)
+        .into_iter()
+        .map(|(m, v)| (model_id(m), v))
+        .collect();
+    cost::deletion_costs(&loads, &values, &CostParams::default())
 }
 
-fn model_values(c: &Core, copies: &BTreeMap<u32, u32>) -> BTreeMap<u32, Value> {
+fn model_values(c: &Core, wanted: &[u32]) -> BTreeMap<u32, ModelValue> {
     let since = c.now.saturating_sub(DEMAND_WINDOW_MS);
     let window_s = (c.now - since).max(1) as f64 / 1e3;
     let mut count: BTreeMap<u32, u64> = BTreeMap::new();
@@ -109,8 +98,8 @@ fn model_values(c: &Core, copies: &BTreeMap<u32, u32>) -> BTreeMap<u32, Value> {
     }
     let share: f64 = c.p.fleet.iter().map(|g| g.share).sum::<f64>().max(1e-9);
     let median_bps = c.p.bw_median_mbit * 1e6 / 8.0;
-    copies
-        .keys()
+    wanted
+        .iter()
         .map(|&m| {
             let rate = count.get(&m).copied().unwrap_or(0) as f64 / window_s;
             let gen_s: f64 =
@@ -128,32 +117,12 @@ fn model_values(c: &Core, copies: &BTreeMap<u32, u32>) -> BTreeMap<u32, Value> {
             let refill_s = bytes / median_bps + c.load_ms(m) as f64 / 1e3;
             (
                 m,
-                Value {
+                ModelValue {
                     demand_per_s: rate,
-                    target,
+                    replica_target: target,
                     refill_s,
                 },
             )
         })
         .collect()
-}
-
-/// What one of `copies` copies is worth (`copy_value` in cloud/cost.rs).
-fn copy_value(m: &Value, copies: u32) -> f64 {
-    // NaN or non-positive: no value.
-    if m.demand_per_s.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
-        || m.refill_s.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
-    {
-        return 0.0;
-    }
-    let asked = 1.0 - (-m.demand_per_s * HORIZON_S).exp();
-    let needed = m.target.max(1);
-    let weight = if copies == 1 {
-        ALONE_FACTOR
-    } else if copies <= needed {
-        1.0
-    } else {
-        f64::from(needed) / f64::from(copies)
-    };
-    m.refill_s * asked * weight
 }
