@@ -480,8 +480,15 @@ async fn a_silent_worker_whose_instance_is_gone_loses_its_jobs_before_the_timeou
     let (az, ax) = (z.next_assign().await, x.next_assign().await);
     let x_job = ax.job_id.clone();
     assert!([&j1, &j2].contains(&&x_job) && az.job_id != x_job);
-    // X is removed as soon as the API says its instance is gone.
+    // X is removed as soon as the API says its instance is gone. (The
+    // worker list is a snapshot at most one tick old: see X listed first.)
     let url = c.url.as_str();
+    wait_until(
+        8,
+        "wx listed",
+        move || async move { listed(url, "wx").await },
+    )
+    .await;
     wait_until(
         8,
         "wx removed",
