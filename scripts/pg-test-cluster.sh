@@ -117,6 +117,12 @@ case "$cmd" in
     rm -rf "$dir/data" "$dir/port"
     chmod 755 "$dir"
     [[ "$(id -u)" == 0 ]] && chown "$owner" "$dir"
+    if [[ "$(id -u)" == 0 ]] && ! as_owner test -x "$dir"; then
+      # The owner must reach DIR (a checkout under a private directory, a mktemp -d): let others
+      # traverse, not list, the directories above it.
+      p="$(cd "$dir" && pwd)"
+      while [[ "$p" != / ]]; do chmod o+x "$p"; p="$(dirname "$p")"; done
+    fi
     as_owner "$bin/initdb" -D "$dir/data" -U corral --auth=trust -E UTF8 --locale=C --no-sync \
       >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; exit 1; }
     ssl_opts=""
