@@ -478,6 +478,8 @@ impl SchedulerTunables {
             ("recent_demand_per_hour", self.recent_demand_per_hour),
             ("prefetch_pending_s", self.prefetch_pending_s),
             ("load_base_s", self.load_base_s),
+            ("surge_ratio", self.surge_ratio),
+            ("surge_min_load", self.surge_min_load),
         ];
         for (k, v) in non_negative {
             if !(v.is_finite() && v >= 0.0) {
@@ -485,12 +487,6 @@ impl SchedulerTunables {
                     "scheduler.{k} must be zero or more, got {v}"
                 )));
             }
-        }
-        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
-        if !(non_negative(self.surge_ratio) && non_negative(self.surge_min_load)) {
-            return Err(Error::Config(
-                "scheduler.surge_ratio and scheduler.surge_min_load must be zero or more".into(),
-            ));
         }
         let max_share_ok = self.surge_max_share > 0.0 && self.surge_max_share <= 1.0;
         let release_ok = self.surge_release_share > 0.0 && self.surge_release_share < 1.0;

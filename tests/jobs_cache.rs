@@ -24,24 +24,14 @@ fn tier(j: &pb::Job) -> pb::CacheTier {
 /// tick old, and a worker that missed heartbeats on a loaded machine comes
 /// back by reconnecting: wait for it to be listed.
 async fn disk_models(url: &str) -> Vec<String> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let w = loop {
-        let w = admin(url)
-            .await
-            .list_workers(pb::ListWorkersRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .workers;
-        if !w.is_empty() {
-            break w;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no worker listed within 10 s"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    wait_workers(url, 1).await;
+    let w = admin(url)
+        .await
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
     let mut v: Vec<String> = w[0]
         .state
         .as_ref()

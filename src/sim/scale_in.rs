@@ -62,21 +62,23 @@ pub(super) fn deletion_costs(c: &Core, nodes: &[u32]) -> Vec<f64> {
         v.dedup();
         v
     };
+    let holdings: Vec<Vec<u32>> = nodes.iter().map(|&n| held(n)).collect();
     let loads: Vec<WorkerLoad> = nodes
         .iter()
-        .map(|&n| WorkerLoad {
+        .zip(&holdings)
+        .map(|(&n, h)| WorkerLoad {
             worker: WorkerId(format!("n{n}")),
             running_jobs: c.nodes[n as usize].load() as u32,
-            holds: held(n)
-                .into_iter()
-                .map(|m| Holding {
+            holds: h
+                .iter()
+                .map(|&m| Holding {
                     model: model_id(m),
                     preloaded: false,
                 })
                 .collect(),
         })
         .collect();
-    let mut wanted: Vec<u32> = nodes.iter().flat_map(|&n| held(n)).collect();
+    let mut wanted: Vec<u32> = holdings.concat();
     wanted.sort_unstable();
     wanted.dedup();
     let values = model_values(c, &wanted)
