@@ -7,7 +7,7 @@
 //!
 //! Rules a worker lives by (also in workers.proto):
 //! - One live stream per worker id. A second `Hello` with the id of a
-//!   worker heard from within the last heartbeat interval is refused with
+//!   worker heard from within the last two heartbeat intervals is refused with
 //!   ALREADY_EXISTS; a silent one is replaced.
 //! - A worker that misses its heartbeats is removed and its stream closed,
 //!   so that it reconnects (and has its running attempts vetted).
@@ -100,7 +100,10 @@ impl Coordinator {
         let id = hello.worker_id.clone();
         let rejected = self.vet_reported(&mut hello);
         let reported: Vec<RunningJob> = hello.state.running_jobs.clone();
-        let fresh_ms = self.cfg.heartbeat_interval_ms();
+        // Two intervals: a heartbeat sent on time can arrive a little late
+        // (a loaded machine, a slow network), and a live worker must never
+        // look silent between two of its heartbeats.
+        let fresh_ms = 2 * self.cfg.heartbeat_interval_ms();
         self.with_sched(|s, now| {
             if self.links.contains_key(&id) {
                 let heard = s
@@ -108,8 +111,8 @@ impl Coordinator {
                     .is_some_and(|w| now.saturating_sub(w.last_seen_ms) <= fresh_ms);
                 if heard {
                     return Err(Error::AlreadyExists(format!(
-                        "worker id {id} is connected and was heard from within the last \
-                         heartbeat interval; give each worker its own --worker-id"
+                        "worker id {id} is connected and was heard from within the last two \
+                         heartbeat intervals; give each worker its own --worker-id"
                     )));
                 }
                 warn!(worker_id = %id, "a silent stream is replaced by a new connection");
