@@ -245,7 +245,7 @@ impl Scheduler {
     /// Bytes on `w`'s disk its LRU may drop without hurting: copies not in
     /// VRAM nor in the image whose model has no recent demand or more
     /// holders than its last replica target.
-    fn spare_bytes(&self, w: Wix, now: Millis) -> u64 {
+    pub(super) fn spare_bytes(&self, w: Wix, now: Millis) -> u64 {
         let x = &self.workers[w];
         let cfg = &self.cfg;
         x.disk

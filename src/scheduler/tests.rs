@@ -376,7 +376,9 @@ fn busy_warm_worker_beats_idle_cold_one_only_when_sooner() {
 fn replication_keeps_two_copies_of_a_model_in_demand() {
     let mut s = sched();
     for w in ["w1", "w2", "w3"] {
-        s.connect(hello(w, 1, &[], &[]), 0);
+        let mut h = hello(w, 1, &[], &[]);
+        h.state.free_disk_bytes = 40 * GB;
+        s.connect(h, 0);
     }
     // Sustained demand for a: enough arrivals to pass the recent threshold.
     for i in 0..10u64 {
@@ -419,6 +421,34 @@ fn replication_prefers_workers_with_room_and_bandwidth() {
     let p = prefetches(&s.replicate(10_000));
     assert_eq!(p[0].0, "fast", "{p:?}");
     assert_eq!(p[1].0, "slow", "{p:?}");
+}
+
+/// On full disks a model one copy short of its target waits for free
+/// room (evicting for it would leave another model short, and so on); a
+/// model short of more than half its target evicts copies nobody needs.
+#[test]
+fn full_disks_evict_only_spare_copies_and_only_for_a_model_far_short() {
+    let mut s = sched();
+    // Three full workers: w1 holds a, w2 and w3 hold c, which has no
+    // demand (spare).
+    s.connect(hello("w1", 1, &["a"], &[]), 0);
+    s.connect(hello("w2", 1, &["c"], &[]), 0);
+    s.connect(hello("w3", 1, &["c"], &[]), 0);
+    for i in 0..10u64 {
+        s.submit(format!("j{i}").into(), spec("a", 0), i * 1000)
+            .unwrap();
+        let _ = s.cancel(&format!("j{i}").into(), i * 1000);
+    }
+    let a = s.replica_targets(10_000);
+    let a = a.iter().find(|t| t.model.0 == "a").unwrap();
+    assert_eq!((a.target, a.holders), (2, 1), "{a:?}");
+    // One copy short: no eviction.
+    assert!(prefetches(&s.replicate(10_000)).is_empty());
+    // Lose the only copy: far short, so a worker whose c is spare gets one.
+    let _ = s.disconnect(&"w1".into(), "gone", true, 11_000);
+    let p = prefetches(&s.replicate(10_000 + 2 * s.config().replicate_interval_ms));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].1, "a");
 }
 
 #[test]

@@ -93,6 +93,8 @@ pub struct RunResult {
     pub scale_in_pre_p95_s: f64,
     pub scale_in_p95_s: f64,
     pub scale_in_gb: f64,
+    /// Of `scale_in_gb`, the bytes no waiting job needed (prefetches).
+    pub scale_in_prefetch_gb: f64,
     pub scale_in_lost: u64,
     /// Stopped early, hopelessly overloaded (`abort_backlog_s`).
     pub aborted: bool,
@@ -254,6 +256,7 @@ pub(super) fn finish(c: &Core, policy: &dyn Policy) -> Result<RunResult> {
         res.scale_in_pre_p95_s = percentile(&pick(at.saturating_sub(15 * 60_000), at), 0.95);
         res.scale_in_p95_s = percentile(&pick(at, at + 15 * 60_000), 0.95);
         res.scale_in_gb = c.led.downloaded_after_scale_in as f64 / 1e9;
+        res.scale_in_prefetch_gb = c.led.prefetched_after_scale_in as f64 / 1e9;
         res.scale_in_lost = pick(at, at + 30 * 60_000)
             .iter()
             .filter(|l| l.is_infinite())

@@ -19,7 +19,7 @@ use rand::rngs::StdRng;
 use super::aggregate::{self, RunResult};
 use super::node::{Node, Run, Tier};
 use super::params::SimParams;
-use super::policy::{self, PolicyKind};
+use super::policy::{self, Departure, PolicyKind};
 use super::workload::{stream, Arrival, World, POLICY};
 use crate::error::{Error, Result};
 
@@ -75,6 +75,8 @@ pub(super) struct Ledger {
     pub duplicates: u64,
     /// Bytes of downloads finished in the 30 minutes from the scale-in.
     pub downloaded_after_scale_in: u64,
+    /// Of those, bytes no job on the node was waiting for (prefetches).
+    pub prefetched_after_scale_in: u64,
     /// Jobs refused because no node could ever serve them (B3).
     pub unservable: u64,
     pub done: u64,
@@ -336,15 +338,24 @@ fn simulate<'w>(
             // Removed by a scale-in before its own departure.
             Ev::Leave(n) if !c.nodes[n as usize].up => {}
             Ev::Leave(n) => {
-                let zombie = c.leave_node(n);
-                pol.leave(&mut c, n, zombie)?;
+                let how = if c.leave_node(n) {
+                    Departure::Zombie
+                } else {
+                    Departure::Crash
+                };
+                pol.leave(&mut c, n, how)?;
             }
             Ev::ScaleIn => {
                 let s = p.scale_in.as_ref().expect("scheduled only with one");
                 for n in super::scale_in::choose(&c, s) {
                     c.removed_slots[world.lives[n as usize].slot] = true;
                     c.remove_node(n);
-                    pol.leave(&mut c, n, false)?;
+                    let how = if s.abrupt {
+                        Departure::Crash
+                    } else {
+                        Departure::Stopped
+                    };
+                    pol.leave(&mut c, n, how)?;
                 }
             }
             Ev::DlDone(n, tok) => c.dl_done(n, tok)?,

@@ -54,7 +54,8 @@ pub struct SimArgs {
     /// Scenario: s1 (steady Zipf), s2 (popularity shift), s3 (churn storm),
     /// s4 (cold long tail), surge-sd15 and surge-sdxl (one model takes 30%
     /// of arrivals for 20 minutes), scale-in and scale-in-random (40 of 200
-    /// nodes removed at minute 90 by deletion cost or at random).
+    /// nodes stopped at minute 90, chosen by deletion cost or at random),
+    /// scale-in-abrupt (the same 40 by cost, vanishing like crashed hosts).
     #[arg(long, default_value = "s1")]
     pub scenario: String,
     /// TOML file whose keys override the scenario's parameters (see

@@ -398,6 +398,16 @@ impl Core<'_> {
             let at = (s.at_min * 60e3) as u64;
             if self.now >= at && self.now < at + 30 * 60_000 {
                 self.led.downloaded_after_scale_in += bytes;
+                // Needed by a job the node holds (at its GPU or queued).
+                let x = &self.nodes[n as usize];
+                let wanted = x
+                    .run()
+                    .into_iter()
+                    .chain(x.local.iter().copied())
+                    .any(|r| self.files(r.job).into_iter().flatten().any(|g| g == f));
+                if !wanted {
+                    self.led.prefetched_after_scale_in += bytes;
+                }
             }
         }
         self.insert_disk(n, f)?;

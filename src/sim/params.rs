@@ -62,7 +62,9 @@ pub enum ScaleInRule {
 }
 
 /// A scale-in: `nodes` live nodes are removed at `at_min` and not
-/// replaced (the fleet shrinks).
+/// replaced (the fleet shrinks). They are stopped (SIGTERM: Corral's
+/// worker says GoingAway) unless `abrupt`, where they vanish like crashed
+/// hosts and Corral's scheduler reads them as losses.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScaleIn {
@@ -70,6 +72,8 @@ pub struct ScaleIn {
     pub nodes: usize,
     #[serde(default)]
     pub rule: ScaleInRule,
+    #[serde(default)]
+    pub abrupt: bool,
 }
 
 /// A popularity shift (S2).
@@ -284,7 +288,7 @@ pub const REFERENCE_RATE: f64 = 20.0;
 
 impl SimParams {
     /// The named scenario: s1 to s4, surge-sd15, surge-sdxl, scale-in,
-    /// scale-in-random.
+    /// scale-in-random, scale-in-abrupt.
     pub fn scenario(name: &str) -> Result<Self> {
         let s1 = Self::default();
         // Scenarios with events at fixed minutes warm up by time: 90
@@ -314,7 +318,7 @@ impl SimParams {
             "s1" => s1,
             "surge-sd15" => surge("surge-sd15", s1.sd15_gb),
             "surge-sdxl" => surge("surge-sdxl", s1.sdxl_gb),
-            "scale-in" | "scale-in-random" => Self {
+            "scale-in" | "scale-in-random" | "scale-in-abrupt" => Self {
                 name: name.into(),
                 length_h: 130.0 / 60.0,
                 scale_in: Some(ScaleIn {
@@ -325,6 +329,7 @@ impl SimParams {
                     } else {
                         ScaleInRule::Cost
                     },
+                    abrupt: name.ends_with("abrupt"),
                 }),
                 ..timed.clone()
             },
@@ -369,7 +374,7 @@ impl SimParams {
                 return Err(Error::invalid(
                     "scenario",
                     format!(
-                    "unknown scenario {other:?}; expected s1, s2, s3, s4, surge-sd15, surge-sdxl, scale-in or scale-in-random"
+                    "unknown scenario {other:?}; expected s1, s2, s3, s4, surge-sd15, surge-sdxl, scale-in, scale-in-random or scale-in-abrupt"
                 ),
                 ))
             }

@@ -161,6 +161,9 @@ fn metrics(exp: &Experiment, po: &PolicyOutcome) -> Rows {
         push("scale_in_pre_p95_s", &|s| s.reference.scale_in_pre_p95_s);
         push("scale_in_p95_s", &|s| s.reference.scale_in_p95_s);
         push("scale_in_gb", &|s| s.reference.scale_in_gb);
+        push("scale_in_prefetch_gb", &|s| {
+            s.reference.scale_in_prefetch_gb
+        });
         push("scale_in_lost", &|s| s.reference.scale_in_lost as f64);
     }
     push("aborted_runs", &|s| {

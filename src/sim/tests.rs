@@ -231,7 +231,7 @@ fn cold_start_reports_the_ramp() {
 
 #[test]
 fn a_scale_in_removes_nodes_for_good_and_loses_no_job() {
-    for sc in ["scale-in", "scale-in-random"] {
+    for sc in ["scale-in", "scale-in-random", "scale-in-abrupt"] {
         let mut p = small(sc);
         // Light enough that the 8 nodes left are not overloaded.
         p.rate = 0.25;

@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use super::{Policy, PolicyKind, HEARTBEAT, TICK};
+use super::{Departure, Policy, PolicyKind, HEARTBEAT, TICK};
 use crate::error::Result;
 use crate::scheduler::{CostModel, Effect, Scheduler, SchedulerConfig};
 use crate::sim::engine::{internal, Core, Ev};
@@ -259,19 +259,22 @@ impl Policy for CorralAdapter {
         self.apply(c, fx)
     }
 
-    fn leave(&mut self, c: &mut Core, n: u32, zombie: bool) -> Result<()> {
+    fn leave(&mut self, c: &mut Core, n: u32, how: Departure) -> Result<()> {
         // Jobs waiting in the node's own queue vanish with it; the
         // scheduler requeues every attempt it had assigned there.
         let x = &mut c.nodes[n as usize];
         x.local.clear();
         x.local_est = 0;
-        if zombie {
+        let graceful = match how {
             // It stops heartbeating: `expire_workers` notices.
-            return Ok(());
-        }
+            Departure::Zombie => return Ok(()),
+            Departure::Crash => false,
+            // GoingAway: not a loss the replica targets should insure against.
+            Departure::Stopped => true,
+        };
         let fx = self
             .sched
-            .disconnect(&self.workers[n as usize], "left", false, c.now);
+            .disconnect(&self.workers[n as usize], "left", graceful, c.now);
         self.apply(c, fx)
     }
 

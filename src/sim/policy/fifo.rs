@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 
-use super::{on_leave, Policy, DETECT};
+use super::{on_leave, Departure, Policy, DETECT};
 use crate::error::Result;
 use crate::sim::engine::Core;
 use crate::sim::node::Run;
@@ -51,9 +51,9 @@ impl Policy for Fifo {
         Ok(())
     }
 
-    fn leave(&mut self, c: &mut Core, n: u32, zombie: bool) -> Result<()> {
+    fn leave(&mut self, c: &mut Core, n: u32, how: Departure) -> Result<()> {
         self.idle.remove(&n);
-        let lost = on_leave(c, n, zombie);
+        let lost = on_leave(c, n, how == Departure::Zombie);
         self.requeue(c, lost);
         Ok(())
     }

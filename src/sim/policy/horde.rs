@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rand_distr::{Distribution, Zipf};
 
-use super::{on_leave, Policy, DETECT};
+use super::{on_leave, Departure, Policy, DETECT};
 use crate::error::Result;
 use crate::sim::engine::Core;
 use crate::sim::node::Run;
@@ -149,12 +149,12 @@ impl Policy for Horde {
         Ok(())
     }
 
-    fn leave(&mut self, c: &mut Core, n: u32, zombie: bool) -> Result<()> {
+    fn leave(&mut self, c: &mut Core, n: u32, how: Departure) -> Result<()> {
         self.idle.remove(&n);
         for m in std::mem::take(&mut self.advertised[n as usize]) {
             self.advertisers[m as usize] -= 1;
         }
-        let lost = on_leave(c, n, zombie);
+        let lost = on_leave(c, n, how == Departure::Zombie);
         self.requeue(c, lost);
         Ok(())
     }

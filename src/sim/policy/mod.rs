@@ -127,6 +127,19 @@ pub(super) const HEARTBEAT: u8 = 1;
 /// A zombie's silence noticed (baselines): its jobs go back.
 pub(super) const DETECT: u8 = 2;
 
+/// How a node leaves the fleet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Departure {
+    /// It vanished (a host interruption): its stream just ends.
+    Crash,
+    /// It stopped answering but still finishes its current job, silently.
+    Zombie,
+    /// It was stopped on purpose (a scale-in): the container got SIGTERM,
+    /// and Corral's worker says GoingAway before it exits. Its jobs are
+    /// lost to it all the same (the simulator models no grace period).
+    Stopped,
+}
+
 /// What the event loop asks of a policy.
 pub(super) trait Policy {
     /// Before the first event.
@@ -137,8 +150,8 @@ pub(super) trait Policy {
     fn arrival(&mut self, c: &mut Core, job: u32) -> Result<()>;
     /// A node joined (with its image on disk).
     fn join(&mut self, c: &mut Core, n: u32) -> Result<()>;
-    /// A node left; a zombie still finishes its current job, silently.
-    fn leave(&mut self, c: &mut Core, n: u32, zombie: bool) -> Result<()>;
+    /// A node left (how: `Departure`).
+    fn leave(&mut self, c: &mut Core, n: u32, how: Departure) -> Result<()>;
     /// A generation finished on `n` (the node is gone if it was a zombie's).
     fn finished(&mut self, c: &mut Core, n: u32, run: Run) -> Result<()>;
     /// The node's cache state changed.

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use super::{on_leave, Policy, DETECT};
+use super::{on_leave, Departure, Policy, DETECT};
 use crate::error::Result;
 use crate::sim::engine::Core;
 use crate::sim::node::Run;
@@ -74,8 +74,8 @@ impl<P: Placer> Policy for Push<P> {
         Ok(())
     }
 
-    fn leave(&mut self, c: &mut Core, n: u32, zombie: bool) -> Result<()> {
-        for r in on_leave(c, n, zombie) {
+    fn leave(&mut self, c: &mut Core, n: u32, how: Departure) -> Result<()> {
+        for r in on_leave(c, n, how == Departure::Zombie) {
             self.place(c, r.job);
         }
         Ok(())
