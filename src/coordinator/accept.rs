@@ -209,14 +209,14 @@ impl Coordinator {
 
     /// Cancels a queued or running job; answers once that is durable.
     pub async fn cancel(&self, id: &JobId) -> Result<JobView> {
+        let finished = |state: JobState| {
+            Error::FailedPrecondition(format!("job {id} is already {}", state.as_str()))
+        };
         let state = self.view(id).await?.record.state;
         if state.is_terminal() {
-            return Err(Error::FailedPrecondition(format!(
-                "job {id} is already {}",
-                state.as_str()
-            )));
+            return Err(finished(state));
         }
-        self.with_sched(|s, now| {
+        let cancelled = self.with_sched(|s, now| {
             let effects = s.cancel(id, now)?;
             self.records.set_current(id, None);
             self.transition(s, id, now, Vec::new(), |r| {
@@ -224,7 +224,17 @@ impl Coordinator {
                 Some(JobEventKind::Cancelled)
             });
             Ok(((), effects))
-        })?;
+        });
+        if let Err(Error::UnknownJob(_)) = cancelled {
+            // It finished between the check above and the scheduler: once
+            // that finish is committed, say so as for any finished job.
+            self.store.barrier().await?;
+            let state = self.view(id).await?.record.state;
+            if state.is_terminal() {
+                return Err(finished(state));
+            }
+        }
+        cancelled?;
         self.store.barrier().await?;
         info!(job_id = %id, "cancelled");
         self.metrics.job_cancelled(id);
