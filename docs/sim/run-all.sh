@@ -2,15 +2,15 @@
 # Reproduces every figure of docs/sim.md: JSON results (--json-out) and SVG
 # plots into docs/sim/, then the Markdown tables (docs/sim/tables.py).
 # Usage: docs/sim/run-all.sh [kind...]   kinds: steady ablations cold surge
-#        surge-target scale-in sweeps (default: all). SEEDS (5), STEADY_SEEDS (SEEDS),
-#        SWEEP_SEEDS (2) and THREADS (2) override the seed counts and threads.
+#        surge-target scale-in sweeps (default: all). SEEDS (10), STEADY_SEEDS (SEEDS),
+#        SWEEP_SEEDS (5) and THREADS (2) override the seed counts and threads.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ -n "${NO_BUILD:-}" ] || cargo build --release --bin corral
 C=target/release/corral
 D=docs/sim
-SEEDS="${SEEDS:-5}"
-SWEEP_SEEDS="${SWEEP_SEEDS:-2}"
+SEEDS="${SEEDS:-10}"
+SWEEP_SEEDS="${SWEEP_SEEDS:-5}"
 T="--threads ${THREADS:-2}"
 KINDS="${*:-surge surge-target scale-in ablations cold steady sweeps}"
 BASELINES=b6-prop,b7,b7-late,b7-prefetch
@@ -49,7 +49,10 @@ for kind in $KINDS; do
     for s in scale-in scale-in-random; do
       $C sim --scenario $s --seeds "$SEEDS" $T --policies corral,b7-late \
         --json-out $D/$s.json >/dev/null
-    done ;;
+    done
+    # The same 40 nodes vanishing like crashed hosts (no GoingAway).
+    $C sim --scenario scale-in-abrupt --seeds "$SEEDS" $T --policies corral,corral-norepl,b7-late \
+      --json-out $D/scale-in-abrupt.json >/dev/null ;;
   sweeps)
     # A quarter-size fleet (docs/sim/sweep-small.toml), tunables frozen.
     for sw in zipf_s:0.6,1.0,1.3 bw_median_mbit:50,200,950 hazard_per_h:0.01,0.05,0.1 \

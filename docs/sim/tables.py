@@ -145,6 +145,33 @@ def scale_in(cost, rnd):
          "jobs lost, by cost", "random", "cost − random"], rows)
 
 
+# (scenario, metric, digits) compared before and after the replication rule.
+RULE_METRICS = [("s1", "p95_s", 1), ("s1", "gb_per_job", 4), ("s2", "p95_s", 1),
+                ("s2", "gb_per_job", 4), ("s3", "p95_s", 1), ("s3", "storm_p99_s", 1),
+                ("s3", "gb_per_job", 4), ("surge-sd15", "surge1_recovery_min", 1),
+                ("surge-sd15", "surge1_all_p95_s", 1), ("surge-sdxl", "surge1_recovery_min", 1),
+                ("surge-sdxl", "surge1_all_p95_s", 1), ("scale-in", "scale_in_p95_s", 1),
+                ("scale-in", "scale_in_gb", 0)]
+
+
+def replication_rule(d):
+    """Corral before/after the free-disk replication rule (replication-rule/)."""
+    rows = []
+    n = 0
+    for sc, k, digits in RULE_METRICS:
+        old, new = load(d, f"old-{sc}.json"), load(d, f"new-{sc}.json")
+        if not old or not new:
+            continue
+        a, b = by_policy(old)["corral"], by_policy(new)["corral"]
+        n = max(n, b["seeds"])
+        rows.append([sc, k, fmt(mean_ci(seeds(a, k)), digits), fmt(mean_ci(seeds(b, k)), digits),
+                     fmt(paired(seeds(b, k), seeds(a, k)), digits)])
+    if not rows:
+        return None
+    return f"#### Replication rule: before and after, Corral at 20 jobs/s ({n} seeds)\n\n" + table(
+        ["scenario", "metric", "before", "after", "after − before"], rows)
+
+
 def main():
     d = sys.argv[1] if len(sys.argv) > 1 else "docs/sim"
     parts = []
@@ -170,6 +197,16 @@ def main():
     cost, rnd = load(d, "scale-in.json"), load(d, "scale-in-random.json")
     if cost and rnd:
         parts.append(scale_in(cost, rnd))
+    e = load(d, "scale-in-abrupt.json")
+    if e:
+        parts.append(at_rate(e, "scale-in-abrupt: the same 40 nodes by cost, vanishing without GoingAway",
+                             [("scale_in_p95_s", 1), ("scale_in_gb", 0), ("scale_in_prefetch_gb", 0),
+                              ("scale_in_lost", 0)]))
+    rule = os.path.join(d, "replication-rule")
+    if os.path.isdir(rule):
+        t = replication_rule(rule)
+        if t:
+            parts.append(t)
     for f in sorted(os.listdir(d)):
         if f.startswith("sweep-") and f.endswith(".json"):
             parts.append(sweep(load(d, f)))
