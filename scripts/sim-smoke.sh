@@ -2,7 +2,7 @@
 # A short run of each kind of simulator experiment (docs/sim.md), on a small fleet, checking
 # that each produces its figures: steady state with goodput and paired intervals, an ablation,
 # the cold-start ramp, a sweep point, a surge (with and without the surge response), a
-# scale-in by deletion cost and at random, and the Belady replay bound.
+# scale-in by deletion cost, at random and abrupt, and the Belady replay bound.
 # Usage: scripts/sim-smoke.sh [path/to/corral]   (default: target/debug/corral)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,19 +75,24 @@ assert len(s["per_minute"]) > 5, "no per-minute series"
 test -s "$OUT/plots/s1-surge1-model-p95.svg"
 test -s "$OUT/plots/s1-surge1-model-latency.csv"
 
-echo "scale-in (by deletion cost, at random)"
-for rule in cost random; do
+echo "scale-in (by deletion cost, at random, abrupt)"
+for rule in cost random abrupt; do
   grep -v -e '^\[\[surges' -e '^rank' -e '^size_gb' -e '^share' -e '^start_min' -e '^duration_min' \
     "$OUT/surge.toml" > "$OUT/scale-$rule.toml"
   # Light enough that the 18 nodes left are not overloaded.
   sed -i -e 's/^rate = .*/rate = 0.5/' -e 's/^drain_min = .*/drain_min = 15.0/' "$OUT/scale-$rule.toml"
-  printf '[scale_in]\nat_min = 12.0\nnodes = 6\nrule = "%s"\n' "$rule" >> "$OUT/scale-$rule.toml"
+  if [ "$rule" = abrupt ]; then
+    printf '[scale_in]\nat_min = 12.0\nnodes = 6\nabrupt = true\n' >> "$OUT/scale-$rule.toml"
+  else
+    printf '[scale_in]\nat_min = 12.0\nnodes = 6\nrule = "%s"\n' "$rule" >> "$OUT/scale-$rule.toml"
+  fi
   "$CORRAL" sim --config "$OUT/scale-$rule.toml" --threads 2 --format json --scenario s1 --seeds 1 \
     --policies corral,b7-late > "$OUT/scale-$rule.json"
   check "$OUT/scale-$rule.json" '
 for p in d["policies"]:
     assert p["scale_in_lost"] == 0, p["policy"]
     assert p["scale_in_gb"] is not None and "scale_in_p95_s" in p["per_seed"]
+    assert p["scale_in_prefetch_gb"] <= p["scale_in_gb"] + 1e-9, p["policy"]
 '
 done
 echo "sim smoke: ok"
