@@ -214,8 +214,8 @@ impl Scheduler {
         // waits for free disk (a joining worker, a finished eviction).
         // Evicting for it costs another model a copy, which the next round
         // refills elsewhere, and so on: in the simulator that chain
-        // downloaded 4.8 TB in the 30 minutes after a scale-in of 40 of 200
-        // nodes, against 0.5 TB without it (docs/sim.md, Scale-in).
+        // downloaded 5.5 TB in the 30 minutes after a scale-in of 40 of 200
+        // nodes, against 0.6 TB without it (docs/sim.md, Scale-in).
         let mut candidates: Vec<(&WorkerId, Wix, u64, u64)> = worker_ids
             .iter()
             .map(|(id, &w)| (id, w, &workers[w]))
@@ -233,6 +233,8 @@ impl Scheduler {
             .collect();
         candidates.sort_by_key(|(id, _, bps, free)| (Reverse(*bps), Reverse(*free), *id));
         let mut used: BTreeSet<usize> = BTreeSet::new();
+        // Each candidate's room, computed once a round and only if needed.
+        let mut rooms: Option<Vec<u64>> = None;
         'models: for t in targets {
             let mix = self
                 .model_ix(&t.model)
@@ -244,23 +246,26 @@ impl Scheduler {
                 {
                     break 'models;
                 }
-                let fits = |i: usize, may_evict: bool| {
-                    let (_, wix, _, free) = candidates[i];
-                    let w = &self.workers[wix];
+                let fits = |i: usize, space: u64| {
+                    let w = &self.workers[candidates[i].1];
                     !used.contains(&i)
                         && w.tier(mix).is_none()
                         && w.can_hold(bytes)
-                        && (free >= bytes
-                            || may_evict
-                                && free.saturating_add(self.spare_bytes(wix, now)) >= bytes)
+                        && space >= bytes
                 };
                 // A worker with free disk first, so nothing is evicted;
                 // then, for a model far short, one whose LRU can drop
                 // spare copies for it.
-                let far_short = self.repl.surges.contains_key(&mix) || have * 2 < t.target;
-                let pick = (0..candidates.len()).find(|&i| fits(i, false)).or_else(|| {
-                    far_short.then(|| (0..candidates.len()).find(|&i| fits(i, true)))?
-                });
+                let mut pick = (0..candidates.len()).find(|&i| fits(i, candidates[i].3));
+                if pick.is_none() && (self.repl.surges.contains_key(&mix) || have * 2 < t.target) {
+                    let rooms = rooms.get_or_insert_with(|| {
+                        candidates
+                            .iter()
+                            .map(|&(_, w, _, free)| free.saturating_add(self.spare_bytes(w, now)))
+                            .collect()
+                    });
+                    pick = (0..candidates.len()).find(|&i| fits(i, rooms[i]));
+                }
                 let Some(i) = pick else {
                     continue 'models;
                 };
