@@ -390,16 +390,19 @@ async fn acknowledged_jobs_survive_leader_kills_and_a_paused_leader() {
         paused_takeover = Some(paused.elapsed());
         unsafe { libc::kill(pid, libc::SIGCONT) };
         stale = Some(l);
-        // The resumed leader learns at once that it lost the lead: either a
-        // write it tries is refused by the epoch, or its lease session is
-        // found gone first and it steps down before writing anything.
+        // The resumed leader learns at once that it lost the lead: a write
+        // it tries is refused by the epoch, or its lease session is found
+        // gone and it steps down, or its own clock finds the lease lapsed
+        // and it stops serving; in each case before writing anything.
         let resumed = Instant::now();
         loop {
             let (noticed, log) = {
                 let c = cluster.lock().unwrap();
                 let log = c.coordinators[l].log();
                 (
-                    log.contains("fenced write refused") || log.contains("stepping down"),
+                    log.contains("fenced write refused")
+                        || log.contains("stepping down")
+                        || log.contains("lease lapsed"),
                     log,
                 )
             };
@@ -408,7 +411,8 @@ async fn acknowledged_jobs_survive_leader_kills_and_a_paused_leader() {
             }
             assert!(
                 resumed.elapsed() < Duration::from_secs(30),
-                "the resumed leader neither stepped down nor was fenced in 30 s; its log \
+                "the resumed leader neither stepped down, was fenced, nor saw its lease lapse \
+                 in 30 s; its log \
                  since the pause:\n{}",
                 log.lines().rev().take(40).collect::<Vec<_>>().join("\n")
             );
