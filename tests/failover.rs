@@ -412,8 +412,7 @@ async fn acknowledged_jobs_survive_leader_kills_and_a_paused_leader() {
             assert!(
                 resumed.elapsed() < Duration::from_secs(30),
                 "the resumed leader neither stepped down, was fenced, nor saw its lease lapse \
-                 in 30 s; its log \
-                 since the pause:\n{}",
+                 in 30 s; its log since the pause:\n{}",
                 log.lines().rev().take(40).collect::<Vec<_>>().join("\n")
             );
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -347,14 +347,14 @@ fn simulate<'w>(
             }
             Ev::ScaleIn => {
                 let s = p.scale_in.as_ref().expect("scheduled only with one");
+                let how = if s.abrupt {
+                    Departure::Crash
+                } else {
+                    Departure::Stopped
+                };
                 for n in super::scale_in::choose(&c, s) {
                     c.removed_slots[world.lives[n as usize].slot] = true;
                     c.remove_node(n);
-                    let how = if s.abrupt {
-                        Departure::Crash
-                    } else {
-                        Departure::Stopped
-                    };
                     pol.leave(&mut c, n, how)?;
                 }
             }
